@@ -1,0 +1,419 @@
+"""GRPO as pure functions: advantages, per-token log-probs, the loss, and the train step.
+
+Everything here is arrays in, arrays out, and runs under `jax.jit` / `jax.pmap`. Under
+pmap each device holds whole groups of G completions; functions that need global
+statistics take `axis_name` and reduce over it (None: a single device, no collectives).
+
+Loss normalisation is written so that the *sum over devices* of each device's share is
+the loss of the whole global batch; gradients are therefore `psum`-reduced and the
+result does not depend on how many devices the batch is split over (except for
+`loss_type="bnpo"`, which by definition normalises per device, as TRL does per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from grpo_jax import sampling
+from grpo_jax.models.transformer import positions_from_mask
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Static hyperparameters of one GRPO step. Validated on construction."""
+
+  sampling: sampling.SamplingConfig
+  beta: float = 0.04
+  epsilon: float = 0.2
+  epsilon_high: float | None = None  # None: same as epsilon
+  loss_type: str = "grpo"
+  scale_rewards: str = "group"
+  reward_weights: tuple[float, ...] | None = None  # None: every reward function weighs 1
+  num_reward_funcs: int = 1
+  num_iterations: int = 1  # optimizer updates per sampled batch (GRPO's mu)
+  logprob_chunk_size: int = 256  # completion positions per chunk of the vocab projection
+
+  def __post_init__(self):
+    if self.sampling.num_generations < 2:
+      raise ValueError(
+          f"num_generations={self.sampling.num_generations}; must be >= 2 (GRPO compares "
+          "each answer with its siblings)")
+    if self.loss_type not in LOSS_TYPES:
+      raise ValueError(f"loss_type={self.loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+    if self.scale_rewards not in SCALE_REWARDS:
+      raise ValueError(
+          f"scale_rewards={self.scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
+    if self.epsilon <= 0:
+      raise ValueError(f"epsilon={self.epsilon}; must be > 0")
+    if self.epsilon_high is not None and self.epsilon_high <= 0:
+      raise ValueError(f"epsilon_high={self.epsilon_high}; must be > 0 (or None)")
+    if self.beta < 0:
+      raise ValueError(f"beta={self.beta}; must be >= 0")
+    if self.num_iterations < 1:
+      raise ValueError(f"num_iterations={self.num_iterations}; must be >= 1")
+    if self.num_reward_funcs < 1:
+      raise ValueError(f"num_reward_funcs={self.num_reward_funcs}; must be >= 1")
+    if self.reward_weights is not None and len(self.reward_weights) != self.num_reward_funcs:
+      raise ValueError(
+          f"reward_weights has {len(self.reward_weights)} entries but there are "
+          f"{self.num_reward_funcs} reward functions; give one weight per function")
+    if self.logprob_chunk_size < 1:
+      raise ValueError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 1")
+
+  @property
+  def num_generations(self) -> int:
+    return self.sampling.num_generations
+
+  @property
+  def temperature(self) -> float:
+    return self.sampling.logprob_temperature
+
+  @property
+  def clip_range(self) -> tuple[float, float]:
+    high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+    return 1.0 - self.epsilon, 1.0 + high
+
+  @property
+  def weights(self) -> tuple[float, ...]:
+    return self.reward_weights or (1.0,) * self.num_reward_funcs
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _pmean(x, axis_name):
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def combine_rewards(rewards: jax.Array, weights) -> jax.Array:
+  """[N, F] per-function rewards (NaN = not applicable) -> [N] weighted sum.
+
+  NaN entries are skipped; a row where every function abstained stays NaN.
+  """
+  weighted = rewards * jnp.asarray(weights, rewards.dtype)
+  any_valid = jnp.any(~jnp.isnan(rewards), axis=-1)
+  return jnp.where(any_valid, jnp.nansum(weighted, axis=-1), jnp.nan)
+
+
+def _nan_mean_std(x: jax.Array, axis, axis_name=None):
+  """NaN-aware mean and Bessel-corrected std along `axis` (and over devices)."""
+  valid = ~jnp.isnan(x)
+  count = _psum(jnp.sum(valid, axis=axis, keepdims=True), axis_name)
+  total = _psum(jnp.sum(jnp.where(valid, x, 0.0), axis=axis, keepdims=True), axis_name)
+  mean = total / jnp.maximum(count, 1)
+  sq_dev = _psum(jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0), axis=axis, keepdims=True),
+                 axis_name)
+  std = jnp.sqrt(sq_dev / jnp.maximum(count - 1, 1))
+  return mean, jnp.where(count > 1, std, 0.0)
+
+
+class Advantages(NamedTuple):
+  advantages: jax.Array  # [N]; 0 for rows with no valid reward
+  rewards: jax.Array  # [N] weighted total, NaN where no function applied
+  group_std: jax.Array  # [N] std of the row's group (Bessel), repeated per row
+
+
+def group_advantages(rewards: jax.Array, weights, num_generations: int,
+                     scale_rewards: str = "group", axis_name: str | None = None) -> Advantages:
+  """Group-relative advantages.
+
+  rewards: [N, F] (N = prompts * G, rows of one prompt adjacent) or [N].
+  group: (r - mean_group) / (std_group + 1e-4); batch: the std over the whole global
+  batch; none: r - mean_group.
+  """
+  if rewards.ndim == 1:
+    rewards = rewards[:, None]
+  total = combine_rewards(rewards.astype(jnp.float32), weights)
+  grouped = total.reshape(-1, num_generations)
+  mean, std = _nan_mean_std(grouped, axis=1)
+  centered = grouped - mean
+  if scale_rewards == "group":
+    centered = centered / (std + STD_EPS)
+  elif scale_rewards == "batch":
+    _, batch_std = _nan_mean_std(total, axis=0, axis_name=axis_name)
+    centered = centered / (batch_std + STD_EPS)
+  elif scale_rewards != "none":
+    raise ValueError(f"scale_rewards={scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
+  advantages = jnp.nan_to_num(centered.reshape(-1), nan=0.0)
+  group_std = jnp.broadcast_to(std, grouped.shape).reshape(-1)
+  return Advantages(advantages, total, group_std)
+
+
+# ------------------------------------------------------------------------- log-probs
+
+
+def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array,
+                   temperature: float, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Log-probs of `targets` and entropies under softmax(hidden @ head.T / temperature).
+
+  hidden: [N, T, D], head_weight: [V, D], targets: [N, T] -> ([N, T], [N, T]) float32.
+  The vocabulary projection is done `chunk_size` positions at a time and recomputed in
+  the backward pass, so [N, T, V] logits never exist at once.
+  """
+  n, t, d = hidden.shape
+  chunk = min(chunk_size, t)
+  pad = -t % chunk
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  num_chunks = (t + pad) // chunk
+  hidden = hidden.reshape(n, num_chunks, chunk, d).swapaxes(0, 1)
+  targets = targets.reshape(n, num_chunks, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h, tgt = args
+    logits = jnp.einsum("ncd,vd->ncv", h, head_weight.astype(h.dtype),
+                        preferred_element_type=jnp.float32) / temperature
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    probs = jnp.exp(logits - log_z[..., None])
+    entropy = log_z - jnp.sum(probs * logits, axis=-1)
+    return picked - log_z, entropy
+
+  logps, entropy = jax.lax.map(one_chunk, (hidden, targets))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, t + pad)[:, :t]
+  return unchunk(logps), unchunk(entropy)
+
+
+def completion_logprobs(model_def: nnx.GraphDef, params: nnx.State, rollout: sampling.Rollout,
+                        temperature: float, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Per-token log-probs and entropies [N, L] of the completion tokens under `params`."""
+  model = nnx.merge(model_def, params)
+  ids = jnp.concatenate([rollout.prompt_ids, rollout.completion_ids], axis=1)
+  mask = jnp.concatenate([rollout.prompt_mask, rollout.completion_mask], axis=1)
+  hidden, _ = model.hidden_states(ids, positions_from_mask(mask), mask)
+  prompt_len, length = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+  # The hidden state at position p predicts token p + 1: keep only those that predict completions.
+  hidden = hidden[:, prompt_len - 1:prompt_len - 1 + length]
+  return token_logprobs(hidden, model.head_weight, rollout.completion_ids, temperature, chunk_size)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def per_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_range, beta):
+  """Clipped surrogate + beta * k3 KL per token. Returns (loss, kl, ratio) each [N, L]."""
+  low, high = clip_range
+  ratio = jnp.exp(logprobs - old_logprobs)
+  adv = advantages[:, None]
+  surrogate = -jnp.minimum(ratio * adv, jnp.clip(ratio, low, high) * adv)
+  if ref_logprobs is None:
+    kl = jnp.zeros_like(logprobs)
+  else:
+    delta = ref_logprobs - logprobs
+    kl = jnp.exp(delta) - delta - 1.0
+  return surrogate + beta * kl, kl, ratio
+
+
+class LossNormalizers(NamedTuple):
+  """Global counts the loss is normalised by (identical on every device)."""
+
+  num_devices: jax.Array
+  global_rows: jax.Array
+  global_tokens: jax.Array
+
+
+def loss_normalizers(completion_mask, axis_name) -> LossNormalizers:
+  mask = completion_mask.astype(jnp.float32)
+  return LossNormalizers(
+      num_devices=_psum(jnp.float32(1.0), axis_name),
+      global_rows=_psum(jnp.float32(mask.shape[0]), axis_name),
+      global_tokens=_psum(mask.sum(), axis_name))
+
+
+def aggregate_loss(token_loss, completion_mask, loss_type: str, norms: LossNormalizers):
+  """This device's share of the global loss; the shares of all devices sum to the loss."""
+  mask = completion_mask.astype(jnp.float32)
+  masked_sum = jnp.sum(token_loss * mask)
+  if loss_type == "grpo":
+    per_seq = jnp.sum(token_loss * mask, -1) / jnp.maximum(mask.sum(-1), 1.0)
+    return per_seq.sum() / norms.global_rows
+  if loss_type == "bnpo":
+    return masked_sum / jnp.maximum(mask.sum(), 1.0) / norms.num_devices
+  if loss_type == "dr_grpo":
+    return masked_sum / (norms.global_rows * mask.shape[1])
+  if loss_type == "dapo":
+    return masked_sum / jnp.maximum(norms.global_tokens, 1.0)
+  raise ValueError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+
+
+class ScoredRollout(NamedTuple):
+  """A rollout with everything the loss needs that does not depend on the current params."""
+
+  rollout: sampling.Rollout
+  advantages: jax.Array  # [N]
+  old_logprobs: jax.Array | None  # [N, L]; None: num_iterations == 1 (ratio is exactly 1)
+  ref_logprobs: jax.Array | None  # [N, L]; None: beta == 0
+
+
+def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
+              cfg: GRPOConfig, axis_name=None):
+  """(this device's share of the loss, token-level sums for the metrics)."""
+  rollout = scored.rollout
+  logps, entropy = completion_logprobs(
+      model_def, params, rollout, cfg.temperature, cfg.logprob_chunk_size)
+  old = jax.lax.stop_gradient(logps) if scored.old_logprobs is None else scored.old_logprobs
+  token_loss, kl, ratio = per_token_loss(
+      logps, old, scored.ref_logprobs, scored.advantages, cfg.clip_range, cfg.beta)
+  mask = rollout.completion_mask.astype(jnp.float32)
+  loss = aggregate_loss(token_loss, mask, cfg.loss_type, norms)
+  low, high = cfg.clip_range
+  adv = scored.advantages[:, None]
+  is_low = ((ratio < low) & (adv < 0)).astype(jnp.float32)
+  is_high = ((ratio > high) & (adv > 0)).astype(jnp.float32)
+  token_sums = {
+      "kl": kl, "entropy": entropy, "clip_ratio/low_mean": is_low,
+      "clip_ratio/high_mean": is_high, "clip_ratio/region_mean": is_low + is_high,
+  }
+  token_sums = {k: jax.lax.stop_gradient(jnp.sum(v * mask)) for k, v in token_sums.items()}
+  return loss, token_sums
+
+
+# ----------------------------------------------------------------------- train step
+
+
+def make_optimizer(learning_rate: float, max_steps: int, *, warmup_steps: int = 0,
+                   schedule: str = "linear", max_grad_norm: float = 1.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8):
+  """AdamW with global-norm clipping and a learning-rate schedule: (tx, schedule_fn)."""
+  decay_steps = max(max_steps - warmup_steps, 1)
+  if schedule == "constant":
+    after = optax.constant_schedule(learning_rate)
+  elif schedule == "linear":
+    after = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+  elif schedule == "cosine":
+    after = optax.cosine_decay_schedule(learning_rate, decay_steps)
+  else:
+    raise ValueError(f"lr_scheduler_type={schedule!r}; allowed: constant, linear, cosine")
+  schedule_fn = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps]
+  ) if warmup_steps else after
+  tx = optax.chain(
+      optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity(),
+      optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return tx, schedule_fn
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def score_rollout(state: TrainState, reference_params, model_def, rollout: sampling.Rollout,
+                  rewards: jax.Array, cfg: GRPOConfig, axis_name=None):
+  """Advantages, old and reference log-probs, and the reward metrics of a rollout."""
+  adv = group_advantages(rewards, cfg.weights, cfg.num_generations, cfg.scale_rewards,
+                         axis_name)
+  no_grad_logprobs = lambda p: jax.lax.stop_gradient(completion_logprobs(
+      model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size)[0])
+  old = no_grad_logprobs(state.params) if cfg.num_iterations > 1 else None
+  ref = no_grad_logprobs(reference_params) if cfg.beta > 0 else None
+  return ScoredRollout(rollout, adv.advantages, old, ref), reward_metrics(
+      rewards, adv, rollout, cfg.num_generations, axis_name)
+
+
+def reward_metrics(rewards, adv: Advantages, rollout: sampling.Rollout, num_generations: int,
+                   axis_name=None) -> dict[str, jax.Array]:
+  """Global reward / completion statistics (TRL's names)."""
+  if rewards.ndim == 1:
+    rewards = rewards[:, None]
+  func_mean, func_std = _nan_mean_std(rewards.astype(jnp.float32), axis=0, axis_name=axis_name)
+  reward_mean, _ = _nan_mean_std(adv.rewards, axis=0, axis_name=axis_name)
+  group_std = adv.group_std.reshape(-1, num_generations)[:, 0]
+  num_groups = _psum(jnp.float32(group_std.shape[0]), axis_name)
+  lengths = rollout.completion_mask.sum(-1).astype(jnp.float32)
+  rows = _psum(jnp.float32(lengths.shape[0]), axis_name)
+  return {
+      "reward": reward_mean[0],
+      "reward_std": _psum(group_std.sum(), axis_name) / num_groups,
+      "frac_reward_zero_std": _psum(jnp.sum(group_std < 1e-6), axis_name) / num_groups,
+      "rewards_per_func/mean": func_mean[0],
+      "rewards_per_func/std": func_std[0],
+      "completions/mean_length": _psum(lengths.sum(), axis_name) / rows,
+      "completions/clipped_ratio":
+          _psum(jnp.sum(~rollout.eos_terminated), axis_name) / rows,
+  }
+
+
+def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
+           cfg: GRPOConfig, axis_name=None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`cfg.num_iterations` optimizer updates on one scored rollout (lax.scan)."""
+  norms = loss_normalizers(scored.rollout.completion_mask, axis_name)
+  grad_fn = jax.value_and_grad(grpo_loss, has_aux=True)
+
+  def one_update(state: TrainState, _):
+    (loss, token_sums), grads = grad_fn(state.params, model_def, scored, norms, cfg, axis_name)
+    grads = _psum(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {k: _psum(v, axis_name) / jnp.maximum(norms.global_tokens, 1.0)
+               for k, v in token_sums.items()}
+    metrics.update(loss=_psum(loss, axis_name), grad_norm=optax.global_norm(grads),
+                   learning_rate=jnp.asarray(schedule_fn(state.step), jnp.float32))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  state, metrics = jax.lax.scan(one_update, state, None, length=cfg.num_iterations)
+  return state, jax.tree.map(jnp.mean, metrics)
+
+
+RewardFn = Callable[[sampling.Rollout], jax.Array]  # jittable: rollout -> [N] or [N, F]
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOStep:
+  """The pure pieces of a GRPO step, bound to a model definition and an optimizer.
+
+  Each method is a pure function of its array arguments; `axis_name` names the device
+  axis when run under pmap (see `parallel.pmap_step`).
+  """
+
+  model_def: Any
+  tx: optax.GradientTransformation
+  schedule_fn: Callable
+  cfg: GRPOConfig
+  axis_name: str | None = None
+
+  def row_offset(self, prompt_ids):
+    if self.axis_name is None:
+      return 0
+    return jax.lax.axis_index(self.axis_name) * prompt_ids.shape[0] * self.cfg.num_generations
+
+  def generate(self, params, prompt_ids, prompt_mask, rng) -> sampling.Rollout:
+    return sampling.generate(self.model_def, params, prompt_ids, prompt_mask, rng,
+                             self.cfg.sampling, self.row_offset(prompt_ids))
+
+  def learn(self, state: TrainState, reference_params, rollout: sampling.Rollout,
+            rewards: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Score a rewarded rollout and update the policy on it."""
+    scored, metrics = score_rollout(state, reference_params, self.model_def, rollout, rewards,
+                                    self.cfg, self.axis_name)
+    state, update_metrics = update(state, scored, self.model_def, self.tx, self.schedule_fn,
+                                   self.cfg, self.axis_name)
+    return state, {**metrics, **update_metrics}
+
+  def train_step(self, state: TrainState, reference_params, batch, rng,
+                 reward_fn: RewardFn) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Sample -> jittable rewards -> advantages -> clipped surrogate + KL -> AdamW, fused."""
+    rollout = self.generate(state.params, batch["prompt_ids"], batch["prompt_mask"], rng)
+    return self.learn(state, reference_params, rollout, reward_fn(rollout))

@@ -1,0 +1,259 @@
+"""A decoder-only transformer with the Llama / Qwen2 / Qwen3 block, in Flax NNX.
+
+Readable top to bottom: RMSNorm -> rotary embeddings -> grouped-query attention
+(optional q/k/v bias, optional q/k RMSNorm) -> SwiGLU MLP, stacked with a
+`lax.scan` over layers (one compiled block, whatever the depth).
+
+One module serves both uses:
+  * training: the whole sequence at once, causal + key-padding mask;
+  * decoding: a KV cache of fixed length; tokens are written at `cache_index`
+    and attend to every valid cache slot at or before their own.
+
+Parameters follow the Hugging Face layout (kernels are [in, out]) so that
+loading a checkpoint is a transpose and a rename, nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_MASKED = -1e30  # finite, so rows with no visible key give a uniform softmax, not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Llama / Qwen2 / Qwen3 style decoder."""
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  head_dim: int | None = None  # defaults to hidden_size // num_heads
+  rope_theta: float = 10000.0
+  # Llama 3 rope scaling: a tuple of (key, value) pairs so the config stays hashable.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = True
+  qkv_bias: bool = False  # Qwen2 / Qwen2.5
+  qk_norm: bool = False  # Qwen3
+  max_position_embeddings: int = 32768
+  dtype: str = "float32"  # compute dtype of activations; params stay float32
+  remat: bool = False  # recompute each block in the backward pass to save memory
+
+  def __post_init__(self):
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"ModelConfig.dtype={self.dtype!r}; allowed: {sorted(_DTYPES)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+          f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+    q, kv = self.num_heads * hd, self.num_kv_heads * hd
+    attn = d * (q + 2 * kv) + q * d + (q + 2 * kv if self.qkv_bias else 0)
+    attn += 2 * hd if self.qk_norm else 0
+    block = attn + 3 * d * f + 2 * d
+    return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * block + d
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+  hd = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  scaling = dict(config.rope_scaling or ())
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind in (None, "default"):
+    return inv_freq
+  if kind != "llama3":
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3'")
+  factor = scaling["factor"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen, high_wavelen = old_len / low, old_len / high
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, HF 'rotate_half' convention. x: [B, T, H, hd], positions: [B, T]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight.value.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs):
+  return nnx.Linear(
+      n_in, n_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    hd = cfg.head_dim
+    self.q_proj = _linear(cfg, cfg.hidden_size, cfg.num_heads * hd, cfg.qkv_bias, rngs)
+    self.k_proj = _linear(cfg, cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias, rngs)
+    self.v_proj = _linear(cfg, cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias, rngs)
+    self.o_proj = _linear(cfg, cfg.num_heads * hd, cfg.hidden_size, False, rngs)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.compute_dtype)
+      self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.compute_dtype)
+    self.cfg = cfg
+
+  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hd, n_kv = cfg.head_dim, cfg.num_kv_heads
+    q = self.q_proj(x).reshape(b, t, cfg.num_heads, hd)
+    k = self.k_proj(x).reshape(b, t, n_kv, hd)
+    v = self.v_proj(x).reshape(b, t, n_kv, hd)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if cache is not None:  # write this step's keys/values, then attend over the whole cache
+      start = query_slots[0]
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+      cache = {"k": k, "v": v}
+    key_slots = jnp.arange(k.shape[1])
+    visible = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :].astype(bool)
+    groups = cfg.num_heads // n_kv
+    q = q.reshape(b, t, n_kv, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype))
+    return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
+    self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
+    self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache):
+    attn, cache = self.self_attn(
+        self.input_layernorm(x), positions, inv_freq, key_mask, query_slots, cache)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `blocks` holds every layer's parameters stacked on axis 0."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size)))
+    layers = [nnx.split(Block(cfg, rngs)) for _ in range(cfg.num_layers)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in layers])
+    self.blocks = nnx.merge(layers[0][0], stacked)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size)))
+
+  @property
+  def head_weight(self) -> jax.Array:
+    """[V, D] output projection (the embedding itself when tied)."""
+    return (self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head).value
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, jax.Array]:
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def hidden_states(self, input_ids, positions, key_mask, cache=None, cache_index=0):
+    """Final-norm hidden states [B, T, D] (and the updated cache, or None).
+
+    key_mask: [B, S] validity of every key slot: S = T without a cache, the cache length
+    with one. Input token t sits at slot `cache_index + t`.
+    """
+    cfg = self.cfg
+    x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(cfg.compute_dtype)
+    query_slots = cache_index + jnp.arange(input_ids.shape[1])
+    inv_freq = rope_inverse_frequencies(cfg)
+    block_def, block_params = nnx.split(self.blocks)
+
+    def layer(x, params_and_cache):
+      params, layer_cache = params_and_cache
+      block = nnx.merge(block_def, params)
+      return block(x, positions, inv_freq, key_mask, query_slots, layer_cache)
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+    x, cache = jax.lax.scan(layer, x, (block_params, cache))
+    return self.norm(x), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,vd->...v", hidden, self.head_weight.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None):
+    """Full-sequence logits [B, T, V] (float32) for a (left- or right-) padded batch."""
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    hidden, _ = self.hidden_states(input_ids, positions, attention_mask)
+    return self.logits(hidden)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position ids that skip padding: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

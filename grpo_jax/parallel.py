@@ -1,0 +1,113 @@
+"""Devices and data parallelism: replicate state, shard batches, pmap the pure GRPO step.
+
+Each device holds whole groups (all G completions of its prompts), so group statistics
+are local and only global quantities (batch std, loss normalisers, gradients, metrics)
+cross devices, through collectives over the axis `AXIS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax import grpo
+
+AXIS = "devices"
+
+
+def replicate(tree, devices: Sequence[jax.Device] | None = None):
+  """Copies a pytree onto every device: leading axis = device (the layout pmap takes)."""
+  devices = list(devices or jax.local_devices())
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
+
+  def put(x):
+    x = jnp.asarray(x)
+    copies = [jax.device_put(x[None], d) for d in devices]
+    return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, copies)
+
+  return jax.tree.map(put, tree)
+
+
+def unreplicate(tree):
+  """The first device's copy of a replicated pytree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def shard(tree, num_devices: int):
+  """[N, ...] -> [num_devices, N / num_devices, ...] for every leaf."""
+  return jax.tree.map(lambda x: x.reshape((num_devices, -1) + x.shape[1:]), tree)
+
+
+def unshard(tree):
+  """[num_devices, M, ...] -> [num_devices * M, ...] for every leaf."""
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+
+
+def check_batch(num_prompts: int, num_generations: int, num_devices: int) -> None:
+  """Raises a ValueError unless the batch splits into whole groups on every device."""
+  if num_generations < 2:
+    raise ValueError(f"num_generations={num_generations}; must be >= 2")
+  if num_prompts < 1 or num_prompts % num_devices:
+    raise ValueError(
+        f"prompts_per_step={num_prompts} must be a positive multiple of the number of "
+        f"devices ({num_devices}) so that each device holds whole groups of "
+        f"num_generations={num_generations} completions")
+
+
+def check_rollout_rows(num_rows: int, num_generations: int, num_devices: int) -> None:
+  if num_rows % num_generations:
+    raise ValueError(
+        f"a batch of {num_rows} completions does not split into whole groups of "
+        f"num_generations={num_generations}")
+  check_batch(num_rows // num_generations, num_generations, num_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class PmappedStep:
+  """`grpo.GRPOStep` compiled with `jax.pmap` over `devices`.
+
+  Arguments and results carry a leading device axis (see `replicate` / `shard`); the
+  random key is shared by all devices (rows draw distinct keys by global index).
+  """
+
+  step: grpo.GRPOStep
+  devices: tuple[Any, ...]
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @functools.cached_property
+  def generate(self):
+    return jax.pmap(self.step.generate, AXIS, in_axes=(0, 0, 0, None), devices=self.devices)
+
+  @functools.cached_property
+  def learn(self):
+    return jax.pmap(self.step.learn, AXIS, in_axes=(0, 0, 0, 0), devices=self.devices,
+                    donate_argnums=(0,))
+
+  def train_step(self, reward_fn: grpo.RewardFn):
+    """Fused sample + jittable reward + update, pmapped."""
+    fn = functools.partial(self.step.train_step, reward_fn=reward_fn)
+    return jax.pmap(fn, AXIS, in_axes=(0, 0, 0, None), devices=self.devices,
+                    donate_argnums=(0,))
+
+
+def pmap_step(step: grpo.GRPOStep, devices: Sequence[jax.Device] | None = None) -> PmappedStep:
+  devices = tuple(devices or jax.local_devices())
+  return PmappedStep(dataclasses.replace(step, axis_name=AXIS), devices)
+
+
+def host_metrics(metrics) -> dict[str, np.ndarray]:
+  """Metrics from a pmapped call (identical on every device) as host numpy values."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(metrics))
+
+
+__all__ = ["AXIS", "replicate", "unreplicate", "shard", "unshard", "check_batch",
+           "check_rollout_rows", "PmappedStep", "pmap_step", "host_metrics"]

@@ -1,0 +1,156 @@
+"""Sampling G completions per prompt: one jit-compiled prefill, then a KV-cached decode loop.
+
+Pure: arrays in, arrays out. The whole decode runs inside one `lax.while_loop`, which
+stops early once every row has emitted EOS. Each prompt is prefilled once and its KV
+cache is shared by its G samples.
+
+Random keys are derived per completion row (`fold_in(rng, global_row)`) and per step, so
+the samples depend only on the key and the row's global index, not on how the batch is
+split across devices.
+
+Log-probs of the sampled tokens are those of `softmax(logits / temperature)` over the
+whole vocabulary (top-k / top-p only choose which tokens may be drawn), so they describe
+the same distribution the train step scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grpo_jax.models.transformer import positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_completion_length: int
+  eos_token_ids: tuple[int, ...]
+  pad_token_id: int = 0
+  num_generations: int = 1
+  temperature: float = 1.0
+  top_k: int = 0  # 0: no top-k filter
+  top_p: float = 1.0  # 1.0: no nucleus filter
+  greedy: bool = False  # argmax decoding (evaluation); log-probs then use temperature 1
+
+  def __post_init__(self):
+    if self.max_completion_length < 1:
+      raise ValueError(f"max_completion_length={self.max_completion_length}; must be >= 1")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"temperature={self.temperature}; must be > 0 (or use greedy decoding)")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k}; must be >= 0 (0 disables it)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p}; allowed: 0 < top_p <= 1")
+    if not self.eos_token_ids:
+      raise ValueError("eos_token_ids is empty; give at least one end-of-sequence id")
+
+  @property
+  def logprob_temperature(self) -> float:
+    return 1.0 if self.greedy else self.temperature
+
+
+class Rollout(NamedTuple):
+  """Prompts repeated G times (row i*G + g is sample g of prompt i) and their completions."""
+
+  prompt_ids: jax.Array  # [N, P] int32, left-padded
+  prompt_mask: jax.Array  # [N, P]
+  completion_ids: jax.Array  # [N, L] int32, pad after EOS
+  completion_mask: jax.Array  # [N, L], 1 up to and including the first EOS
+  sampling_logprobs: jax.Array  # [N, L] float32, 0 where masked
+
+  @property
+  def eos_terminated(self) -> jax.Array:
+    """[N] bool: the completion ended with EOS rather than at max length."""
+    return self.completion_mask.sum(-1) < self.completion_mask.shape[-1]
+
+
+def filter_logits(scaled_logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Sets to -inf every logit outside the top-k and the top-p nucleus. [N, V] -> [N, V]."""
+  neg_inf = jnp.finfo(scaled_logits.dtype).min
+  if top_k:
+    kth = jax.lax.top_k(scaled_logits, top_k)[0][:, -1:]
+    scaled_logits = jnp.where(scaled_logits < kth, neg_inf, scaled_logits)
+  if top_p < 1.0:
+    sorted_desc = -jnp.sort(-scaled_logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # The smallest logit still inside the nucleus; the top token is always kept.
+    kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    scaled_logits = jnp.where(scaled_logits < threshold, neg_inf, scaled_logits)
+  return scaled_logits
+
+
+def _choose_tokens(logits, keys, cfg: SamplingConfig):
+  """One token per row and its log-prob under softmax(logits / T). logits: [N, V] float32."""
+  scaled = logits / cfg.logprob_temperature
+  if cfg.greedy:
+    tokens = jnp.argmax(logits, axis=-1)
+  else:
+    filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
+    tokens = jax.vmap(jax.random.categorical)(keys, filtered)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], -1)[:, 0]
+  return tokens.astype(jnp.int32), logprobs
+
+
+def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
+             prompt_mask: jax.Array, rng: jax.Array, cfg: SamplingConfig,
+             row_offset: jax.Array | int = 0) -> Rollout:
+  """Samples `cfg.num_generations` completions for each left-padded prompt.
+
+  prompt_ids, prompt_mask: [B, P]; every row holds at least one real token.
+  row_offset: global index of this shard's first completion row (for device-count
+  independent random keys under pmap).
+  """
+  model = nnx.merge(model_def, params)
+  batch, prompt_len = prompt_ids.shape
+  length, group = cfg.max_completion_length, cfg.num_generations
+  rows = batch * group
+  prompt_mask = prompt_mask.astype(jnp.int32)
+
+  key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, length), jnp.int32)], axis=1)
+  cache = model.init_cache(batch, prompt_len + length)
+  hidden, cache = model.hidden_states(
+      prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0)
+  logits = model.logits(hidden[:, -1])
+
+  # Share each prompt's prefill across its G samples.
+  repeat = lambda x, axis=0: jnp.repeat(x, group, axis=axis)
+  cache = jax.tree.map(lambda c: repeat(c, 1), cache)  # cache arrays are [layers, B, ...]
+  logits, key_mask = repeat(logits), repeat(key_mask)
+  first_position = repeat(prompt_mask.sum(-1))
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_offset + jnp.arange(rows))
+  eos_ids = jnp.asarray(cfg.eos_token_ids, jnp.int32)
+
+  def step_keys(t):
+    return jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
+
+  token, logprob = _choose_tokens(logits, step_keys(0), cfg)
+  tokens = jnp.full((rows, length), cfg.pad_token_id, jnp.int32).at[:, 0].set(token)
+  logprobs = jnp.zeros((rows, length), jnp.float32).at[:, 0].set(logprob)
+  mask = jnp.zeros((rows, length), jnp.int32).at[:, 0].set(1)
+  done = jnp.isin(token, eos_ids)
+
+  def keep_going(carry):
+    t, _, _, _, done, _, _ = carry
+    return (t < length) & ~jnp.all(done)
+
+  def decode_one(carry):
+    t, tokens, logprobs, mask, done, token, cache = carry
+    hidden, cache = model.hidden_states(
+        token[:, None], (first_position + t - 1)[:, None], key_mask, cache, prompt_len + t - 1)
+    token, logprob = _choose_tokens(model.logits(hidden[:, 0]), step_keys(t), cfg)
+    token = jnp.where(done, cfg.pad_token_id, token)
+    tokens = tokens.at[:, t].set(token)
+    logprobs = logprobs.at[:, t].set(jnp.where(done, 0.0, logprob))
+    mask = mask.at[:, t].set(~done)
+    done = done | jnp.isin(token, eos_ids)
+    return t + 1, tokens, logprobs, mask, done, token, cache
+
+  carry = (jnp.int32(1), tokens, logprobs, mask, done, token, cache)
+  _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(keep_going, decode_one, carry)
+  return Rollout(repeat(prompt_ids), repeat(prompt_mask), tokens, mask, logprobs)
