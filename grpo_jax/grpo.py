@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from grpo_jax import sampling
+from grpo_jax.errors import ConfigError
 from grpo_jax.models.transformer import positions_from_mask
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -46,30 +47,30 @@ class GRPOConfig:
 
   def __post_init__(self):
     if self.sampling.num_generations < 2:
-      raise ValueError(
+      raise ConfigError(
           f"num_generations={self.sampling.num_generations}; must be >= 2 (GRPO compares "
           "each answer with its siblings)")
     if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"loss_type={self.loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+      raise ConfigError(f"loss_type={self.loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
     if self.scale_rewards not in SCALE_REWARDS:
-      raise ValueError(
+      raise ConfigError(
           f"scale_rewards={self.scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
     if self.epsilon <= 0:
-      raise ValueError(f"epsilon={self.epsilon}; must be > 0")
+      raise ConfigError(f"epsilon={self.epsilon}; must be > 0")
     if self.epsilon_high is not None and self.epsilon_high <= 0:
-      raise ValueError(f"epsilon_high={self.epsilon_high}; must be > 0 (or None)")
+      raise ConfigError(f"epsilon_high={self.epsilon_high}; must be > 0 (or None)")
     if self.beta < 0:
-      raise ValueError(f"beta={self.beta}; must be >= 0")
+      raise ConfigError(f"beta={self.beta}; must be >= 0")
     if self.num_iterations < 1:
-      raise ValueError(f"num_iterations={self.num_iterations}; must be >= 1")
+      raise ConfigError(f"num_iterations={self.num_iterations}; must be >= 1")
     if self.num_reward_funcs < 1:
-      raise ValueError(f"num_reward_funcs={self.num_reward_funcs}; must be >= 1")
+      raise ConfigError(f"num_reward_funcs={self.num_reward_funcs}; must be >= 1")
     if self.reward_weights is not None and len(self.reward_weights) != self.num_reward_funcs:
-      raise ValueError(
+      raise ConfigError(
           f"reward_weights has {len(self.reward_weights)} entries but there are "
           f"{self.num_reward_funcs} reward functions; give one weight per function")
     if self.logprob_chunk_size < 1:
-      raise ValueError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 1")
+      raise ConfigError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 1")
 
   @property
   def num_generations(self) -> int:
@@ -154,7 +155,7 @@ def group_advantages(rewards: jax.Array, weights, num_generations: int,
     _, batch_std = _nan_mean_std(total, axis=0, axis_name=axis_name)
     centered = centered / (batch_std + STD_EPS)
   elif scale_rewards != "none":
-    raise ValueError(f"scale_rewards={scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
+    raise ConfigError(f"scale_rewards={scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
   advantages = jnp.nan_to_num(centered.reshape(-1), nan=0.0)
   group_std = jnp.broadcast_to(std, grouped.shape).reshape(-1)
   return Advantages(advantages, total, group_std)
@@ -255,7 +256,7 @@ def aggregate_loss(token_loss, completion_mask, loss_type: str, norms: LossNorma
     return masked_sum / (norms.global_rows * mask.shape[1])
   if loss_type == "dapo":
     return masked_sum / jnp.maximum(norms.global_tokens, 1.0)
-  raise ValueError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+  raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
 
 
 class ScoredRollout(NamedTuple):
@@ -306,7 +307,7 @@ def make_optimizer(learning_rate: float, max_steps: int, *, warmup_steps: int = 
   elif schedule == "cosine":
     after = optax.cosine_decay_schedule(learning_rate, decay_steps)
   else:
-    raise ValueError(f"lr_scheduler_type={schedule!r}; allowed: constant, linear, cosine")
+    raise ConfigError(f"lr_scheduler_type={schedule!r}; allowed: constant, linear, cosine")
   schedule_fn = optax.join_schedules(
       [optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps]
   ) if warmup_steps else after

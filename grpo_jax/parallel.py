@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import grpo
+from grpo_jax.errors import ConfigError
 
 AXIS = "devices"
 
@@ -52,9 +53,9 @@ def unshard(tree):
 def check_batch(num_prompts: int, num_generations: int, num_devices: int) -> None:
   """Raises a ValueError unless the batch splits into whole groups on every device."""
   if num_generations < 2:
-    raise ValueError(f"num_generations={num_generations}; must be >= 2")
+    raise ConfigError(f"num_generations={num_generations}; must be >= 2")
   if num_prompts < 1 or num_prompts % num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"prompts_per_step={num_prompts} must be a positive multiple of the number of "
         f"devices ({num_devices}) so that each device holds whole groups of "
         f"num_generations={num_generations} completions")
@@ -62,7 +63,7 @@ def check_batch(num_prompts: int, num_generations: int, num_devices: int) -> Non
 
 def check_rollout_rows(num_rows: int, num_generations: int, num_devices: int) -> None:
   if num_rows % num_generations:
-    raise ValueError(
+    raise ConfigError(
         f"a batch of {num_rows} completions does not split into whole groups of "
         f"num_generations={num_generations}")
   check_batch(num_rows // num_generations, num_generations, num_devices)

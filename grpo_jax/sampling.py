@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.errors import ConfigError
 from grpo_jax.models.transformer import positions_from_mask
 
 
@@ -38,15 +39,15 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.max_completion_length < 1:
-      raise ValueError(f"max_completion_length={self.max_completion_length}; must be >= 1")
+      raise ConfigError(f"max_completion_length={self.max_completion_length}; must be >= 1")
     if not self.greedy and self.temperature <= 0:
-      raise ValueError(f"temperature={self.temperature}; must be > 0 (or use greedy decoding)")
+      raise ConfigError(f"temperature={self.temperature}; must be > 0 (or use greedy decoding)")
     if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k}; must be >= 0 (0 disables it)")
+      raise ConfigError(f"top_k={self.top_k}; must be >= 0 (0 disables it)")
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p}; allowed: 0 < top_p <= 1")
+      raise ConfigError(f"top_p={self.top_p}; allowed: 0 < top_p <= 1")
     if not self.eos_token_ids:
-      raise ValueError("eos_token_ids is empty; give at least one end-of-sequence id")
+      raise ConfigError("eos_token_ids is empty; give at least one end-of-sequence id")
 
   @property
   def logprob_temperature(self) -> float:
