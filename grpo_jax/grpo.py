@@ -13,7 +13,6 @@ result does not depend on how many devices the batch is split over (except for
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -98,10 +97,6 @@ class TrainState(NamedTuple):
 
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
 # --------------------------------------------------------------------------- advantages
@@ -395,14 +390,9 @@ class GRPOStep:
   cfg: GRPOConfig
   axis_name: str | None = None
 
-  def row_offset(self, prompt_ids):
-    if self.axis_name is None:
-      return 0
-    return jax.lax.axis_index(self.axis_name) * prompt_ids.shape[0] * self.cfg.num_generations
-
   def generate(self, params, prompt_ids, prompt_mask, rng) -> sampling.Rollout:
     return sampling.generate(self.model_def, params, prompt_ids, prompt_mask, rng,
-                             self.cfg.sampling, self.row_offset(prompt_ids))
+                             self.cfg.sampling, self.axis_name)
 
   def learn(self, state: TrainState, reference_params, rollout: sampling.Rollout,
             rewards: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:

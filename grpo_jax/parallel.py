@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import grpo
+from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
 
 AXIS = "devices"
@@ -100,6 +100,13 @@ class PmappedStep:
                     donate_argnums=(0,))
 
 
+def pmap_generate(model_def, cfg: sampling.SamplingConfig,
+                  devices: Sequence[jax.Device] | None = None):
+  """`sampling.generate` pmapped on its own (e.g. greedy evaluation with G = 1)."""
+  fn = functools.partial(sampling.generate, model_def, cfg=cfg, axis_name=AXIS)
+  return jax.pmap(fn, AXIS, in_axes=(0, 0, 0, None), devices=devices or jax.local_devices())
+
+
 def pmap_step(step: grpo.GRPOStep, devices: Sequence[jax.Device] | None = None) -> PmappedStep:
   devices = tuple(devices or jax.local_devices())
   return PmappedStep(dataclasses.replace(step, axis_name=AXIS), devices)
@@ -111,4 +118,4 @@ def host_metrics(metrics) -> dict[str, np.ndarray]:
 
 
 __all__ = ["AXIS", "replicate", "unreplicate", "shard", "unshard", "check_batch",
-           "check_rollout_rows", "PmappedStep", "pmap_step", "host_metrics"]
+           "check_rollout_rows", "PmappedStep", "pmap_generate", "pmap_step", "host_metrics"]

@@ -100,12 +100,12 @@ def _choose_tokens(logits, keys, cfg: SamplingConfig):
 
 def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
              prompt_mask: jax.Array, rng: jax.Array, cfg: SamplingConfig,
-             row_offset: jax.Array | int = 0) -> Rollout:
+             axis_name: str | None = None) -> Rollout:
   """Samples `cfg.num_generations` completions for each left-padded prompt.
 
   prompt_ids, prompt_mask: [B, P]; every row holds at least one real token.
-  row_offset: global index of this shard's first completion row (for device-count
-  independent random keys under pmap).
+  axis_name: the pmap device axis, if any: rows then draw keys by their global index,
+  so the samples do not depend on how the batch is split over devices.
   """
   model = nnx.merge(model_def, params)
   batch, prompt_len = prompt_ids.shape
@@ -124,6 +124,7 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   cache = jax.tree.map(lambda c: repeat(c, 1), cache)  # cache arrays are [layers, B, ...]
   logits, key_mask = repeat(logits), repeat(key_mask)
   first_position = repeat(prompt_mask.sum(-1))
+  row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_offset + jnp.arange(rows))
   eos_ids = jnp.asarray(cfg.eos_token_ids, jnp.int32)
 

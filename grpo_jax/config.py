@@ -1,0 +1,151 @@
+"""The config schema: every field with its GRPO-practice default, and one validation pass.
+
+Field names follow TRL's GRPOConfig where TRL has one. `configs/*.py` start from
+`base_config()` and override what their recipe needs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from grpo_jax import grpo, sampling
+from grpo_jax.errors import ConfigError
+
+PARALLELISM = ("pmap",)
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for real models (GRPO practice), before any recipe's overrides."""
+  c = ml_collections.ConfigDict()
+  # Model: a local Hugging Face directory, or "" for a fresh model built from `model`.
+  c.model_path = ""
+  c.model = ml_collections.ConfigDict(dict(
+      hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+      rope_theta=10000.0, tie_word_embeddings=True, qkv_bias=False, qk_norm=False))
+  c.dtype = "float32"  # compute dtype: float32 or bfloat16
+  c.remat = False
+
+  # Data.
+  c.dataset = "demo:arithmetic"
+  c.prompt_column = "prompt"
+  c.eval_split = ""  # a named split of the dataset to evaluate on ("" = hold out eval_size rows)
+  c.eval_size = 0  # rows held out of a local file for evaluation (0 = no evaluation)
+  c.max_prompt_length = 512
+  c.truncate_prompts = False  # True: keep the last max_prompt_length tokens, with a warning
+
+  # Rewards.
+  c.reward_funcs = "correctness_reward,format_reward"
+  c.reward_weights = config_dict.placeholder(tuple)  # None: every function weighs 1
+  c.accuracy_reward = "correctness_reward"  # eval/accuracy is this function's mean
+
+  # Sampling.
+  c.num_generations = 8
+  c.prompts_per_step = 8  # global, across all devices and hosts
+  c.max_completion_length = 256
+  c.temperature = 1.0
+  c.top_p = 1.0
+  c.top_k = 0
+
+  # Optimisation and loss.
+  c.learning_rate = 5e-7
+  c.lr_scheduler_type = "linear"
+  c.warmup_ratio = 0.0
+  c.max_grad_norm = 1.0
+  c.weight_decay = 0.0
+  c.adam_beta1 = 0.9
+  c.adam_beta2 = 0.999
+  c.beta = 0.04
+  c.epsilon = 0.2
+  c.epsilon_high = config_dict.placeholder(float)  # None: same as epsilon
+  c.loss_type = "grpo"
+  c.scale_rewards = "group"
+  c.num_iterations = 1
+  c.logprob_chunk_size = 256
+
+  # Supervised warm-up on demonstrations before GRPO (the demo task's; 0 = none).
+  c.sft_steps = 0
+  c.sft_batch_size = 64
+  c.sft_learning_rate = 1e-3
+  c.sft_reasoning_prob = 0.4
+
+  # Loop.
+  c.max_steps = 200
+  c.seed = 0
+  c.log_every = 1
+  c.eval_every = 50
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.num_sample_texts = 4  # completions written as text summaries at each eval
+  c.parallelism = "pmap"
+  return c
+
+
+def _require(ok: bool, field: str, value, allowed: str):
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}; allowed: {allowed}")
+
+
+def check_known_fields(config: ml_collections.ConfigDict) -> None:
+  """Unknown fields (typos in a config file) are errors, not silently ignored."""
+  known = base_config()
+  for key in config.keys():
+    if key not in known:
+      raise ConfigError(f"unknown config field {key!r}; known fields: {', '.join(sorted(known))}")
+  for key in config.model.keys():
+    if key not in known.model:
+      raise ConfigError(
+          f"unknown config field 'model.{key}'; known: {', '.join(sorted(known.model))}")
+
+
+def reward_func_specs(config) -> list[str]:
+  specs = config.reward_funcs
+  if isinstance(specs, str):
+    specs = specs.split(",")
+  return [s.strip() for s in specs if s.strip()]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field once, before anything is built; errors name the field."""
+  check_known_fields(config)
+  positive = ("num_generations", "prompts_per_step", "max_prompt_length",
+              "max_completion_length", "max_steps", "log_every", "eval_every",
+              "checkpoint_every", "keep_checkpoints", "num_iterations", "logprob_chunk_size",
+              "sft_batch_size")
+  for field in positive:
+    _require(int(config[field]) >= 1, field, config[field], "an integer >= 1")
+  _require(config.num_generations >= 2, "num_generations", config.num_generations,
+           "an integer >= 2 (GRPO compares each answer with its siblings)")
+  _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
+  _require(config.eval_size >= 0, "eval_size", config.eval_size, "an integer >= 0")
+  _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
+  _require(0 <= config.warmup_ratio < 1, "warmup_ratio", config.warmup_ratio, "0 <= x < 1")
+  _require(config.lr_scheduler_type in LR_SCHEDULES, "lr_scheduler_type",
+           config.lr_scheduler_type, ", ".join(LR_SCHEDULES))
+  _require(config.parallelism in PARALLELISM, "parallelism", config.parallelism,
+           ", ".join(PARALLELISM))
+  _require(config.dtype in ("float32", "bfloat16"), "dtype", config.dtype, "float32, bfloat16")
+  _require(bool(reward_func_specs(config)), "reward_funcs", config.reward_funcs,
+           "one or more built-in names or module:function paths")
+  grpo_config(config, eos_token_ids=(0,), pad_token_id=0)  # loss / sampling field checks
+
+
+def sampling_config(config, eos_token_ids, pad_token_id, *, greedy=False,
+                    num_generations=None) -> sampling.SamplingConfig:
+  return sampling.SamplingConfig(
+      max_completion_length=config.max_completion_length, eos_token_ids=tuple(eos_token_ids),
+      pad_token_id=pad_token_id,
+      num_generations=config.num_generations if num_generations is None else num_generations,
+      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, greedy=greedy)
+
+
+def grpo_config(config, eos_token_ids, pad_token_id) -> grpo.GRPOConfig:
+  weights = config.reward_weights
+  return grpo.GRPOConfig(
+      sampling=sampling_config(config, eos_token_ids, pad_token_id),
+      beta=config.beta, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+      loss_type=config.loss_type, scale_rewards=config.scale_rewards,
+      reward_weights=None if weights is None else tuple(float(w) for w in weights),
+      num_reward_funcs=len(reward_func_specs(config)), num_iterations=config.num_iterations,
+      logprob_chunk_size=config.logprob_chunk_size)

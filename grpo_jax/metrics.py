@@ -1,0 +1,367 @@
+"""Metrics out of the training loop: TensorBoard + JSONL through CLU writers, a curve plot,
+and a live progress line.
+
+TensorBoard is for browsing; `metrics.jsonl` is for scripts (and for us in tests): one JSON
+object per `write_scalars` call, readable with nothing but `json`. Several calls for the same
+step give several lines; readers merge them by step (`read_metrics` does).
+
+Files in the metrics logdir (`<workdir>/grpo_metrics/`):
+  events.out.tfevents.*   TensorBoard (CLU's SummaryWriter)
+  metrics.jsonl           {"step": 10, "reward": 0.5, ...}, non-finite values as null
+  samples.jsonl           {"step": 10, "sample/0": "completion text", ...}
+  hparams.json            the run's hyper-parameters
+  curves.png              `plot_curves`
+
+Paths go through `etils.epath`, so a `gs://` logdir works like a local one.
+
+Note: importing this module imports TensorFlow (clu.metric_writers does, for its
+SummaryWriter), which costs a few seconds of start-up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence, TextIO
+
+import numpy as np
+from clu import metric_writers
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+HPARAMS_FILE = "hparams.json"
+CURVES_FILE = "curves.png"
+
+DEFAULT_CURVES = ("reward", "reward_std", "rewards/correctness_reward/mean", "eval/accuracy",
+                  "kl")
+
+
+# --------------------------------------------------------------------------- JSON values
+
+
+def _plain_float(key: str, value: Any) -> float | None:
+  """A numpy/jax/Python scalar as a float; None for NaN/inf, which strict JSON cannot hold."""
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f"metric {key!r} must be a scalar, got shape {array.shape}")
+  number = float(array.reshape(()))
+  return number if math.isfinite(number) else None
+
+
+def _jsonable(value: Any) -> Any:
+  """Hyper-parameters as strict JSON: containers recursed, scalars plain, the rest as str."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if value is None or isinstance(value, (bool, str)):
+    return value
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  return str(value)
+
+
+def _dumps(record: Mapping[str, Any]) -> str:
+  # allow_nan=False: a NaN that slipped through is a bug here, not a file others can't parse.
+  return json.dumps(record, allow_nan=False, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- JSONL writer
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """A CLU MetricWriter for scalars (metrics.jsonl), texts (samples.jsonl) and hparams.
+
+  Files are opened in append mode, so a resumed run continues the same files (call
+  `truncate_after(logdir, step)` first to drop the steps the run is about to redo). Each
+  record is flushed as it is written: a crash loses at most the line being written.
+  Images, videos, audios, histograms and raw summaries have no JSON form worth having and
+  are left to TensorBoard: those methods do nothing.
+  """
+
+  def __init__(self, logdir: epath.PathLike):
+    self._logdir = epath.Path(logdir)
+    self._logdir.mkdir(parents=True, exist_ok=True)
+    self._files: dict[str, TextIO] = {}
+
+  @property
+  def logdir(self) -> epath.Path:
+    return self._logdir
+
+  def _append(self, name: str, record: Mapping[str, Any]) -> None:
+    if name not in self._files:
+      self._files[name] = (self._logdir / name).open("a")
+    handle = self._files[name]
+    handle.write(_dumps(record) + "\n")
+    handle.flush()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    record = {"step": int(step)}
+    record.update({key: _plain_float(key, value) for key, value in scalars.items()})
+    self._append(METRICS_FILE, record)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    record = {"step": int(step)}
+    record.update({key: str(text) for key, text in texts.items()})
+    self._append(SAMPLES_FILE, record)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    text = json.dumps(_jsonable(hparams), allow_nan=False, indent=2, sort_keys=True)
+    (self._logdir / HPARAMS_FILE).write_text(text + "\n")
+
+  def write_summaries(self, step: int, values: Mapping[str, Any],
+                      metadata: Mapping[str, Any] | None = None):
+    """No-op: raw tensor summaries are TensorBoard's business."""
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    """No-op: images go to TensorBoard only."""
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    """No-op: videos go to TensorBoard only."""
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    """No-op: audio goes to TensorBoard only."""
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Mapping[str, int] | None = None):
+    """No-op: histograms go to TensorBoard only."""
+
+  def flush(self):
+    for handle in self._files.values():
+      handle.flush()
+
+  def close(self):
+    for handle in self._files.values():
+      handle.close()
+    self._files.clear()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records after `step` from this writer's files (closing them first)."""
+    self.close()
+    truncate_after(self._logdir, step)
+
+
+def _read_records(path: epath.Path) -> list[dict[str, Any]]:
+  """The JSON objects of a JSONL file; a torn last line (a crash mid-write) is skipped."""
+  if not path.exists():
+    return []
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for index, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if index != len(lines) - 1:
+        raise ValueError(f"{path}: line {index + 1} is not valid JSON: {line[:80]!r}")
+  return records
+
+
+def truncate_after(logdir: epath.PathLike, step: int) -> None:
+  """Rewrites metrics.jsonl and samples.jsonl without records whose step is > `step`.
+
+  Called when a run resumes from a checkpoint at `step`: the steps after it are trained
+  (and logged) again, and must not appear twice. No writer may hold the files open.
+  """
+  logdir = epath.Path(logdir)
+  for name in (METRICS_FILE, SAMPLES_FILE):
+    path = logdir / name
+    if not path.exists():
+      continue
+    kept = [r for r in _read_records(path) if r.get("step", 0) <= step + 1]
+    temporary = logdir / (name + ".tmp")
+    temporary.write_text("".join(_dumps(r) + "\n" for r in kept))
+    temporary.replace(path)  # whole file or old file, never half of one
+
+
+def read_metrics(logdir_or_path: epath.PathLike) -> list[dict[str, Any]]:
+  """Records of metrics.jsonl merged by step (later keys win), sorted by step.
+
+  Takes a logdir or the path of the .jsonl file itself. NaN/inf were stored as null and
+  come back as None.
+  """
+  path = epath.Path(logdir_or_path)
+  if not path.name.endswith(".jsonl"):
+    path = path / METRICS_FILE
+  by_step: dict[int, dict[str, Any]] = {}
+  for record in _read_records(path):
+    by_step.setdefault(int(record["step"]), {}).update(record)
+  return [by_step[step] for step in sorted(by_step)]
+
+
+# --------------------------------------------------------------------------- writer factory
+
+
+def create_writer(logdir: epath.PathLike, *, enabled: bool = True) -> metric_writers.MultiWriter:
+  """TensorBoard + JSONL writers on `logdir` (created); a writer of nothing if not enabled.
+
+  `enabled=False` is for the non-zero processes of a multi-host run, so that one process
+  owns the files. No LoggingWriter: the terminal shows `ProgressLine`, and a log line per
+  scalar would bury it.
+  """
+  if not enabled:
+    return metric_writers.MultiWriter([])
+  logdir = epath.Path(logdir)
+  logdir.mkdir(parents=True, exist_ok=True)
+  return metric_writers.MultiWriter([
+      metric_writers.SummaryWriter(str(logdir)),
+      JsonlWriter(logdir),
+  ])
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one key, leaving out steps where it is missing or non-finite."""
+  points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+  return [s for s, _ in points], [float(v) for _, v in points]
+
+
+def plot_curves(logdir: epath.PathLike, keys: Iterable[str] = DEFAULT_CURVES) -> epath.Path:
+  """Writes `<logdir>/curves.png`: one subplot per key that has data, x = step.
+
+  Uses a bare Figure with the Agg canvas (no pyplot), so it works headless and leaves
+  matplotlib's global backend alone. With no data at all the image says so.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  logdir = epath.Path(logdir)
+  records = read_metrics(logdir)
+  curves = [(key, *_series(records, key)) for key in dict.fromkeys(keys)]
+  curves = [curve for curve in curves if curve[1]]
+  columns = min(3, max(1, len(curves)))
+  rows = max(1, math.ceil(len(curves) / columns))
+  figure = Figure(figsize=(4.5 * columns, 3.2 * rows), layout="constrained")
+  FigureCanvasAgg(figure)
+  if not curves:
+    figure.text(0.5, 0.5, "no metrics yet", ha="center", va="center")
+  for index, (key, steps, values) in enumerate(curves):
+    axes = figure.add_subplot(rows, columns, index + 1)
+    axes.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3)
+    axes.set_title(key)
+    axes.set_xlabel("step")
+    axes.grid(alpha=0.3)
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100)
+  path = logdir / CURVES_FILE
+  path.write_bytes(buffer.getvalue())
+  return path
+
+
+# --------------------------------------------------------------------------- progress line
+
+
+def _duration(seconds: float) -> str:
+  """Compact h/m/s: 45s, 1m27s, 2h03m."""
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+def _number(value: Any) -> str:
+  return "nan" if value is None else f"{float(np.asarray(value)):.3g}"
+
+
+class ProgressLine:
+  """One live status line: `step 120/400 | reward 0.61 | acc 0.45 | 3.2 steps/s | ETA 1m27s`.
+
+  On a terminal the line is rewritten in place. Elsewhere (CI, log files) a full line is
+  printed only at the first update, each 10% of progress, every `interval_s` seconds and
+  the last step, so logs stay short. Rate and ETA use wall time since construction over
+  steps since `start_step` (a resumed run does not count the restored steps). The clock is
+  injectable so tests need no sleeps.
+  """
+
+  def __init__(self, total_steps: int, stream: TextIO | None = None, start_step: int = 0,
+               *, clock=time.monotonic, interval_s: float = 10.0):
+    self.total_steps = int(total_steps)
+    self.stream = sys.stderr if stream is None else stream
+    self.start_step = int(start_step)
+    self._clock = clock
+    self._start_time = clock()
+    self._interval_s = interval_s
+    self._tty = _is_tty(self.stream)
+    self._latest: dict[str, Any] = {}
+    self._line = ""
+    self._printed: tuple[int, float] | None = None  # (step, time) of the last non-TTY line
+    self._pending = False  # a non-TTY line rendered but not printed
+    self._open = False  # a TTY line without its newline yet
+
+  def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+    """Records the latest reward/accuracy and redraws (or maybe prints) the line."""
+    for key in ("reward", "eval/accuracy"):
+      if metrics and key in metrics:
+        self._latest[key] = metrics[key]
+    now = self._clock()
+    self._line = self.render(step, now)
+    if self._tty:
+      self.stream.write("\r" + self._line + "\x1b[K")
+      self.stream.flush()
+      self._open = True
+    elif self._due(step, now):
+      self._print_line(step, now)
+    else:
+      self._pending = True
+
+  def render(self, step: int, now: float) -> str:
+    """The status text for `step` at clock time `now`."""
+    parts = [f"step {step}/{self.total_steps}"]
+    if "reward" in self._latest:
+      parts.append(f"reward {_number(self._latest['reward'])}")
+    if "eval/accuracy" in self._latest:
+      parts.append(f"acc {_number(self._latest['eval/accuracy'])}")
+    done, elapsed = step - self.start_step, now - self._start_time
+    if done > 0 and elapsed > 0:
+      rate = done / elapsed
+      # Big models take seconds per step; "0.08 steps/s" reads worse than "12.5 s/step".
+      parts.append(f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step")
+      parts.append(f"ETA {_duration(max(0, self.total_steps - step) / rate)}")
+    return " | ".join(parts)
+
+  def _due(self, step: int, now: float) -> bool:
+    if self._printed is None or step >= self.total_steps:
+      return True
+    last_step, last_time = self._printed
+    decile = lambda s: (10 * (s - self.start_step)) // max(1, self.total_steps - self.start_step)
+    return decile(step) > decile(last_step) or now - last_time >= self._interval_s
+
+  def _print_line(self, step: int, now: float) -> None:
+    self.stream.write(self._line + "\n")
+    self.stream.flush()
+    self._printed = (step, now)
+    self._pending = False
+
+  def close(self) -> None:
+    """Ends the line: a newline on a terminal; elsewhere the last state if not yet printed."""
+    if self._open:
+      self.stream.write("\n")
+      self._open = False
+    elif self._pending:
+      self.stream.write(self._line + "\n")
+      self._pending = False
+    self.stream.flush()
+
+  def __enter__(self) -> ProgressLine:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _is_tty(stream: TextIO) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False

@@ -1,0 +1,132 @@
+"""Host side of a rollout: prompts to token ids, completion ids to text, text to rewards.
+
+Reward functions are user Python (TRL's signature), so they run on the host between the
+pmapped sampler and the pmapped update. Also the held-out greedy evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from grpo_jax import config as config_lib
+from grpo_jax import parallel, sampling
+from grpo_jax.data import batching
+from grpo_jax.rewards import compute_rewards
+
+
+def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
+  """Text of each completion, up to and without its EOS."""
+  ids = np.asarray(completion_ids)
+  mask = np.asarray(completion_mask).astype(bool)
+  return tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask)],
+                                skip_special_tokens=True)
+
+
+def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
+  """Each dataset column with every value repeated `times` (one per completion)."""
+  return {k: [v for v in values for _ in range(times)] for k, values in rows.items()}
+
+
+def host_rollout(rollout: sampling.Rollout) -> sampling.Rollout:
+  """A (device-sharded) rollout as one host numpy batch."""
+  rollout = jax.device_get(rollout)
+  if rollout.completion_ids.ndim == 3:
+    rollout = parallel.unshard(rollout)
+  return rollout
+
+
+class HostRollouts:
+  """Encodes prompts and scores completions with the configured reward functions."""
+
+  def __init__(self, tokenizer, reward_funcs, config, num_generations: int):
+    self.tokenizer = tokenizer
+    self.reward_funcs = reward_funcs
+    self.names = [name for name, _ in reward_funcs]
+    self.prompt_column = config.prompt_column
+    self.max_prompt_length = config.max_prompt_length
+    self.truncate = config.truncate_prompts
+    self.num_generations = num_generations
+
+  def encode(self, rows: dict[str, list]):
+    return batching.encode_prompts(self.tokenizer, list(rows[self.prompt_column]),
+                                   self.max_prompt_length, truncate=self.truncate)
+
+  def score(self, rows: dict[str, list], rollout: sampling.Rollout, num_generations: int):
+    """(rewards [N, F] float32 with NaN for None, completion texts)."""
+    rollout = host_rollout(rollout)
+    completions = decode_completions(self.tokenizer, rollout.completion_ids,
+                                     rollout.completion_mask)
+    columns = repeat_columns(rows, num_generations)
+    prompts = columns.pop(self.prompt_column)
+    return compute_rewards(self.reward_funcs, prompts, completions, columns), completions
+
+  def rewards(self, rows, rollout):
+    return self.score(rows, rollout, self.num_generations)
+
+  def named_metrics(self, step_metrics: dict[str, np.ndarray], prefix: str = "") -> dict:
+    """Splits the per-function reward vectors into `rewards/<name>/mean|std` scalars."""
+    out = {}
+    for key, value in step_metrics.items():
+      if key.startswith("rewards_per_func/"):
+        stat = key.split("/", 1)[1]
+        out.update({f"{prefix}rewards/{name}/{stat}": float(v)
+                    for name, v in zip(self.names, np.atleast_1d(value))})
+      else:
+        out[prefix + key] = float(value)
+    return out
+
+
+def throughput(rollout: sampling.Rollout, seconds: float) -> dict[str, float]:
+  tokens = float(np.sum(jax.device_get(rollout.completion_mask)))
+  return {"step_time": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+class EvalResult(NamedTuple):
+  metrics: dict[str, float]
+  sample_text: str
+
+
+class Evaluator:
+  """Greedy decoding on held-out prompts; `eval/accuracy` is the accuracy reward's mean."""
+
+  def __init__(self, setup: Any, config, devices):
+    self.host = HostRollouts(setup.tokenizer, setup.reward_funcs, config, 1)
+    greedy = config_lib.sampling_config(
+        config, setup.grpo_config.sampling.eos_token_ids, setup.tokenizer.pad_token_id,
+        greedy=True, num_generations=1)
+    self.generate = parallel.pmap_generate(setup.model_def, greedy, devices)
+    self.num_devices = len(devices)
+    self.data = setup.eval_data
+    self.batch_size = config.prompts_per_step * config.num_generations
+    self.batch_size += -self.batch_size % self.num_devices
+    names = self.host.names
+    self.accuracy_index = (names.index(config.accuracy_reward)
+                           if config.accuracy_reward in names else 0)
+    self.num_samples = config.num_sample_texts
+
+  def __call__(self, replicated_params) -> EvalResult:
+    rewards, texts, prompts, lengths = [], [], [], []
+    for start in range(0, len(self.data), self.batch_size):
+      rows = self.data[start:start + self.batch_size]
+      count = len(rows[self.host.prompt_column])
+      padded = {k: list(v) + [v[-1]] * (-count % self.num_devices) for k, v in rows.items()}
+      ids, mask = self.host.encode(padded)
+      rollout = self.generate(replicated_params, *parallel.shard((ids, mask), self.num_devices),
+                              jax.random.key(0))
+      rollout = host_rollout(rollout)
+      batch_rewards, completions = self.host.score(padded, rollout, 1)
+      rewards.append(batch_rewards[:count])
+      texts += completions[:count]
+      prompts += padded[self.host.prompt_column][:count]
+      lengths.append(np.asarray(rollout.completion_mask)[:count].sum(-1))
+    rewards = np.concatenate(rewards)
+    means = np.nanmean(rewards, axis=0)
+    result = {f"eval/rewards/{name}/mean": float(m) for name, m in zip(self.host.names, means)}
+    result["eval/accuracy"] = float(means[self.accuracy_index])
+    result["eval/completions/mean_length"] = float(np.mean(np.concatenate(lengths)))
+    samples = [f"{p!r} -> {c!r} (reward {r})"
+               for p, c, r in zip(prompts, texts, rewards[:, self.accuracy_index])]
+    return EvalResult(result, "\n\n".join(samples[:self.num_samples]))

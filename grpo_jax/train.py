@@ -1,0 +1,234 @@
+"""`python -m grpo_jax.train`: the GRPO training loop. Orchestration only.
+
+  python -m grpo_jax.train [--config=configs/default.py] [--workdir=output] [--config.FIELD=VALUE ...]
+
+The loop: prompts -> pmapped sampling -> host reward functions -> pmapped GRPO update,
+with held-out greedy evaluation, CLU metric writers and Orbax checkpoints. Re-running
+with the same workdir resumes from the latest checkpoint and follows the same trajectory
+(the sampling key of step s is fold_in(seed key, s); the data position is checkpointed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+from clu import periodic_actions
+from etils import epath
+from flax import nnx
+from ml_collections import config_flags
+
+from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, warmup
+from grpo_jax import config as config_lib
+from grpo_jax.data import batching, demo, loading
+from grpo_jax.errors import UserError
+from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.rewards import resolve_reward_funcs
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from the config and checked before the workdir is touched."""
+
+  tokenizer: Any
+  model_config: ModelConfig
+  model_def: nnx.GraphDef
+  init_params: nnx.State
+  train_data: Any
+  eval_data: Any
+  reward_funcs: list
+  grpo_config: grpo.GRPOConfig
+
+
+def build_model(config, tokenizer) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+  if config.model_path:
+    raise UserError("config.model_path: loading Hugging Face checkpoints is not available "
+                    "in this version; leave it empty to train the built-in model")
+  model_config = ModelConfig(vocab_size=len(tokenizer), dtype=config.dtype, remat=config.remat,
+                             **config.model.to_dict())
+  graphdef, params = nnx.split(Transformer(model_config, nnx.Rngs(config.seed)))
+  return model_config, graphdef, params
+
+
+def setup(config) -> Setup:
+  """Validates config, data, reward functions and model; writes nothing."""
+  config_lib.validate(config)
+  parallel.check_batch(config.prompts_per_step, config.num_generations, jax.device_count())
+  train_data, eval_data = loading.load_prompt_dataset(
+      config.dataset, config.prompt_column, eval_split=config.eval_split or None,
+      eval_size=config.eval_size, seed=config.seed)
+  reward_funcs = resolve_reward_funcs(config_lib.reward_func_specs(config))
+  tokenizer = demo.build_demo_tokenizer()
+  model_config, model_def, params = build_model(config, tokenizer)
+  grpo_config = config_lib.grpo_config(config, (tokenizer.eos_token_id,),
+                                       tokenizer.pad_token_id)
+  return Setup(tokenizer, model_config, model_def, params, train_data, eval_data, reward_funcs,
+               grpo_config)
+
+
+def fingerprint(s: Setup) -> dict[str, Any]:
+  """What a checkpoint must match to be restored into this run."""
+  arch = dataclasses.asdict(s.model_config)
+  arch.pop("dtype"), arch.pop("remat")
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
+
+
+def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
+  """The demo's supervised warm-up on imperfect demonstrations (cached in the workdir)."""
+  prompts = list(s.train_data[config.prompt_column])
+  answers = list(s.train_data["answer"])
+
+  def make_demo(i, rng):
+    return demo.demonstration(prompts[i], answers[i], rng, config.sft_reasoning_prob)
+
+  def run():
+    logging.info("Supervised warm-up: %d steps on imperfect demonstrations", config.sft_steps)
+    params, loss = warmup.supervised_warmup(
+        s.model_def, s.init_params, s.tokenizer, prompts, make_demo, steps=config.sft_steps,
+        batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,
+        max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length, seed=config.seed)
+    return params, {"loss": loss, "steps": config.sft_steps}
+
+  params, stats = warmup.cached_warmup(workdir / "warmup", s.init_params, run)
+  writer.write_scalars(0, {"warmup/loss": stats["loss"], "warmup/seconds": stats["seconds"]})
+  logging.info("Warm-up: loss %.4f, %.1f s%s", stats["loss"], stats["seconds"],
+               " (cached)" if stats["cached"] else "")
+  return params
+
+
+def train_and_evaluate(config, workdir) -> dict[str, float]:
+  """Runs GRPO per `config`, writing metrics and checkpoints under `workdir`.
+
+  Returns the last logged metrics (eval included) as floats.
+  """
+  s = setup(config)
+  workdir = epath.Path(workdir)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", fingerprint(s),
+                                 max_to_keep=config.keep_checkpoints)
+  ckpt.check_compatible()
+  logdir = workdir / "grpo_metrics"
+  created = [p for p in (workdir, logdir, ckpt.directory) if not p.exists()]
+  saved_any = False
+  try:
+    writer = metrics.create_writer(str(logdir))
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+    params = s.init_params
+    if config.sft_steps:
+      params = run_warmup(config, s, workdir, writer)
+    saved_any = _train(config, s, params, ckpt, writer, logdir)
+    return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()}
+  except BaseException:
+    if not saved_any:  # leave nothing half-written behind: drop what this run created
+      ckpt.close()
+      for path in reversed(created):
+        shutil.rmtree(path, ignore_errors=True)
+    raise
+  finally:
+    ckpt.close()
+
+
+def _train(config, s: Setup, params, ckpt: checkpoint.Checkpointer, writer, logdir) -> bool:
+  devices = jax.local_devices()
+  warmup_steps = int(config.warmup_ratio * config.max_steps)
+  tx, schedule = grpo.make_optimizer(
+      config.learning_rate, config.max_steps, warmup_steps=warmup_steps,
+      schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
+      weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
+  step_fn = parallel.pmap_step(grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config), devices)
+  runner = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config, config.num_generations)
+  stream = batching.PromptStream(s.train_data, config.prompts_per_step, seed=config.seed)
+
+  state = grpo.init_train_state(params, tx)
+  reference = params
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state, meta = ckpt.restore(start_step, state)
+    reference = ckpt.restore_reference(params)
+    stream.restore(meta["data"])
+    metrics.truncate_after(str(logdir), start_step)
+    logging.info("Resumed from the checkpoint of step %d", start_step)
+  else:
+    ckpt.save_reference(reference)
+  state = parallel.replicate(state, devices)
+  reference = parallel.replicate(reference, devices)
+  base_key = jax.random.key(config.seed)
+
+  evaluate = rollouts.Evaluator(s, config, devices) if s.eval_data is not None else None
+  progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
+  report = periodic_actions.ReportProgress(num_train_steps=config.max_steps, writer=writer)
+  if evaluate and start_step == 0:
+    _log_eval(writer, progress, evaluate(state.params), 0, logdir)
+
+  saved_any = False
+  for step in range(start_step + 1, config.max_steps + 1):
+    started = time.perf_counter()
+    rows = stream.next_batch()
+    prompt_ids, prompt_mask = runner.encode(rows)
+    rollout = step_fn.generate(state.params, *parallel.shard((prompt_ids, prompt_mask),
+                                                             step_fn.num_devices),
+                               jax.random.fold_in(base_key, step))
+    rewards, completions = runner.rewards(rows, rollout)
+    state, step_metrics = step_fn.learn(state, reference, rollout,
+                                        parallel.shard(rewards, step_fn.num_devices))
+    step_metrics = runner.named_metrics(parallel.host_metrics(step_metrics))
+    step_metrics.update(rollouts.throughput(rollout, time.perf_counter() - started))
+    report(step)
+    if step % config.log_every == 0 or step == config.max_steps:
+      writer.write_scalars(step, step_metrics)
+    progress.update(step, step_metrics)
+    if evaluate and (step % config.eval_every == 0 or step == config.max_steps):
+      _log_eval(writer, progress, evaluate(state.params), step, logdir)
+    if step % config.checkpoint_every == 0 or step == config.max_steps:
+      ckpt.save(step, parallel.unreplicate(state), {
+          "data": stream.state(), "rng": jax.random.key_data(base_key).tolist()})
+      saved_any = True
+  progress.close()
+  ckpt.wait()
+  writer.flush()
+  metrics.plot_curves(str(logdir))
+  return saved_any
+
+
+def _log_eval(writer, progress, result: rollouts.EvalResult, step: int, logdir) -> None:
+  writer.write_scalars(step, result.metrics)
+  writer.write_texts(step, {"samples": result.sample_text})
+  writer.flush()
+  progress.update(step, result.metrics)
+  metrics.plot_curves(str(logdir))
+
+
+flags.DEFINE_string("workdir", "output", "Directory for metrics and checkpoints.")
+config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Training config file.",
+                                lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    sys.exit(f"grpo_jax: error: {e}")
+  summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval/")}
+  print(f"done: {FLAGS.workdir}/grpo_metrics (curves.png, metrics.jsonl) {summary}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
