@@ -173,7 +173,7 @@ def truncate_after(logdir: epath.PathLike, step: int) -> None:
     path = logdir / name
     if not path.exists():
       continue
-    kept = [r for r in _read_records(path) if r.get("step", 0) <= step + 1]
+    kept = [r for r in _read_records(path) if r.get("step", 0) <= step]
     temporary = logdir / (name + ".tmp")
     temporary.write_text("".join(_dumps(r) + "\n" for r in kept))
     temporary.replace(path)  # whole file or old file, never half of one
