@@ -101,7 +101,8 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
     return params, {"loss": loss, "steps": config.sft_steps}
 
   params, stats = warmup.cached_warmup(workdir / "warmup", s.init_params, run)
-  writer.write_scalars(0, {"warmup/loss": stats["loss"], "warmup/seconds": stats["seconds"]})
+  if writer is not None:
+    writer.write_scalars(0, {"warmup/loss": stats["loss"], "warmup/seconds": stats["seconds"]})
   logging.info("Warm-up: loss %.4f, %.1f s%s", stats["loss"], stats["seconds"],
                " (cached)" if stats["cached"] else "")
   return params
@@ -110,7 +111,7 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
 def train_and_evaluate(config, workdir) -> dict[str, float]:
   """Runs GRPO per `config`, writing metrics and checkpoints under `workdir`.
 
-  Returns the last logged metrics (eval included) as floats.
+  Returns the metrics of the last logged step (eval included) as floats.
   """
   s = setup(config)
   workdir = epath.Path(workdir)
@@ -119,17 +120,22 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   ckpt.check_compatible()
   logdir = workdir / "grpo_metrics"
   created = [p for p in (workdir, logdir, ckpt.directory) if not p.exists()]
-  saved_any = False
+  start_step = ckpt.latest_step() or 0
+  if start_step:  # before any writer opens the files: drop what came after the checkpoint
+    metrics.truncate_after(str(logdir), start_step)
+  loop = None
   try:
     writer = metrics.create_writer(str(logdir))
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+    writer.write_hparams(config.to_dict())
     params = s.init_params
     if config.sft_steps:
-      params = run_warmup(config, s, workdir, writer)
-    saved_any = _train(config, s, params, ckpt, writer, logdir)
-    return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()}
+      params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
+    loop = TrainLoop(config, s, ckpt, writer, logdir)
+    loop.run(params, start_step)
+    return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()
+            if v is not None}
   except BaseException:
-    if not saved_any:  # leave nothing half-written behind: drop what this run created
+    if loop is None or not loop.saved_any:  # leave nothing half-written behind
       ckpt.close()
       for path in reversed(created):
         shutil.rmtree(path, ignore_errors=True)
@@ -138,74 +144,82 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     ckpt.close()
 
 
-def _train(config, s: Setup, params, ckpt: checkpoint.Checkpointer, writer, logdir) -> bool:
-  devices = jax.local_devices()
-  warmup_steps = int(config.warmup_ratio * config.max_steps)
-  tx, schedule = grpo.make_optimizer(
-      config.learning_rate, config.max_steps, warmup_steps=warmup_steps,
-      schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
-      weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
-  step_fn = parallel.pmap_step(grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config), devices)
-  runner = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config, config.num_generations)
-  stream = batching.PromptStream(s.train_data, config.prompts_per_step, seed=config.seed)
+class TrainLoop:
+  """Wires the pmapped step, the host rewards, evaluation, metrics and checkpoints."""
 
-  state = grpo.init_train_state(params, tx)
-  reference = params
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    state, meta = ckpt.restore(start_step, state)
-    reference = ckpt.restore_reference(params)
-    stream.restore(meta["data"])
-    metrics.truncate_after(str(logdir), start_step)
-    logging.info("Resumed from the checkpoint of step %d", start_step)
-  else:
-    ckpt.save_reference(reference)
-  state = parallel.replicate(state, devices)
-  reference = parallel.replicate(reference, devices)
-  base_key = jax.random.key(config.seed)
+  def __init__(self, config, s: Setup, ckpt: checkpoint.Checkpointer, writer, logdir):
+    self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
+    self.devices = jax.local_devices()
+    self.tx, schedule = grpo.make_optimizer(
+        config.learning_rate, config.max_steps,
+        warmup_steps=int(config.warmup_ratio * config.max_steps),
+        schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
+    self.step_fn = parallel.pmap_step(
+        grpo.GRPOStep(s.model_def, self.tx, schedule, s.grpo_config), self.devices)
+    self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
+                                      config.num_generations)
+    self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
+                                        seed=config.seed)
+    self.evaluate = (rollouts.Evaluator(s, config, self.devices)
+                     if s.eval_data is not None else None)
+    self.saved_any = False
 
-  evaluate = rollouts.Evaluator(s, config, devices) if s.eval_data is not None else None
-  progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
-  report = periodic_actions.ReportProgress(num_train_steps=config.max_steps, writer=writer)
-  if evaluate and start_step == 0:
-    _log_eval(writer, progress, evaluate(state.params), 0, logdir)
+  def restore_or_init(self, params, start_step):
+    state, reference = grpo.init_train_state(params, self.tx), params
+    if start_step:
+      state, meta = self.ckpt.restore(start_step, state)
+      reference = self.ckpt.restore_reference(params)
+      self.stream.restore(meta["data"])
+      logging.info("Resumed from the checkpoint of step %d", start_step)
+    else:
+      self.ckpt.save_reference(reference)
+    return parallel.replicate(state, self.devices), parallel.replicate(reference, self.devices)
 
-  saved_any = False
-  for step in range(start_step + 1, config.max_steps + 1):
-    started = time.perf_counter()
-    rows = stream.next_batch()
-    prompt_ids, prompt_mask = runner.encode(rows)
-    rollout = step_fn.generate(state.params, *parallel.shard((prompt_ids, prompt_mask),
-                                                             step_fn.num_devices),
-                               jax.random.fold_in(base_key, step))
-    rewards, completions = runner.rewards(rows, rollout)
-    state, step_metrics = step_fn.learn(state, reference, rollout,
-                                        parallel.shard(rewards, step_fn.num_devices))
-    step_metrics = runner.named_metrics(parallel.host_metrics(step_metrics))
-    step_metrics.update(rollouts.throughput(rollout, time.perf_counter() - started))
-    report(step)
-    if step % config.log_every == 0 or step == config.max_steps:
-      writer.write_scalars(step, step_metrics)
-    progress.update(step, step_metrics)
-    if evaluate and (step % config.eval_every == 0 or step == config.max_steps):
-      _log_eval(writer, progress, evaluate(state.params), step, logdir)
-    if step % config.checkpoint_every == 0 or step == config.max_steps:
-      ckpt.save(step, parallel.unreplicate(state), {
-          "data": stream.state(), "rng": jax.random.key_data(base_key).tolist()})
-      saved_any = True
-  progress.close()
-  ckpt.wait()
-  writer.flush()
-  metrics.plot_curves(str(logdir))
-  return saved_any
+  def run(self, params, start_step: int) -> None:
+    config, num_devices = self.config, self.step_fn.num_devices
+    state, reference = self.restore_or_init(params, start_step)
+    base_key = jax.random.key(config.seed)
+    progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
+    report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
+                                             writer=self.writer)
+    if self.evaluate and start_step == 0:
+      self.log_eval(state, 0, progress)
+    for step in range(start_step + 1, config.max_steps + 1):
+      started = time.perf_counter()
+      rows = self.stream.next_batch()
+      prompt_ids, prompt_mask = self.host.encode(rows)
+      rollout = self.step_fn.generate(
+          state.params, *parallel.shard((prompt_ids, prompt_mask), num_devices),
+          jax.random.fold_in(base_key, step))
+      rewards, _ = self.host.rewards(rows, rollout)
+      state, step_metrics = self.step_fn.learn(state, reference, rollout,
+                                               parallel.shard(rewards, num_devices))
+      step_metrics = self.host.named_metrics(parallel.host_metrics(step_metrics))
+      step_metrics.update(rollouts.throughput(rollout, time.perf_counter() - started))
+      report(step)
+      last = step == config.max_steps
+      if step % config.log_every == 0 or last:
+        self.writer.write_scalars(step, step_metrics)
+      progress.update(step, step_metrics)
+      if self.evaluate and (step % config.eval_every == 0 or last):
+        self.log_eval(state, step, progress)
+      if step % config.checkpoint_every == 0 or last:
+        self.ckpt.save(step, parallel.unreplicate(state), {
+            "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist()})
+        self.saved_any = True
+    progress.close()
+    self.ckpt.wait()
+    self.writer.flush()
+    metrics.plot_curves(str(self.logdir))
 
-
-def _log_eval(writer, progress, result: rollouts.EvalResult, step: int, logdir) -> None:
-  writer.write_scalars(step, result.metrics)
-  writer.write_texts(step, {"samples": result.sample_text})
-  writer.flush()
-  progress.update(step, result.metrics)
-  metrics.plot_curves(str(logdir))
+  def log_eval(self, state, step: int, progress) -> None:
+    result = self.evaluate(state.params)
+    self.writer.write_scalars(step, result.metrics)
+    self.writer.write_texts(step, {"samples": result.sample_text})
+    self.writer.flush()
+    progress.update(step, result.metrics)
+    metrics.plot_curves(str(self.logdir))
 
 
 flags.DEFINE_string("workdir", "output", "Directory for metrics and checkpoints.")

@@ -15,6 +15,7 @@ a typo such as "jsnl:data.jsonl" is reported instead of being looked up on the h
 from __future__ import annotations
 
 import os
+import re
 
 import datasets
 import numpy as np
@@ -25,6 +26,7 @@ from grpo_jax.errors import UserError
 FILE_FORMATS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
 DEMOS = ("arithmetic",)
 PREFIXES = ("demo", *FILE_FORMATS, "hf")
+_PREFIX_RE = re.compile(r"[A-Za-z][\w-]*")  # "word:" (not "owner/name:", not "./path:")
 
 
 def load_prompt_dataset(spec: str, prompt_column: str = "prompt", *,
@@ -63,15 +65,17 @@ def _load_splits(spec: str) -> datasets.DatasetDict:
   prefix, sep, rest = spec.partition(":")
   if sep and prefix in FILE_FORMATS:
     return _load_file(FILE_FORMATS[prefix], rest)
-  extension = os.path.splitext(spec)[1].lstrip(".").lower()
-  if extension in FILE_FORMATS:
-    return _load_file(FILE_FORMATS[extension], spec)
   if sep and prefix == "hf":
     return _load_hub(rest)
-  if sep and "/" not in prefix:
+  extension = os.path.splitext(spec)[1].lstrip(".").lower()
+  if extension in FILE_FORMATS and os.path.isfile(spec):
+    return _load_file(FILE_FORMATS[extension], spec)
+  if sep and _PREFIX_RE.fullmatch(prefix):
     raise UserError(f"dataset {spec!r}: unknown prefix {prefix!r}; allowed: "
                     + ", ".join(f"{p}:" for p in PREFIXES)
                     + " (hub datasets: owner/name[:config])")
+  if extension in FILE_FORMATS:
+    return _load_file(FILE_FORMATS[extension], spec)  # reports the missing file
   if os.path.exists(spec):
     raise UserError(f"dataset file {spec!r}: cannot infer the format; use a prefix "
                     + ", ".join(f"{p}:PATH" for p in FILE_FORMATS))

@@ -19,9 +19,10 @@ NUMBER = r"(?:(?<![\w.])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(NUMBER)
 _HASHES_RE = re.compile(r"####\s*(" + NUMBER + ")")
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-# Some reasoning (a character that is neither space nor '#'), then a final "#### N" line or
-# segment with nothing but whitespace after it.
-_FORMAT_RE = re.compile(r"[\s\S]*?[^\s#][\s\S]*?####[ \t]*" + NUMBER + r"\s*\Z")
+# A final "#### N" with nothing but whitespace after it (the reasoning is checked apart, to
+# keep the regex linear on long completions).
+_FINAL_ANSWER_RE = re.compile(r"####[ \t]*" + NUMBER + r"\s*\Z")
+_REASONING_RE = re.compile(r"[^\s#]")
 
 
 def completion_text(completion: Any) -> str:
@@ -89,7 +90,13 @@ def _score_answer(text: str, answer: Any) -> float | None:
 def format_reward(prompts: list[str], completions: list[Any], **kwargs) -> list[float]:
   """1.0 for reasoning followed by a final "#### N"; a bare "#### N" (a guess) scores 0."""
   del prompts, kwargs
-  return [float(_FORMAT_RE.match(completion_text(c)) is not None) for c in completions]
+  return [float(_has_format(completion_text(c))) for c in completions]
+
+
+def _has_format(text: str) -> bool:
+  """Reasoning (some character other than space or '#') before a final "#### N"."""
+  final = _FINAL_ANSWER_RE.search(text)
+  return final is not None and _REASONING_RE.search(text, 0, final.start()) is not None
 
 
 BUILTIN_REWARDS = {fn.__name__: fn for fn in (correctness_reward, format_reward)}

@@ -1,0 +1,149 @@
+"""Reward functions by name: built-ins, import paths, or files; and calling them on a batch.
+
+Specs (the `reward_funcs` config field, a list or a comma-separated string):
+  correctness_reward            a built-in name (see BUILTIN_REWARDS)
+  package.module:function       imported with importlib (the module must be importable)
+  package.module.function       the same, TRL's dotted form
+  path/to/file.py:function      loaded from the file (relative to the working directory)
+A callable is accepted as is. Each function's metric name is its `__name__`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from grpo_jax.errors import UserError
+from grpo_jax.rewards.builtin import BUILTIN_REWARDS
+
+RewardFunc = Callable[..., Sequence[float | None]]
+# Column names that would collide with the positional arguments (or, for "prompt", that
+# TRL does not pass either: the prompt is already the first argument).
+RESERVED_COLUMNS = ("prompt", "prompts", "completion", "completions")
+
+
+def resolve_reward_funcs(specs: str | Sequence[str | RewardFunc]) -> list[tuple[str, RewardFunc]]:
+  """(metric name, function) for each spec, in order. Names must be unique."""
+  if isinstance(specs, str):
+    specs = specs.split(",")
+  specs = [s.strip() if isinstance(s, str) else s for s in specs]
+  specs = [s for s in specs if not isinstance(s, str) or s]
+  if not specs:
+    raise UserError("reward_funcs is empty; give at least one built-in name "
+                    f"({', '.join(BUILTIN_REWARDS)}) or an import path module:function")
+  resolved = [_resolve(spec) for spec in specs]
+  names = [name for name, _ in resolved]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise UserError(f"reward_funcs has several functions named {', '.join(duplicates)}; "
+                    "metric names (rewards/<name>/mean) must be unique, rename one")
+  return resolved
+
+
+def _resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
+  if callable(spec):
+    fn = spec
+  elif ":" in spec:
+    location, attribute = spec.rsplit(":", 1)
+    module = _load_file(location) if location.endswith(".py") else _import(location, spec)
+    fn = _attribute(module, attribute, spec)
+  elif spec in BUILTIN_REWARDS:
+    fn = BUILTIN_REWARDS[spec]
+  elif "." in spec:
+    location, attribute = spec.rsplit(".", 1)
+    fn = _attribute(_import(location, spec), attribute, spec)
+  else:
+    raise UserError(f"reward function {spec!r} is not a built-in ({', '.join(BUILTIN_REWARDS)}) "
+                    "nor an import path module:function or file.py:function")
+  return _name(fn), fn
+
+
+def _import(module_name: str, spec: str):
+  try:
+    return importlib.import_module(module_name)
+  except Exception as e:  # ImportError, or any error raised by the module's own code
+    raise UserError(f"reward function {spec!r}: module {module_name!r} does not import: "
+                    f"{type(e).__name__}: {e}") from e
+
+
+def _load_file(path: str):
+  """Executes a reward file as a module (registered in sys.modules, so pickling works)."""
+  if not os.path.isfile(path):
+    raise UserError(f"reward function file not found: {path}")
+  module_name = f"grpo_jax_user_rewards_{os.path.splitext(os.path.basename(path))[0]}"
+  file_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(file_spec)
+  sys.modules[module_name] = module
+  try:
+    file_spec.loader.exec_module(module)
+  except Exception as e:
+    del sys.modules[module_name]
+    raise UserError(f"reward function file {path} does not import: "
+                    f"{type(e).__name__}: {e}") from e
+  return module
+
+
+def _attribute(module, attribute: str, spec: str) -> RewardFunc:
+  if not hasattr(module, attribute):
+    raise UserError(f"reward function {spec!r}: {module.__name__} has no attribute "
+                    f"{attribute!r}")
+  fn = getattr(module, attribute)
+  if not callable(fn):
+    raise UserError(f"reward function {spec!r} is a {type(fn).__name__}, not callable")
+  return fn
+
+
+def _name(fn: RewardFunc) -> str:
+  """The metric name: the function's name (functools.partial: the wrapped function's)."""
+  if hasattr(fn, "__name__"):
+    return fn.__name__
+  if isinstance(fn, functools.partial):
+    return _name(fn.func)
+  return type(fn).__name__
+
+
+def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Sequence[Any],
+                    completions: Sequence[Any], columns: dict[str, Sequence[Any]]) -> np.ndarray:
+  """Rewards float32 [N, F]: column f holds function f's scores, None (n/a) becomes NaN.
+
+  `columns` are the dataset's columns aligned with the completions (repeated per
+  generation); each function gets them as keyword arguments, TRL-style.
+  """
+  n = len(completions)
+  if len(prompts) != n:
+    raise ValueError(f"{len(prompts)} prompts for {n} completions; repeat each prompt per "
+                     "completion")
+  kwargs = {k: list(v) for k, v in columns.items() if k not in RESERVED_COLUMNS}
+  for key, values in kwargs.items():
+    if len(values) != n:
+      raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+  rewards = np.empty((n, len(reward_funcs)), np.float32)
+  for f, (name, fn) in enumerate(reward_funcs):
+    rewards[:, f] = _call(name, fn, list(prompts), list(completions), kwargs, n)
+  return rewards
+
+
+def _call(name: str, fn: RewardFunc, prompts: list, completions: list,
+          kwargs: dict[str, list], n: int) -> np.ndarray:
+  try:
+    values = fn(prompts, completions, **kwargs)
+  except Exception as e:
+    raise UserError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+  try:
+    values = list(values)
+  except TypeError:
+    raise UserError(f"reward function {name!r} returned a {type(values).__name__}; expected a "
+                    f"list of {n} numbers (or None)") from None
+  if len(values) != n:
+    raise UserError(f"reward function {name!r} returned {len(values)} values for {n} "
+                    "completions; expected one number (or None) per completion")
+  try:
+    return np.array([np.nan if v is None else float(v) for v in values], np.float32)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"reward function {name!r} returned a non-number: {e}") from e
