@@ -113,15 +113,24 @@ def combine_rewards(rewards: jax.Array, weights) -> jax.Array:
 
 
 def _nan_mean_std(x: jax.Array, axis, axis_name=None):
-  """NaN-aware mean and Bessel-corrected std along `axis` (and over devices)."""
+  """NaN-aware mean and Bessel-corrected std along `axis` (and over devices).
+
+  Computed around a shift (the largest valid value) so that equal values give exactly
+  mean = value and std = 0 in float32, whatever their magnitude: an all-equal group must
+  get advantage 0, not float noise divided by 1e-4.
+  """
   valid = ~jnp.isnan(x)
+  shift = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
+  if axis_name is not None:
+    shift = jax.lax.pmax(shift, axis_name)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  dev = jnp.where(valid, x - shift, 0.0)
   count = _psum(jnp.sum(valid, axis=axis, keepdims=True), axis_name)
-  total = _psum(jnp.sum(jnp.where(valid, x, 0.0), axis=axis, keepdims=True), axis_name)
-  mean = total / jnp.maximum(count, 1)
-  sq_dev = _psum(jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0), axis=axis, keepdims=True),
-                 axis_name)
+  mean_dev = _psum(jnp.sum(dev, axis=axis, keepdims=True), axis_name) / jnp.maximum(count, 1)
+  sq_dev = _psum(jnp.sum(jnp.where(valid, (dev - mean_dev) ** 2, 0.0), axis=axis,
+                         keepdims=True), axis_name)
   std = jnp.sqrt(sq_dev / jnp.maximum(count - 1, 1))
-  return mean, jnp.where(count > 1, std, 0.0)
+  return shift + mean_dev, jnp.where(count > 1, std, 0.0)
 
 
 class Advantages(NamedTuple):

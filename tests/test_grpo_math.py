@@ -272,7 +272,7 @@ def test_group_advantages_rejects_unknown_scale():
 
 
 # Values whose float32 group mean is *not* exact (not dyadic) plus dyadic ones.
-EQUAL_VALUES = [0.0, 1.0, -0.5, 0.1, 0.7, 1.0 / 3.0, 2.9, -1.3]
+EQUAL_VALUES = [0.0, 1.0, -0.5, 0.1, 0.7, 1.0 / 3.0, 2.9, -1.3, 100.3]
 
 
 @pytest.mark.parametrize("scale", grpo.SCALE_REWARDS)
@@ -288,7 +288,7 @@ def test_all_equal_group_has_exactly_zero_advantage(g, scale):
   r = np.full(((k + 1) * g, 2), np.nan)
   for i, value in enumerate(EQUAL_VALUES):
     r[i * g:(i + 1) * g, 0] = value
-  r[k * g:, 0] = np.arange(g, dtype=np.float64)
+  r[k * g:, 0] = 100.0 * np.arange(g, dtype=np.float64)
   out = grpo.group_advantages(jnp.asarray(r, jnp.float32), (0.3, 1.0), g, scale)
   adv = np.asarray(out.advantages).reshape(k + 1, g)
   gstd = np.asarray(out.group_std).reshape(k + 1, g)
