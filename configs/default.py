@@ -19,10 +19,10 @@ def get_config():
   c.max_completion_length = 24
   c.num_generations = 8
   c.prompts_per_step = 16
-  c.learning_rate = 1e-3  # a tiny model; real models use 5e-7 (base_config)
+  c.learning_rate = 1e-4  # a tiny model; real models use 5e-7 (base_config)
   c.lr_scheduler_type = "constant"
   c.beta = 0.04
-  c.sft_steps = 600
+  c.sft_steps = 1500
   c.sft_batch_size = 64
   c.sft_learning_rate = 3e-3
   c.sft_reasoning_prob = 0.4

@@ -27,15 +27,27 @@ from grpo_jax import grpo, sampling
 from grpo_jax.data import batching
 
 
-def encode_completions(tokenizer, completions: list[str], length: int):
-  """Right-padded completion ids [B, L] ending with EOS, and their mask."""
-  ids = np.full((len(completions), length), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros((len(completions), length), np.int32)
-  for row, text in enumerate(completions):
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"][:length - 1]
-    tokens = tokens + [tokenizer.eos_token_id]
-    ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
-  return ids, mask
+class CompletionEncoder:
+  """Right-padded completion ids [B, L] ending with EOS, and their mask.
+
+  Demonstrations repeat, so each distinct text is tokenized once.
+  """
+
+  def __init__(self, tokenizer, length: int):
+    self.tokenizer, self.length = tokenizer, length
+    self._tokens = functools.lru_cache(maxsize=1 << 16)(self._tokenize)
+
+  def _tokenize(self, text: str) -> tuple[int, ...]:
+    tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.length - 1]
+    return tuple(tokens) + (self.tokenizer.eos_token_id,)
+
+  def __call__(self, completions: list[str]):
+    ids = np.full((len(completions), self.length), self.tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(completions), self.length), np.int32)
+    for row, text in enumerate(completions):
+      tokens = self._tokens(text)
+      ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+    return ids, mask
 
 
 def sft_loss(params, model_def, batch: sampling.Rollout, chunk_size: int):
@@ -61,15 +73,15 @@ def supervised_warmup(model_def: nnx.GraphDef, params: nnx.State, tokenizer, pro
                    optax.adamw(optax.cosine_decay_schedule(learning_rate, steps)))
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)
+  all_prompt_ids, all_prompt_mask = batching.encode_prompts(tokenizer, prompts, max_prompt_length)
+  encode = CompletionEncoder(tokenizer, max_completion_length)
+  no_logprobs = np.zeros((batch_size, max_completion_length), np.float32)
   losses = []
   for _ in range(steps):
     picks = rng.integers(0, len(prompts), size=batch_size)
-    prompt_ids, prompt_mask = batching.encode_prompts(
-        tokenizer, [prompts[i] for i in picks], max_prompt_length)
-    completion_ids, completion_mask = encode_completions(
-        tokenizer, [make_demo(int(i), rng) for i in picks], max_completion_length)
-    batch = sampling.Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                             np.zeros(completion_ids.shape, np.float32))
+    completion_ids, completion_mask = encode([make_demo(int(i), rng) for i in picks])
+    batch = sampling.Rollout(all_prompt_ids[picks], all_prompt_mask[picks], completion_ids,
+                             completion_mask, no_logprobs)
     params, opt_state, loss = sft_step(params, model_def, opt_state, batch, tx, chunk_size)
     losses.append(loss)
   return params, float(np.mean(jax.device_get(losses[-20:])))
