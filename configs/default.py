@@ -12,7 +12,6 @@ def get_config():
   c = base_config()
   c.dataset = "demo:arithmetic"
   c.reward_funcs = "correctness_reward,format_reward"
-  c.reward_weights = (1.0, 0.2)
   c.model.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  intermediate_size=256)
   c.max_prompt_length = 8
@@ -27,7 +26,7 @@ def get_config():
   c.sft_learning_rate = 3e-3
   c.sft_reasoning_prob = 0.4
   c.max_steps = 100
-  c.eval_every = 20
+  c.eval_every = 10
   c.checkpoint_every = 20
   c.log_every = 1
   return c

@@ -20,6 +20,8 @@ from etils import epath
 
 from grpo_jax.errors import UserError
 
+log = logging.getLogger("grpo_jax")
+
 
 class IncompatibleCheckpointError(UserError):
   """The workdir holds checkpoints of a different model."""
@@ -102,7 +104,7 @@ class Checkpointer:
       return
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(self.reference_path, params)
-    logging.info("Saved the frozen reference params to %s", self.reference_path)
+    log.info("Saved the frozen reference params to %s", self.reference_path)
 
   def restore_reference(self, like_params):
     with ocp.StandardCheckpointer() as ckptr:

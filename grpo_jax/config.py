@@ -99,6 +99,23 @@ def check_known_fields(config: ml_collections.ConfigDict) -> None:
           f"unknown config field 'model.{key}'; known: {', '.join(sorted(known.model))}")
 
 
+def unknown_override(argv: list[str]) -> str:
+  """Describes the first `--config.FIELD=...` argument whose FIELD the schema lacks."""
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node = base_config()
+    for i, part in enumerate(path.split(".")):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        parent = ".".join(path.split(".")[:i])
+        known = sorted(node) if isinstance(node, ml_collections.ConfigDict) else []
+        return (f"unknown config field {path!r} (in {arg}); known fields"
+                f"{' of ' + parent if parent else ''}: {', '.join(known)}")
+      node = node[part]
+  return "unknown config field on the command line"
+
+
 def reward_func_specs(config) -> list[str]:
   specs = config.reward_funcs
   if isinstance(specs, str):
@@ -142,6 +159,9 @@ def sampling_config(config, eos_token_ids, pad_token_id, *, greedy=False,
 
 def grpo_config(config, eos_token_ids, pad_token_id) -> grpo.GRPOConfig:
   weights = config.reward_weights
+  if weights is not None and not all(isinstance(w, (int, float)) for w in weights):
+    raise ConfigError(f"config.reward_weights={weights!r}; allowed: a tuple of numbers, "
+                      "one per reward function, e.g. '(1.0, 0.5)'")
   return grpo.GRPOConfig(
       sampling=sampling_config(config, eos_token_ids, pad_token_id),
       beta=config.beta, epsilon=config.epsilon, epsilon_high=config.epsilon_high,

@@ -20,7 +20,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import datasets
 from absl import app, flags
+from absl import logging as absl_logging
 from clu import periodic_actions
 from etils import epath
 from flax import nnx
@@ -33,6 +35,7 @@ from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.rewards import resolve_reward_funcs
 
+log = logging.getLogger("grpo_jax")
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
 
 
@@ -92,7 +95,7 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
     return demo.demonstration(prompts[i], answers[i], rng, config.sft_reasoning_prob)
 
   def run():
-    logging.info("Supervised warm-up: %d steps on imperfect demonstrations", config.sft_steps)
+    log.info("Supervised warm-up: %d steps on imperfect demonstrations", config.sft_steps)
     params, loss = warmup.supervised_warmup(
         s.model_def, s.init_params, s.tokenizer, prompts, make_demo, steps=config.sft_steps,
         batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,
@@ -103,7 +106,7 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   params, stats = warmup.cached_warmup(workdir / "warmup", s.init_params, run)
   if writer is not None:
     writer.write_scalars(0, {"warmup/loss": stats["loss"], "warmup/seconds": stats["seconds"]})
-  logging.info("Warm-up: loss %.4f, %.1f s%s", stats["loss"], stats["seconds"],
+  log.info("Warm-up: loss %.4f, %.1f s%s", stats["loss"], stats["seconds"],
                " (cached)" if stats["cached"] else "")
   return params
 
@@ -171,7 +174,7 @@ class TrainLoop:
       state, meta = self.ckpt.restore(start_step, state)
       reference = self.ckpt.restore_reference(params)
       self.stream.restore(meta["data"])
-      logging.info("Resumed from the checkpoint of step %d", start_step)
+      log.info("Resumed from the checkpoint of step %d", start_step)
     else:
       self.ckpt.save_reference(reference)
     return parallel.replicate(state, self.devices), parallel.replicate(reference, self.devices)
@@ -222,18 +225,36 @@ class TrainLoop:
     metrics.plot_curves(str(self.logdir))
 
 
-flags.DEFINE_string("workdir", "output", "Directory for metrics and checkpoints.")
-config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Training config file.",
-                                lock_config=True)
 FLAGS = flags.FLAGS
+
+
+def _command_line_errors_in_one_line(parse):
+  """Runs absl / config_flags parsing; mistakes become one line instead of a traceback."""
+  try:
+    return parse()
+  except AttributeError:  # config_flags: some --config.FIELD names no field
+    sys.exit(f"grpo_jax: error: {config_lib.unknown_override(sys.argv[1:])}")
+  except (flags.Error, KeyError, ValueError, TypeError, OSError) as e:
+    sys.exit(f"grpo_jax: error: bad command line: {' '.join(str(e).split())}")
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", "output", "Directory for metrics and checkpoints.")
+  # config_flags already reads --config.FIELD overrides from sys.argv here.
+  _command_line_errors_in_one_line(lambda: config_flags.DEFINE_config_file(
+      "config", str(DEFAULT_CONFIG), "Training config file.", lock_config=True))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.getLogger().setLevel(logging.INFO)
+  # Library INFO logs (Orbax, JAX) drown the progress line; ours stay at INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log.setLevel(logging.INFO)
+  datasets.disable_progress_bars()
+  config = _command_line_errors_in_one_line(lambda: FLAGS.config)  # loaded lazily
   try:
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
     sys.exit(f"grpo_jax: error: {e}")
   summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval/")}
@@ -241,7 +262,8 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=lambda argv: _command_line_errors_in_one_line(lambda: FLAGS(argv)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from flax import nnx
 from grpo_jax import grpo, sampling
 from grpo_jax.data import batching
 
+log = logging.getLogger("grpo_jax")
+
 
 class CompletionEncoder:
   """Right-padded completion ids [B, L] ending with EOS, and their mask.
@@ -96,7 +98,7 @@ def cached_warmup(cache_dir, like_params, run: Callable[[], tuple[nnx.State, dic
       params = ckptr.restore(params_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                       like_params))
     stats = json.loads(stats_file.read_text())
-    logging.info("Loaded the supervised warm-up from %s (%s)", cache_dir, stats)
+    log.info("Loaded the supervised warm-up from %s (%s)", cache_dir, stats)
     return params, {**stats, "cached": True}
   start = time.perf_counter()
   params, stats = run()
