@@ -252,7 +252,8 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   log.setLevel(logging.INFO)
   datasets.disable_progress_bars()
-  config = _command_line_errors_in_one_line(lambda: FLAGS.config)  # loaded lazily
+  config = FLAGS.config
+  _command_line_errors_in_one_line(config.keys)  # a config file that failed to load says so here
   try:
     result = train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
