@@ -253,7 +253,7 @@ def main(argv):
   log.setLevel(logging.INFO)
   datasets.disable_progress_bars()
   config = FLAGS.config
-  _command_line_errors_in_one_line(config.keys)  # a config file that failed to load says so here
+  _command_line_errors_in_one_line(lambda: config.keys())  # a config file that failed to load says so here
   try:
     result = train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
