@@ -1,0 +1,244 @@
+"""The main job end to end: custom data and rewards, resume, kill + rerun, bad input."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from grpo_jax import metrics, train
+from grpo_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+REWARDS_MODULE = '''
+import json, os, signal
+
+calls = 0
+
+
+def length_reward(prompts, completions, answer, **columns):
+  """Logs what it was given, then rewards completions ending in the answer's last digit."""
+  global calls
+  calls += 1
+  with open(os.environ["REWARD_LOG"], "a") as f:
+    f.write(json.dumps({"prompts": prompts, "answer": answer,
+                        "columns": sorted(columns)}) + "\\n")
+  return [float(c.endswith(a[-1])) for c, a in zip(completions, answer)]
+
+
+def stop_at(prompts, completions, **columns):
+  """Fails (or SIGKILLs the process) on call STOP_AT: a crash in the middle of training."""
+  global calls
+  calls += 1
+  if calls == int(os.environ.get("STOP_AT", "0")):
+    if os.environ.get("STOP_HOW") == "kill":
+      os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("stopped on purpose")
+  return [float(len(c) % 2) for c in completions]
+
+
+def broken(prompts, completions, **columns):
+  raise ZeroDivisionError("user bug")
+'''
+
+
+def load_default_config():
+  spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs/default.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+TINY = dict(sft_steps=0, max_steps=4, prompts_per_step=4, num_generations=2,
+            max_completion_length=6, max_prompt_length=10, eval_every=2, checkpoint_every=2,
+            learning_rate=1e-3, log_every=1)
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=1)
+
+
+def tiny_config(**overrides):
+  config = load_default_config()
+  model = {**TINY_MODEL, **overrides.pop("model", {})}
+  config.update({**TINY, **overrides})
+  config.model.update(model)
+  return config
+
+
+def cli_args(config_overrides: dict) -> list[str]:
+  args = []
+  for key, value in config_overrides.items():
+    if isinstance(value, dict):
+      args += [f"--config.{key}.{k}={v}" for k, v in value.items()]
+    else:
+      args.append(f"--config.{key}={value}")
+  return args
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+  """A JSONL dataset with an extra column and a reward module importable by name."""
+  (tmp_path / "my_rewards.py").write_text(REWARDS_MODULE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  sys.modules.pop("my_rewards", None)
+  rows = [{"question": f"{a}+{b}=", "answer": str(a + b), "source": "unit-test"}
+          for a in range(6) for b in range(4)]
+  data = tmp_path / "data.jsonl"
+  data.write_text("\n".join(json.dumps(r) for r in rows))
+  monkeypatch.setenv("REWARD_LOG", str(tmp_path / "reward_log.jsonl"))
+  return tmp_path
+
+
+def run_cli(args, env_extra=None, cwd=None):
+  env = {**os.environ, "XLA_FLAGS": "", **(env_extra or {})}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd or ""), env.get("PYTHONPATH")]))
+  return subprocess.run([sys.executable, "-m", "grpo_jax.train", *args], capture_output=True,
+                        text=True, env=env, cwd=cwd, timeout=300)
+
+
+def final_params(workdir):
+  step = ocp.CheckpointManager(workdir / "checkpoints").latest_step()
+  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  return step, restored
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > 0
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def step_metrics(workdir, key):
+  return {r["step"]: r[key] for r in metrics.read_metrics(workdir / "grpo_metrics") if key in r}
+
+
+def test_default_config_is_valid_and_demo_metrics_are_written(tmp_path):
+  config = tiny_config(sft_steps=3, max_steps=2)
+  result = train.train_and_evaluate(config, tmp_path / "run")
+  logdir = tmp_path / "run" / "grpo_metrics"
+  names = set().union(*[r.keys() for r in metrics.read_metrics(logdir)])
+  for name in ["reward", "reward_std", "rewards/correctness_reward/mean",
+               "rewards/correctness_reward/std", "rewards/format_reward/mean", "kl", "loss",
+               "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+               "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+               "frac_reward_zero_std", "grad_norm", "learning_rate", "step_time",
+               "tokens_per_second", "eval/accuracy", "warmup/loss"]:
+    assert name in names, name
+  assert 0.0 <= result["eval/accuracy"] <= 1.0
+  assert (logdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert list(logdir.glob("events.out.tfevents.*"))
+  assert (logdir / "samples.jsonl").read_text().count('"samples"') == 2  # evals at 0 and 2
+  assert (tmp_path / "run" / "checkpoints" / "reference").is_dir()
+  assert (tmp_path / "run" / "warmup" / "stats.json").is_file()
+
+
+def test_custom_jsonl_dataset_and_reward_from_the_command_line(user_files):
+  workdir = user_files / "run"
+  overrides = {**TINY, "model": TINY_MODEL, "dataset": f"json:{user_files / 'data.jsonl'}",
+               "prompt_column": "question", "reward_funcs": "my_rewards:length_reward",
+               "eval_size": 4, "max_steps": 2}
+  proc = run_cli([f"--workdir={workdir}", *cli_args(overrides)], cwd=user_files)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  calls = [json.loads(line) for line in (user_files / "reward_log.jsonl").read_text().splitlines()]
+  train_calls = [c for c in calls if len(c["prompts"]) == 8]  # 4 prompts x G=2 per step
+  assert len(train_calls) == 2
+  questions = {f"{a}+{b}=" for a in range(6) for b in range(4)}
+  for call in train_calls:
+    assert set(call["prompts"]) <= questions
+    assert call["prompts"][0::2] == call["prompts"][1::2]  # each prompt's G=2 siblings
+    assert call["columns"] == ["source"]  # the other columns arrive as keyword arguments
+    assert [str(eval(q[:-1])) for q in call["prompts"]] == call["answer"]
+  logged = metrics.read_metrics(workdir / "grpo_metrics")
+  assert "rewards/length_reward/mean" in logged[-1]
+  assert "eval/accuracy" in logged[-1]  # the only reward function stands in for accuracy
+
+
+def test_resume_after_a_crash_follows_the_uninterrupted_trajectory(user_files, monkeypatch):
+  common = dict(dataset=f"json:{user_files / 'data.jsonl'}", prompt_column="question",
+                reward_funcs="my_rewards:stop_at", max_steps=6, checkpoint_every=3)
+  train.train_and_evaluate(tiny_config(**common), user_files / "straight")
+
+  monkeypatch.setenv("STOP_AT", "5")  # fails during step 5, after the checkpoint of step 3
+  sys.modules.pop("my_rewards", None)
+  with pytest.raises(UserError, match="reward function 'stop_at' raised RuntimeError"):
+    train.train_and_evaluate(tiny_config(**common), user_files / "resumed")
+  assert final_params(user_files / "resumed")[0] == 3
+  monkeypatch.setenv("STOP_AT", "0")
+  sys.modules.pop("my_rewards", None)
+  train.train_and_evaluate(tiny_config(**common), user_files / "resumed")
+
+  (step_a, state_a), (step_b, state_b) = (final_params(user_files / "straight"),
+                                          final_params(user_files / "resumed"))
+  assert step_a == step_b == 6
+  assert_trees_equal(state_a, state_b)
+  for key in ("loss", "reward", "kl"):
+    straight, resumed = step_metrics(user_files / "straight", key), step_metrics(
+        user_files / "resumed", key)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in straight:
+      assert straight[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-7), (key, step)
+
+
+def test_killed_run_continues_from_its_last_checkpoint(user_files):
+  overrides = {**TINY, "model": TINY_MODEL, "dataset": f"json:{user_files / 'data.jsonl'}",
+               "prompt_column": "question", "reward_funcs": "my_rewards:stop_at",
+               "max_steps": 6, "checkpoint_every": 2}
+  args = [f"--workdir={user_files / 'run'}", *cli_args(overrides)]
+  killed = run_cli(args, {"STOP_AT": "6", "STOP_HOW": "kill"}, cwd=user_files)
+  assert killed.returncode == -9  # SIGKILL during step 6
+  resumed_from = final_params(user_files / "run")[0]
+  assert resumed_from in (2, 4)  # the newest *complete* checkpoint (saves are asynchronous)
+  done = run_cli(args, cwd=user_files)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resumed from the checkpoint of step {resumed_from}" in done.stderr
+  assert final_params(user_files / "run")[0] == 6
+  lines = [json.loads(l) for l in (user_files / "run/grpo_metrics/metrics.jsonl").open()]
+  loss_steps = [r["step"] for r in lines if "loss" in r]
+  assert loss_steps == list(range(1, 7))  # each step logged once, none lost, none twice
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dataset="json:/no/such/file.jsonl"), "dataset file not found: /no/such/file.jsonl"),
+    (dict(prompt_column="nope"), "nope"),
+    (dict(reward_funcs="not_a_module_xyz:fn"), "not_a_module_xyz"),
+    (dict(reward_funcs="my_rewards:broken"), "reward function 'broken' raised ZeroDivisionError"),
+    (dict(num_generations=1), "num_generations"),
+    (dict(prompts_per_step=6), "multiple of the number of devices"),
+    (dict(loss_type="ppo"), "loss_type='ppo'; allowed: grpo, bnpo, dr_grpo, dapo"),
+    (dict(reward_weights=(1.0,)), "reward_weights has 1 entries but there are 2"),
+    (dict(max_prompt_length=3), "max_prompt_length=3"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(user_files, overrides, message):
+  workdir = user_files / "run"
+  with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    train.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert not workdir.exists()
+
+
+def test_incompatible_checkpoint_in_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(max_steps=2), workdir)
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  with pytest.raises(UserError, match="incompatible model.*hidden_size: 32 in checkpoint vs 48"):
+    train.train_and_evaluate(tiny_config(max_steps=4, model={"hidden_size": 48}), workdir)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.bogus_field=1"], "unknown config field 'bogus_field'"),
+    (["--config.model.nope=2"], "unknown config field 'model.nope'"),
+    (["--config.dataset=json:/no/such.jsonl"], "dataset file not found"),
+])
+def test_command_line_errors_are_one_line(tmp_path, args, message):
+  proc = run_cli([f"--workdir={tmp_path / 'run'}", *args])
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("grpo_jax: error: ") and message in last
+  assert not (tmp_path / "run").exists()
