@@ -13,6 +13,7 @@ from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
 
 PARALLELISM = ("pmap",)
+DEMO_DATASET = "demo:arithmetic"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -28,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.remat = False
 
   # Data.
-  c.dataset = "demo:arithmetic"
+  c.dataset = DEMO_DATASET
   c.prompt_column = "prompt"
   c.eval_split = ""  # a named split of the dataset to evaluate on ("" = hold out eval_size rows)
   c.eval_size = 0  # rows held out of a local file for evaluation (0 = no evaluation)
@@ -135,6 +136,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.num_generations >= 2, "num_generations", config.num_generations,
            "an integer >= 2 (GRPO compares each answer with its siblings)")
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
+  if config.sft_steps and config.dataset != DEMO_DATASET:
+    raise ConfigError(
+        f"config.sft_steps={config.sft_steps} runs the demo's supervised warm-up, whose "
+        f"demonstrations exist only for dataset={DEMO_DATASET!r}; set --config.sft_steps=0 "
+        f"for dataset={config.dataset!r}")
   _require(config.eval_size >= 0, "eval_size", config.eval_size, "an integer >= 0")
   _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
   _require(0 <= config.warmup_ratio < 1, "warmup_ratio", config.warmup_ratio, "0 <= x < 1")

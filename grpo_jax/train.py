@@ -107,7 +107,7 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   if writer is not None:
     writer.write_scalars(0, {"warmup/loss": stats["loss"], "warmup/seconds": stats["seconds"]})
   log.info("Warm-up: loss %.4f, %.1f s%s", stats["loss"], stats["seconds"],
-               " (cached)" if stats["cached"] else "")
+           " (cached)" if stats["cached"] else "")
   return params
 
 

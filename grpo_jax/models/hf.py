@@ -1,0 +1,412 @@
+"""Hugging Face checkpoints (Llama 3.x, Qwen2/2.5, Qwen3) in and out of our Transformer.
+
+A checkpoint directory is `config.json` + safetensors (one file, or shards listed in
+`model.safetensors.index.json`) + optional tokenizer files. Loading needs no torch: tensors
+are read as NumPy arrays, `[out, in]` linear weights are transposed to our `[in, out]`
+kernels, and each layer's tensors are stacked into `model.blocks`. The model is built from
+its abstract shape (`nnx.eval_shape`) and filled with the loaded arrays, so a large model
+never exists twice in memory (once random, once loaded).
+
+Saving writes the same layout back, with a config.json that
+`transformers.AutoModelForCausalLM.from_pretrained` maps to the right class.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+from safetensors import safe_open
+
+from grpo_jax.errors import UserError
+from grpo_jax.models.transformer import ModelConfig, Transformer
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+_DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+Path = str | os.PathLike
+
+
+# --- config ------------------------------------------------------------------------------
+
+def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+  """Our ModelConfig for a Hugging Face config.json dict; rejects what we would get wrong.
+
+  Anything that changes the maths but that our decoder does not implement (sliding-window
+  layers, other rope scalings, o_proj/MLP biases, other activations) is an error here,
+  rather than a model that loads and silently computes something else.
+  """
+  model_type = hf_config.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise UserError(
+        f"config.json: model_type={model_type!r} is not supported; supported: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 3.x, Qwen2/Qwen2.5, Qwen3)")
+  _reject_unsupported_features(hf_config, model_type)
+  rope_theta, rope_scaling = _rope_from_hf(hf_config)
+  heads = hf_config["num_attention_heads"]
+  return ModelConfig(
+      vocab_size=hf_config["vocab_size"],
+      hidden_size=hf_config["hidden_size"],
+      num_layers=hf_config["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+      intermediate_size=hf_config["intermediate_size"],
+      head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+      rope_theta=rope_theta,
+      rope_scaling=rope_scaling,
+      rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+      # transformers' default for all three families when the key is absent.
+      tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
+      qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias; config has no switch
+      qk_norm=model_type == "qwen3",
+      max_position_embeddings=hf_config.get("max_position_embeddings", 32768))
+
+
+def _reject_unsupported_features(hf: dict[str, Any], model_type: str) -> None:
+  def reject(what: str):
+    raise UserError(f"config.json ({model_type}): {what} is not supported by grpo_jax's decoder")
+
+  if hf.get("hidden_act", "silu") != "silu":
+    reject(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
+  if hf.get("mlp_bias"):
+    reject("mlp_bias=true")
+  if hf.get("attention_bias") and model_type != "qwen2":
+    # In Llama/Qwen3 this flag also adds an o_proj bias, which our attention lacks.
+    reject("attention_bias=true (bias on q/k/v and o_proj)")
+  if hf.get("use_sliding_window"):
+    reject("use_sliding_window=true (sliding-window attention)")
+  other_layers = set(hf.get("layer_types") or ()) - {"full_attention"}
+  if other_layers:
+    reject(f"layer_types {sorted(other_layers)} (only 'full_attention')")
+  if hf.get("quantization_config"):
+    reject("a quantized checkpoint (quantization_config)")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+  """(rope_theta, rope_scaling) from either transformers 4 or 5 config layout.
+
+  transformers 4 writes `rope_theta` + `rope_scaling`; transformers 5 writes one
+  `rope_parameters` dict holding `rope_theta`, `rope_type` and the scaling keys.
+  """
+  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise UserError(f"config.json: partial_rotary_factor={partial} is not supported (only 1.0)")
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind != "llama3":
+    raise UserError(f"config.json: rope scaling type {kind!r} is not supported; "
+                    "supported: 'default' (none), 'llama3'")
+  missing = [k for k in _LLAMA3_ROPE_KEYS if k not in params]
+  if missing:
+    raise UserError(f"config.json: llama3 rope scaling lacks {', '.join(missing)}")
+  scaling = {k: params[k] for k in _LLAMA3_ROPE_KEYS}
+  return theta, tuple(sorted({**scaling, "rope_type": "llama3"}.items()))
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+  """The Hugging Face family whose layout matches `cfg`; the features decide it uniquely.
+
+  Qwen3 is the only family with q/k norm, Qwen2 the only one with q/k/v bias (and it
+  always has it); everything else is a Llama.
+  """
+  if cfg.qk_norm and cfg.qkv_bias:
+    raise UserError("a model with both q/k norm and q/k/v bias has no Hugging Face family "
+                    f"among {', '.join(SUPPORTED_MODEL_TYPES)}")
+  return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+  """config.json content for `cfg`, readable by transformers 4.x and 5.x.
+
+  Rope settings use the transformers 4 keys (`rope_theta`, `rope_scaling`), which
+  transformers 5 still reads and converts to its `rope_parameters`.
+  """
+  model_type = hf_model_type(cfg)
+  out = {
+      "architectures": [ARCHITECTURES[model_type]],
+      "model_type": model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "torch_dtype": dtype,
+  }
+  if model_type == "llama":
+    out.update(attention_bias=False, mlp_bias=False)
+  else:
+    out.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "qwen3":
+      out["attention_bias"] = False
+  return out
+
+
+# --- parameter names ---------------------------------------------------------------------
+
+def _hf_name(path: tuple[str, ...], layer: int | None) -> str:
+  """HF tensor name of our parameter at `path` (for one layer when under `blocks`)."""
+  if path == ("lm_head",):
+    return "lm_head.weight"
+  if path == ("embed_tokens",):
+    return "model.embed_tokens.weight"
+  if path[0] == "blocks":
+    parts = ["weight" if p == "kernel" else p for p in path[1:]]
+    return f"model.layers.{layer}." + ".".join(parts)
+  return "model." + ".".join(path)
+
+
+def _layers_of(path: tuple[str, ...], num_layers: int) -> list[int | None]:
+  return list(range(num_layers)) if path[0] == "blocks" else [None]
+
+
+def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of one HF tensor for our (possibly stacked) parameter shape."""
+  per_layer = shape[1:] if path[0] == "blocks" else shape
+  return per_layer[::-1] if path[-1] == "kernel" else per_layer
+
+
+def _is_ignorable(name: str, tied: bool) -> bool:
+  """Tensors a checkpoint may carry that we do not need: a tied head, rope buffers."""
+  return (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
+
+
+# --- reading safetensors -----------------------------------------------------------------
+
+class _SafetensorsCheckpoint:
+  """Tensor name -> array over a single-file or sharded safetensors checkpoint.
+
+  Tensors come from the safetensors NumPy API. Only bfloat16 ones are read from the raw
+  bytes (with ml_dtypes), because safetensors' NumPy path could not return bfloat16 before
+  recent releases and bf16 is how most checkpoints are published.
+  """
+
+  def __init__(self, path: Path, stack: ExitStack):
+    files = self._files(path)
+    self._handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files)}
+    self._file_of = {name: f for f in self._handles for name in self._handles[f].keys()}
+
+  @staticmethod
+  def _files(path: Path) -> list[str]:
+    index = os.path.join(path, _INDEX_FILE)
+    if os.path.exists(index):
+      with open(index) as fh:
+        return [os.path.join(path, f) for f in json.load(fh)["weight_map"].values()]
+    single = os.path.join(path, _SINGLE_FILE)
+    if os.path.exists(single):
+      return [single]
+    raise UserError(f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE} (only safetensors "
+                    "checkpoints are supported, not pytorch_model.bin)")
+
+  def names(self) -> set[str]:
+    return set(self._file_of)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    file = self._file_of[name]
+    if self._handles[file].get_slice(name).get_dtype() == "BF16":
+      return _read_bfloat16(file, name)
+    return self._handles[file].get_tensor(name)
+
+
+def _read_bfloat16(file: str, name: str) -> np.ndarray:
+  """One BF16 tensor, memory-mapped from the file (header format: safetensors spec)."""
+  with open(file, "rb") as fh:
+    header_len = struct.unpack("<Q", fh.read(8))[0]
+    entry = json.loads(fh.read(header_len))[name]
+  start, _ = entry["data_offsets"]
+  return np.memmap(file, dtype=ml_dtypes.bfloat16, mode="r", offset=8 + header_len + start,
+                   shape=tuple(entry["shape"]))
+
+
+def _check_tensor_names(ckpt: _SafetensorsCheckpoint, expected: set[str], tied: bool,
+                        path: Path) -> None:
+  available = ckpt.names()
+  missing = sorted(expected - available)
+  unexpected = sorted(n for n in available - expected if not _is_ignorable(n, tied))
+  problems = []
+  if missing:
+    problems.append(f"missing tensors: {_short_list(missing)}")
+  if unexpected:
+    problems.append(f"unexpected tensors: {_short_list(unexpected)}")
+  if problems:
+    raise UserError(f"{path}: checkpoint does not match its config.json; "
+                    + "; ".join(problems))
+
+
+def _short_list(names: list[str], limit: int = 10) -> str:
+  more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def _load_param(ckpt: _SafetensorsCheckpoint, path: tuple[str, ...], shape: tuple[int, ...],
+                num_layers: int, dtype: np.dtype) -> jax.Array:
+  """Our parameter at `path`: the HF tensor(s) transposed, stacked and cast to `dtype`.
+
+  Filled layer by layer into one preallocated array, so the host holds at most one
+  extra copy of a single stacked parameter.
+  """
+  out = np.empty(shape, dtype)
+  for layer in _layers_of(path, num_layers):
+    name = _hf_name(path, layer)
+    if ckpt.shape(name) != _hf_shape(path, shape):
+      raise UserError(f"tensor {name} has shape {ckpt.shape(name)}; config.json implies "
+                      f"{_hf_shape(path, shape)}")
+    tensor = ckpt[name]
+    tensor = tensor.T if path[-1] == "kernel" else tensor
+    if layer is None:
+      out[...] = tensor
+    else:
+      out[layer] = tensor
+  return jnp.asarray(out)
+
+
+# --- public API --------------------------------------------------------------------------
+
+def read_config(path: Path) -> dict[str, Any]:
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise UserError(f"model_path {os.fspath(path)!r}: no config.json there (expected a local "
+                    "Hugging Face checkpoint directory)")
+  with open(config_file) as fh:
+    return json.load(fh)
+
+
+def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float32,
+                    remat: bool = False) -> tuple[Transformer, Any]:
+  """(model, tokenizer) from a local Hugging Face checkpoint directory.
+
+  dtype: compute dtype of activations ("float32", "bfloat16", "float16").
+  param_dtype: dtype the parameters are stored in (checkpoint tensors are cast to it).
+  The tokenizer is None when the directory has no tokenizer files.
+  """
+  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, remat=remat)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = list(nnx.to_flat_state(abstract_state))
+  target = np.dtype(jnp.dtype(param_dtype))
+  with ExitStack() as stack:
+    ckpt = _SafetensorsCheckpoint(path, stack)
+    expected = {_hf_name(p, layer) for p, _ in flat for layer in _layers_of(p, cfg.num_layers)}
+    _check_tensor_names(ckpt, expected, cfg.tie_word_embeddings, path)
+    loaded = [(p, var.replace(_load_param(ckpt, p, var.shape, cfg.num_layers, target)))
+              for p, var in flat]
+  model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
+  return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+  """The checkpoint's tokenizer, or None if the directory holds no tokenizer files."""
+  if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    return None
+  import transformers  # heavy import, only needed when there is a tokenizer
+  return transformers.AutoTokenizer.from_pretrained(os.fspath(path))
+
+
+def save_pretrained(model: Transformer, path: Path, tokenizer=None, *,
+                    max_shard_size: int = _DEFAULT_SHARD_BYTES) -> None:
+  """Writes `model` (and `tokenizer`) as a Hugging Face checkpoint directory.
+
+  Tensors keep the parameters' dtype. Above `max_shard_size` bytes the weights are split
+  into `model-0000k-of-0000n.safetensors` shards plus an index, as transformers does.
+  Earlier weight files in `path` are removed first, so a stale index cannot shadow them.
+  """
+  os.makedirs(path, exist_ok=True)
+  cfg = model.cfg
+  tensors = list(_hf_tensors(model))
+  _remove_old_weights(path)
+  shards = _plan_shards(tensors, max_shard_size)
+  weight_map = {}
+  for k, shard in enumerate(shards):
+    name = _SINGLE_FILE if len(shards) == 1 else \
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    safetensors.numpy.save_file({n: get() for n, _, get in shard}, os.path.join(path, name),
+                                metadata={"format": "pt"})
+    weight_map.update({n: name for n, _, _ in shard})
+  if len(shards) > 1:
+    total = sum(nbytes for _, nbytes, _ in tensors)
+    _write_json(os.path.join(path, _INDEX_FILE),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+  config = hf_config_dict(cfg, str(np.dtype(model.embed_tokens[...].dtype)))
+  if tokenizer is not None:
+    config.update(_special_token_ids(tokenizer))
+    tokenizer.save_pretrained(os.fspath(path))
+  _write_json(os.path.join(path, "config.json"), config)
+
+
+def _hf_tensors(model: Transformer) -> Iterator[tuple[str, int, Callable[[], np.ndarray]]]:
+  """(HF name, byte size, getter) for every tensor; getters copy one layer to host."""
+  _, state = nnx.split(model)
+  for path, var in nnx.to_flat_state(state):
+    value = var[...]
+    for layer in _layers_of(path, model.cfg.num_layers):
+      nbytes = value.nbytes // (value.shape[0] if layer is not None else 1)
+      yield _hf_name(path, layer), nbytes, _host_getter(value, layer, path[-1] == "kernel")
+
+
+def _host_getter(value: jax.Array, layer: int | None, transpose: bool):
+  def get() -> np.ndarray:
+    x = np.asarray(value if layer is None else value[layer])
+    return np.ascontiguousarray(x.T if transpose else x)
+  return get
+
+
+def _plan_shards(tensors: list, max_bytes: int) -> list[list]:
+  """Greedy split in order; a tensor larger than max_bytes gets a shard of its own."""
+  shards, size = [[]], 0
+  for entry in tensors:
+    if shards[-1] and size + entry[1] > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(entry)
+    size += entry[1]
+  return shards
+
+
+def _remove_old_weights(path: Path) -> None:
+  patterns = (_SINGLE_FILE, _INDEX_FILE, "model-*-of-*.safetensors")
+  for pattern in patterns:
+    for old in glob.glob(os.path.join(glob.escape(os.fspath(path)), pattern)):
+      os.remove(old)
+
+
+def _special_token_ids(tokenizer) -> dict[str, int]:
+  ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+         "pad_token_id": tokenizer.pad_token_id}
+  return {k: v for k, v in ids.items() if v is not None}
+
+
+def _write_json(file: str, content: dict) -> None:
+  with open(file, "w") as fh:
+    json.dump(content, fh, indent=2, sort_keys=True)
+    fh.write("\n")
