@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_size = 0  # rows held out of a local file for evaluation (0 = no evaluation)
   c.max_prompt_length = 512
   c.truncate_prompts = False  # True: keep the last max_prompt_length tokens, with a warning
+  c.chat_template = "auto"  # auto: render prompts with the tokenizer's chat template if any
+  c.system_prompt = ""  # prepended as a system message when the chat template is used
 
   # Rewards.
   c.reward_funcs = "correctness_reward,format_reward"
@@ -148,6 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            config.lr_scheduler_type, ", ".join(LR_SCHEDULES))
   _require(config.parallelism in PARALLELISM, "parallelism", config.parallelism,
            ", ".join(PARALLELISM))
+  _require(config.chat_template in ("auto", "none"), "chat_template", config.chat_template,
+           "auto, none")
   _require(config.dtype in ("float32", "bfloat16"), "dtype", config.dtype, "float32, bfloat16")
   _require(bool(reward_func_specs(config)), "reward_funcs", config.reward_funcs,
            "one or more built-in names or module:function paths")

@@ -13,7 +13,7 @@ import numpy as np
 
 from grpo_jax import config as config_lib
 from grpo_jax import parallel, sampling
-from grpo_jax.data import batching
+from grpo_jax.data import batching, chat
 from grpo_jax.rewards import compute_rewards
 
 
@@ -48,11 +48,16 @@ class HostRollouts:
     self.prompt_column = config.prompt_column
     self.max_prompt_length = config.max_prompt_length
     self.truncate = config.truncate_prompts
+    self.system_prompt = config.system_prompt
+    self.chat_template = config.chat_template
     self.num_generations = num_generations
 
   def encode(self, rows: dict[str, list]):
-    return batching.encode_prompts(self.tokenizer, list(rows[self.prompt_column]),
-                                   self.max_prompt_length, truncate=self.truncate)
+    texts, add_special_tokens = chat.render_prompts(
+        self.tokenizer, list(rows[self.prompt_column]), system_prompt=self.system_prompt,
+        mode=self.chat_template)
+    return batching.encode_prompts(self.tokenizer, texts, self.max_prompt_length,
+                                   truncate=self.truncate, add_special_tokens=add_special_tokens)
 
   def score(self, rows: dict[str, list], rollout: sampling.Rollout, num_generations: int):
     """(rewards [N, F] float32 with NaN for None, completion texts)."""
@@ -61,7 +66,9 @@ class HostRollouts:
                                      rollout.completion_mask)
     columns = repeat_columns(rows, num_generations)
     prompts = columns.pop(self.prompt_column)
-    return compute_rewards(self.reward_funcs, prompts, completions, columns), completions
+    rewards = compute_rewards(self.reward_funcs, prompts,
+                              chat.completions_for_rewards(prompts, completions), columns)
+    return rewards, completions
 
   def rewards(self, rows, rollout):
     return self.score(rows, rollout, self.num_generations)

@@ -38,6 +38,7 @@ SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                      "original_max_position_embeddings")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
 _DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -326,11 +327,26 @@ def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float
 
 
 def load_tokenizer(path: Path):
-  """The checkpoint's tokenizer, or None if the directory holds no tokenizer files."""
+  """The checkpoint's tokenizer, or None if the directory holds no tokenizer files.
+
+  A tokenizer saved as a generic fast tokenizer is loaded as one: transformers 5's
+  AutoTokenizer would otherwise swap in the model family's class for some families
+  (qwen2), which rebuilds the pre-tokenizer and changes the ids of a custom tokenizer.
+  """
   if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     return None
   import transformers  # heavy import, only needed when there is a tokenizer
+  declared = _read_json_or_empty(os.path.join(path, "tokenizer_config.json"))
+  if declared.get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES:
+    return transformers.PreTrainedTokenizerFast.from_pretrained(os.fspath(path))
   return transformers.AutoTokenizer.from_pretrained(os.fspath(path))
+
+
+def _read_json_or_empty(file: str) -> dict[str, Any]:
+  if not os.path.isfile(file):
+    return {}
+  with open(file) as fh:
+    return json.load(fh)
 
 
 def save_pretrained(model: Transformer, path: Path, tokenizer=None, *,
