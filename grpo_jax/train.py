@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import shutil
 import sys
@@ -117,7 +118,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   Returns the metrics of the last logged step (eval included) as floats.
   """
   s = setup(config)
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", fingerprint(s),
                                  max_to_keep=config.keep_checkpoints)
   ckpt.check_compatible()

@@ -251,6 +251,11 @@ def test_config_reads_both_transformers_rope_layouts():
                                                                              False)
 
 
+def test_config_without_a_required_field_names_it():
+  with pytest.raises(UserError, match="lacks intermediate_size"):
+    config_from_hf({"model_type": "qwen3", **COMMON, "intermediate_size": None})
+
+
 def test_unsupported_model_type_lists_supported_families(tmp_path):
   with pytest.raises(UserError, match="'mistral'.*llama, qwen2, qwen3"):
     config_from_hf({"model_type": "mistral", **COMMON})

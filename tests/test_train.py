@@ -118,9 +118,10 @@ def step_metrics(workdir, key):
   return {r["step"]: r[key] for r in metrics.read_metrics(workdir / "grpo_metrics") if key in r}
 
 
-def test_default_config_is_valid_and_demo_metrics_are_written(tmp_path):
+def test_default_config_is_valid_and_demo_metrics_are_written(tmp_path, monkeypatch):
   config = tiny_config(sft_steps=3, max_steps=2)
-  result = train.train_and_evaluate(config, tmp_path / "run")
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's `--workdir=output`
+  result = train.train_and_evaluate(config, "run")
   logdir = tmp_path / "run" / "grpo_metrics"
   names = set().union(*[r.keys() for r in metrics.read_metrics(logdir)])
   for name in ["reward", "reward_std", "rewards/correctness_reward/mean",

@@ -62,15 +62,17 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 3.x, Qwen2/Qwen2.5, Qwen3)")
   _reject_unsupported_features(hf_config, model_type)
   rope_theta, rope_scaling = _rope_from_hf(hf_config)
-  heads = hf_config["num_attention_heads"]
+  required = _required(hf_config, "vocab_size", "hidden_size", "num_hidden_layers",
+                       "num_attention_heads", "intermediate_size")
+  heads = required["num_attention_heads"]
   return ModelConfig(
-      vocab_size=hf_config["vocab_size"],
-      hidden_size=hf_config["hidden_size"],
-      num_layers=hf_config["num_hidden_layers"],
+      vocab_size=required["vocab_size"],
+      hidden_size=required["hidden_size"],
+      num_layers=required["num_hidden_layers"],
       num_heads=heads,
       num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-      intermediate_size=hf_config["intermediate_size"],
-      head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+      intermediate_size=required["intermediate_size"],
+      head_dim=hf_config.get("head_dim") or required["hidden_size"] // heads,
       rope_theta=rope_theta,
       rope_scaling=rope_scaling,
       rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
@@ -79,6 +81,13 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
       qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias; config has no switch
       qk_norm=model_type == "qwen3",
       max_position_embeddings=hf_config.get("max_position_embeddings", 32768))
+
+
+def _required(hf: dict[str, Any], *keys: str) -> dict[str, Any]:
+  missing = [k for k in keys if hf.get(k) is None]
+  if missing:
+    raise UserError(f"config.json lacks {', '.join(missing)}")
+  return {k: hf[k] for k in keys}
 
 
 def _reject_unsupported_features(hf: dict[str, Any], model_type: str) -> None:
@@ -214,6 +223,7 @@ class _SafetensorsCheckpoint:
     files = self._files(path)
     self._handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in set(files)}
     self._file_of = {name: f for f in self._handles for name in self._handles[f].keys()}
+    self._headers = {}  # file -> (data start, header), read only for files with BF16 tensors
 
   @staticmethod
   def _files(path: Path) -> list[str]:
@@ -236,18 +246,19 @@ class _SafetensorsCheckpoint:
   def __getitem__(self, name: str) -> np.ndarray:
     file = self._file_of[name]
     if self._handles[file].get_slice(name).get_dtype() == "BF16":
-      return _read_bfloat16(file, name)
+      return self._read_bfloat16(file, name)
     return self._handles[file].get_tensor(name)
 
-
-def _read_bfloat16(file: str, name: str) -> np.ndarray:
-  """One BF16 tensor, memory-mapped from the file (header format: safetensors spec)."""
-  with open(file, "rb") as fh:
-    header_len = struct.unpack("<Q", fh.read(8))[0]
-    entry = json.loads(fh.read(header_len))[name]
-  start, _ = entry["data_offsets"]
-  return np.memmap(file, dtype=ml_dtypes.bfloat16, mode="r", offset=8 + header_len + start,
-                   shape=tuple(entry["shape"]))
+  def _read_bfloat16(self, file: str, name: str) -> np.ndarray:
+    """One BF16 tensor, memory-mapped (layout: an 8-byte header length, a JSON header, data)."""
+    if file not in self._headers:
+      with open(file, "rb") as fh:
+        header_len = struct.unpack("<Q", fh.read(8))[0]
+        self._headers[file] = (8 + header_len, json.loads(fh.read(header_len)))
+    data_start, header = self._headers[file]
+    offset = data_start + header[name]["data_offsets"][0]
+    return np.memmap(file, dtype=ml_dtypes.bfloat16, mode="r", offset=offset,
+                     shape=tuple(header[name]["shape"]))
 
 
 def _check_tensor_names(ckpt: _SafetensorsCheckpoint, expected: set[str], tied: bool,
@@ -364,11 +375,11 @@ def save_pretrained(model: Transformer, path: Path, tokenizer=None, *,
   shards = _plan_shards(tensors, max_shard_size)
   weight_map = {}
   for k, shard in enumerate(shards):
-    name = _SINGLE_FILE if len(shards) == 1 else \
-        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file({n: get() for n, _, get in shard}, os.path.join(path, name),
+    file = _shard_file_name(k, len(shards))
+    # transformers refuses safetensors files whose metadata lacks a known "format".
+    safetensors.numpy.save_file({n: get() for n, _, get in shard}, os.path.join(path, file),
                                 metadata={"format": "pt"})
-    weight_map.update({n: name for n, _, _ in shard})
+    weight_map.update({n: file for n, _, _ in shard})
   if len(shards) > 1:
     total = sum(nbytes for _, nbytes, _ in tensors)
     _write_json(os.path.join(path, _INDEX_FILE),
@@ -401,12 +412,18 @@ def _plan_shards(tensors: list, max_bytes: int) -> list[list]:
   """Greedy split in order; a tensor larger than max_bytes gets a shard of its own."""
   shards, size = [[]], 0
   for entry in tensors:
-    if shards[-1] and size + entry[1] > max_bytes:
+    _, nbytes, _ = entry
+    if shards[-1] and size + nbytes > max_bytes:
       shards.append([])
       size = 0
     shards[-1].append(entry)
-    size += entry[1]
+    size += nbytes
   return shards
+
+
+def _shard_file_name(k: int, count: int) -> str:
+  """transformers' names: one `model.safetensors`, or `model-0000k-of-0000n.safetensors`."""
+  return _SINGLE_FILE if count == 1 else f"model-{k + 1:05d}-of-{count:05d}.safetensors"
 
 
 def _remove_old_weights(path: Path) -> None:
