@@ -235,7 +235,7 @@ def test_incompatible_checkpoint_in_workdir(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.bogus_field=1"], "unknown config field 'bogus_field'"),
     (["--config.model.nope=2"], "unknown config field 'model.nope'"),
-    (["--config.dataset=json:/no/such.jsonl"], "dataset file not found"),
+    (["--config.dataset=json:/no/such.jsonl", "--config.sft_steps=0"], "dataset file not found"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, args, message):
   proc = run_cli([f"--workdir={tmp_path / 'run'}", *args])
