@@ -323,6 +323,26 @@ def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float
   The tokenizer is None when the directory has no tokenizer files.
   """
   cfg = config_from_hf(read_config(path)).replace(dtype=dtype, remat=remat)
+  model, _ = _load(path, cfg, param_dtype, extra_tensors=())
+  return model, load_tokenizer(path)
+
+
+def sequence_classifier_from_pretrained(path: Path, dtype: str = "float32", *,
+                                        param_dtype=jnp.float32):
+  """(backbone, score [num_labels, D], tokenizer) of a *ForSequenceClassification checkpoint.
+
+  The Qwen2 / Llama / Qwen3 reward-model layout: the decoder under `model.` and a linear
+  `score` head (no bias) applied to the final hidden states. The backbone's LM head is
+  never used, so it is treated as tied (no `lm_head` tensor expected).
+  """
+  hf = read_config(path)
+  cfg = config_from_hf(hf).replace(dtype=dtype, tie_word_embeddings=True)
+  model, extras = _load(path, cfg, param_dtype, extra_tensors=("score.weight",))
+  return model, extras["score.weight"], load_tokenizer(path)
+
+
+def _load(path, cfg: ModelConfig, param_dtype, extra_tensors: tuple[str, ...]):
+  """Our model filled from the checkpoint, without a random-initialised copy first."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(abstract_state))
@@ -330,11 +350,11 @@ def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float
   with ExitStack() as stack:
     ckpt = _SafetensorsCheckpoint(path, stack)
     expected = {_hf_name(p, layer) for p, _ in flat for layer in _layers_of(p, cfg.num_layers)}
-    _check_tensor_names(ckpt, expected, cfg.tie_word_embeddings, path)
+    _check_tensor_names(ckpt, expected | set(extra_tensors), cfg.tie_word_embeddings, path)
     loaded = [(p, var.replace(_load_param(ckpt, p, var.shape, cfg.num_layers, target)))
               for p, var in flat]
-  model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
-  return model, load_tokenizer(path)
+    extras = {name: jnp.asarray(np.asarray(ckpt[name], target)) for name in extra_tensors}
+  return nnx.merge(graphdef, nnx.from_flat_state(loaded)), extras
 
 
 def load_tokenizer(path: Path):

@@ -5,6 +5,8 @@ Specs (the `reward_funcs` config field, a list or a comma-separated string):
   package.module:function       imported with importlib (the module must be importable)
   package.module.function       the same, TRL's dotted form
   path/to/file.py:function      loaded from the file (relative to the working directory)
+  reward_model:PATH             a frozen *ForSequenceClassification HF checkpoint (metric
+                                name `reward_model`), scored with jit (rewards/model.py)
 A callable is accepted as is. Each function's metric name is its `__name__`.
 """
 
@@ -49,6 +51,9 @@ def resolve_reward_funcs(specs: str | Sequence[str | RewardFunc]) -> list[tuple[
 def _resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
   if callable(spec):
     fn = spec
+  elif spec.startswith("reward_model:"):
+    from grpo_jax.rewards.model import RewardModel  # loads JAX models: imported on demand
+    fn = RewardModel(spec[len("reward_model:"):])
   elif ":" in spec:
     location, attribute = spec.rsplit(":", 1)
     module = _load_file(location) if location.endswith(".py") else _import(location, spec)
