@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0, tie_word_embeddings=True, qkv_bias=False, qk_norm=False))
   c.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.remat = False
+  c.export_hf = ""  # directory (relative to the workdir) for the final actor as a HF checkpoint
 
   # Data.
   c.dataset = DEMO_DATASET

@@ -33,7 +33,7 @@ from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, warmup
 from grpo_jax import config as config_lib
 from grpo_jax.data import batching, demo, loading
 from grpo_jax.errors import UserError
-from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.models import ModelConfig, Transformer, hf
 from grpo_jax.rewards import resolve_reward_funcs
 
 log = logging.getLogger("grpo_jax")
@@ -45,6 +45,7 @@ class Setup:
   """Everything built from the config and checked before the workdir is touched."""
 
   tokenizer: Any
+  eos_token_ids: tuple[int, ...]
   model_config: ModelConfig
   model_def: nnx.GraphDef
   init_params: nnx.State
@@ -54,14 +55,22 @@ class Setup:
   grpo_config: grpo.GRPOConfig
 
 
-def build_model(config, tokenizer) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+def build_model(config):
+  """(tokenizer, eos ids, model config, graphdef, params): a HF checkpoint, or the demo's."""
   if config.model_path:
-    raise UserError("config.model_path: loading Hugging Face checkpoints is not available "
-                    "in this version; leave it empty to train the built-in model")
-  model_config = ModelConfig(vocab_size=len(tokenizer), dtype=config.dtype, remat=config.remat,
-                             **config.model.to_dict())
-  graphdef, params = nnx.split(Transformer(model_config, nnx.Rngs(config.seed)))
-  return model_config, graphdef, params
+    model, tokenizer = hf.from_pretrained(config.model_path, dtype=config.dtype,
+                                          remat=config.remat)
+    if tokenizer is None:
+      raise UserError(f"config.model_path={config.model_path!r} holds no tokenizer files")
+    eos_ids = hf.eos_token_ids(config.model_path, tokenizer)
+  else:
+    tokenizer = demo.build_demo_tokenizer()
+    model = Transformer(ModelConfig(vocab_size=len(tokenizer), dtype=config.dtype,
+                                    remat=config.remat, **config.model.to_dict()),
+                        nnx.Rngs(config.seed))
+    eos_ids = (tokenizer.eos_token_id,)
+  graphdef, params = nnx.split(model)
+  return tokenizer, eos_ids, model.cfg, graphdef, params
 
 
 def setup(config) -> Setup:
@@ -72,12 +81,11 @@ def setup(config) -> Setup:
       config.dataset, config.prompt_column, eval_split=config.eval_split or None,
       eval_size=config.eval_size, seed=config.seed)
   reward_funcs = resolve_reward_funcs(config_lib.reward_func_specs(config))
-  tokenizer = demo.build_demo_tokenizer()
-  model_config, model_def, params = build_model(config, tokenizer)
-  grpo_config = config_lib.grpo_config(config, (tokenizer.eos_token_id,),
-                                       tokenizer.pad_token_id)
-  return Setup(tokenizer, model_config, model_def, params, train_data, eval_data, reward_funcs,
-               grpo_config)
+  tokenizer, eos_ids, model_config, model_def, params = build_model(config)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+  grpo_config = config_lib.grpo_config(config, eos_ids, pad_id)
+  return Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
+               reward_funcs, grpo_config)
 
 
 def fingerprint(s: Setup) -> dict[str, Any]:
@@ -216,6 +224,15 @@ class TrainLoop:
     self.ckpt.wait()
     self.writer.flush()
     metrics.plot_curves(str(self.logdir))
+    if config.export_hf:
+      self.export(state)
+
+  def export(self, state) -> None:
+    """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it)."""
+    path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
+    model = nnx.merge(self.s.model_def, parallel.unreplicate(state.params))
+    hf.save_pretrained(model, os.fspath(path), self.s.tokenizer)
+    log.info("Exported the final actor to %s", path)
 
   def log_eval(self, state, step: int, progress) -> None:
     result = self.evaluate(state.params)

@@ -357,6 +357,22 @@ def _load(path, cfg: ModelConfig, param_dtype, extra_tensors: tuple[str, ...]):
   return nnx.merge(graphdef, nnx.from_flat_state(loaded)), extras
 
 
+def eos_token_ids(path: Path, tokenizer) -> tuple[int, ...]:
+  """Every id that ends a completion: generation_config.json's eos ids and the tokenizer's.
+
+  Chat models stop on an end-of-turn token (Qwen's <|im_end|>, Llama 3's <|eot_id|>) that
+  generation_config.json lists beside the plain end-of-text token.
+  """
+  declared = _read_json_or_empty(os.path.join(path, "generation_config.json")).get(
+      "eos_token_id")
+  ids = list(declared) if isinstance(declared, list) else [declared]
+  ids.append(getattr(tokenizer, "eos_token_id", None))
+  ids = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+  if not ids:
+    raise UserError(f"{path}: no eos token id in generation_config.json or the tokenizer")
+  return ids
+
+
 def load_tokenizer(path: Path):
   """The checkpoint's tokenizer, or None if the directory holds no tokenizer files.
 
