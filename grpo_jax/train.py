@@ -19,9 +19,9 @@ import sys
 import time
 from typing import Any
 
-import jax
-import numpy as np
 import datasets
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 from absl import logging as absl_logging
 from clu import periodic_actions
@@ -139,11 +139,10 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   try:
     writer = metrics.create_writer(str(logdir))
     writer.write_hparams(config.to_dict())
-    params = s.init_params
     if config.sft_steps:
-      params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
+      s.init_params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
     loop = TrainLoop(config, s, ckpt, writer, logdir)
-    loop.run(params, start_step)
+    loop.run(start_step)
     return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()
             if v is not None}
   except BaseException:
@@ -178,19 +177,31 @@ class TrainLoop:
     self.saved_any = False
 
   def restore_or_init(self, params, start_step):
-    state, reference = grpo.init_train_state(params, self.tx), params
+    """(replicated train state, replicated reference params), restored or fresh.
+
+    The optimizer state is created on the devices, and no host copy of the params is
+    kept beyond this call: at 0.5B parameters every extra copy costs 2 GB.
+    """
     if start_step:
-      state, meta = self.ckpt.restore(start_step, state)
+      like = grpo.TrainState(jnp.zeros((), jnp.int32), params,
+                             jax.eval_shape(self.tx.init, params))
+      state, meta = self.ckpt.restore(start_step, like)
       reference = self.ckpt.restore_reference(params)
       self.stream.restore(meta["data"])
       log.info("Resumed from the checkpoint of step %d", start_step)
-    else:
-      self.ckpt.save_reference(reference)
-    return parallel.replicate(state, self.devices), parallel.replicate(reference, self.devices)
+      return parallel.replicate(state, self.devices), parallel.replicate(reference, self.devices)
+    self.ckpt.save_reference(params)
+    actor, reference = (parallel.replicate(params, self.devices),
+                        parallel.replicate(params, self.devices))
+    opt_state = jax.pmap(self.tx.init, devices=self.devices)(actor)
+    step = parallel.replicate(jnp.zeros((), jnp.int32), self.devices)
+    return grpo.TrainState(step, actor, opt_state), reference
 
-  def run(self, params, start_step: int) -> None:
+  def run(self, start_step: int) -> None:
     config, num_devices = self.config, self.step_fn.num_devices
+    params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
     state, reference = self.restore_or_init(params, start_step)
+    del params
     base_key = jax.random.key(config.seed)
     progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
     report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
