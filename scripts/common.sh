@@ -107,6 +107,28 @@ remote_path() {
   esac
 }
 
+# How a worker path reads in messages: relative ones as ~/path.
+display_path() {
+  local path=${1#"~/"}
+  # shellcheck disable=SC2088  # shown to people, not expanded
+  case "$path" in
+    /*) printf '%s' "$path" ;;
+    *) printf '~/%s' "$path" ;;
+  esac
+}
+
+# Joins shell statements into one line for `gcloud ... ssh --command`: "; " between them,
+# just " " after one that ends in "&" (a background job; "&;" is a syntax error).
+join_steps() {
+  local step out=""
+  for step in "$@"; do
+    out+="$step"
+    if [[ "$step" == *"&" ]]; then out+=" "; else out+="; "; fi
+  done
+  out=${out%"; "}
+  printf '%s' "${out% }"
+}
+
 # ---- gcloud -------------------------------------------------------------------------------
 # The location flags every tpu-vm command takes.
 location_flags() {
@@ -157,6 +179,7 @@ _flag_variable() {
 # parse_flags "$@"
 #   The calling script may set, before calling:
 #     SCRIPT_VALUE_FLAGS   its own "FLAG:VARIABLE" flags that take a value
+#     SCRIPT_SWITCH_FLAGS  its own "FLAG:VARIABLE" flags without a value; they set VARIABLE=1
 #     SCRIPT_LIST_FLAGS    "FLAG:ARRAY" flags that may repeat; each value is appended to ARRAY
 #     ALLOW_PASSTHROUGH=1  accept "--" and collect what follows in PASSTHROUGH_ARGS
 #   and must define `usage`. Unknown flags and stray arguments are usage errors (exit 2).
@@ -186,7 +209,7 @@ parse_flags() {
       value=${arg#*=}
       has_value=1
     fi
-    if var=$(_flag_variable "$flag" "$COMMON_SWITCH_FLAGS"); then
+    if var=$(_flag_variable "$flag" "$COMMON_SWITCH_FLAGS ${SCRIPT_SWITCH_FLAGS:-}"); then
       ((has_value == 0)) || usage_error "$flag takes no value"
       printf -v "$var" '%s' 1
       continue

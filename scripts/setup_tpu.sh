@@ -20,7 +20,8 @@ slice gets the same code and packages on each host. Run it again after changing 
   1. The source: by default the local checkout (SOURCE_DIR) is packed into a tarball (without
      .git, virtual environments, output/, build/ and caches), copied to every worker with
      'gcloud compute tpus tpu-vm scp --worker=all' and unpacked into REMOTE_DIR, replacing
-     what was there. With --repo-url, each worker instead clones REPO_URL at BRANCH.
+     what was there (but its output/, train_tpu.sh's default workdir, is kept). With
+     --repo-url, each worker instead clones REPO_URL at BRANCH.
   2. Python: TPU VM images ship Python 3.10 while JAX needs 3.11+, so uv
      (https://docs.astral.sh/uv/, installed into ~/.local/bin if missing) makes a venv at
      VENV_DIR with Python PYTHON_VERSION; an existing venv is kept.
@@ -45,11 +46,24 @@ SCRIPT_VALUE_FLAGS="--source:SOURCE_DIR --repo-url:REPO_URL --branch:BRANCH --re
 parse_flags "$@"
 require_gcloud
 
+# REMOTE_DIR is deleted and replaced on every worker: refuse a directory that holds other things
+# (the home directory, /, /home/USER, /tmp) or a path climbing out with "..".
+target=${REMOTE_DIR#"~/"}
+while [[ "$target" == */ && "$target" != / ]]; do target=${target%/}; done
+case "$target" in
+  /home/*/* | /root/* | /tmp/*) ;;
+  "" | . | "~" | / | /home | /home/* | /root | /tmp | .. | ../* | */.. | */../*)
+    usage_error "REMOTE_DIR=$REMOTE_DIR would replace a directory that holds other things;" \
+      "name a directory of its own, e.g. grpo_jax"
+    ;;
+esac
+
 remote_dir=$(remote_path "$REMOTE_DIR")
 staging_dir=$(remote_path "$REMOTE_DIR.new")
 venv_python="$(remote_path "$VENV_DIR")/bin/python"
 tarball_name=grpo_jax_src.tar.gz
 
+# shellcheck disable=SC2016  # $HOME and $PATH expand on the worker
 steps=(
   "set -eu"
   'export PATH="$HOME/.local/bin:$PATH"'
@@ -68,15 +82,16 @@ else
     "rm -f $(remote_path "$tarball_name")"
   )
 fi
+# output/ (train_tpu.sh's default workdir: checkpoints, metrics) moves into the new tree.
 steps+=(
+  "if [ -d $remote_dir/output ]; then rm -rf $staging_dir/output; mv $remote_dir/output $staging_dir/output; fi"
   "rm -rf $remote_dir"
   "mv $staging_dir $remote_dir"
   "if [ ! -x $venv_python ]; then uv venv --seed --python $(shell_quote "$PYTHON_VERSION") $(remote_path "$VENV_DIR"); fi"
   "uv pip install --python $venv_python $(shell_quote "$JAX_SPEC") -e $remote_dir"
   "$venv_python -c 'import jax, grpo_jax; print(\"grpo_jax installed, jax\", jax.__version__)'"
 )
-remote_script=$(printf '%s; ' "${steps[@]}")
-remote_script=${remote_script%; }
+remote_script=$(join_steps "${steps[@]}")
 
 if [[ -z "$REPO_URL" ]]; then
   tmp_dir=$(mktemp -d)
