@@ -19,7 +19,7 @@ REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
 
 # ---- Settings (environment variable, else default) ------------------------------------------
 TPU_NAME=${TPU_NAME:-grpo-jax}
-ZONE=${ZONE:-us-central2-b}
+ZONE=${ZONE:-us-west4-a}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-8}
 RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
 PROJECT=${PROJECT:-}
@@ -34,7 +34,7 @@ LOG_DIR=${LOG_DIR:-grpo_jax_logs}
 # shellcheck disable=SC2034
 COMMON_FLAGS_HELP="Common flags (each also read from the environment variable in brackets):
   --name NAME               TPU VM name [TPU_NAME] (default: grpo-jax)
-  --zone ZONE               zone [ZONE] (default: us-central2-b)
+  --zone ZONE               zone [ZONE] (default: us-west4-a)
   --project PROJECT         GCP project; omitted: gcloud's configured project [PROJECT]
   --accelerator-type TYPE   e.g. v5litepod-8, v4-32 [ACCELERATOR_TYPE] (default: v5litepod-8)
   --runtime-version VER     TPU VM image [RUNTIME_VERSION] (default: v2-alpha-tpuv5-lite)

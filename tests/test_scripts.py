@@ -89,7 +89,7 @@ def flag_value(argv, flag):
 
 def test_create_defaults():
   argv = only_gcloud("create_tpu.sh")
-  assert argv == GCLOUD_TPU + ["create", "grpo-jax", "--zone=us-central2-b",
+  assert argv == GCLOUD_TPU + ["create", "grpo-jax", "--zone=us-west4-a",
                                "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"]
 
 
@@ -158,7 +158,7 @@ def test_setup_copies_the_checkout_and_installs_on_every_worker(tmp_path):
   assert scp[:5] == GCLOUD_TPU + ["scp"]
   assert scp[5] == tar[tar.index("-czf") + 1]
   assert scp[6] == "t1:grpo_jax_src.tar.gz"
-  assert "--worker=all" in scp and "--project=p" in scp and "--zone=us-central2-b" in scp
+  assert "--worker=all" in scp and "--project=p" in scp and "--zone=us-west4-a" in scp
   assert ssh[4:6] == ["ssh", "t1"] and "--project=p" in ssh
 
   remote = ssh_command(commands)

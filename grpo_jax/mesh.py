@@ -1,0 +1,158 @@
+"""Mesh mode: the same pure GRPO step under `jax.jit` on a Mesh of (data, fsdp, tensor).
+
+pmap replicates the actor, the reference and the AdamW state on every chip, which caps
+the model at what one chip holds. Here parameters and optimizer state are sharded by
+name-based partition rules: FSDP splits the model dimension of every matrix over `fsdp`,
+tensor parallelism splits attention heads, the MLP's hidden units and the vocabulary
+over `tensor`. The batch is split over (data, fsdp). XLA's SPMD partitioner inserts the
+collectives; the step function itself is unchanged (it sees global arrays, axis_name=None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from grpo_jax import grpo, sampling
+from grpo_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (parameter path pattern, partition of its trailing dims). Kernels are [in, out].
+PARTITION_RULES = (
+    (r"(embed_tokens|lm_head)$", ("tensor", "fsdp")),  # [V, D]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),
+    (r"(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),
+    (r"(q_proj|k_proj|v_proj)/bias$", ("tensor",)),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (all of them by default); -1 fills in."""
+  devices = list(devices or jax.devices())
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  free = [k for k, v in sizes.items() if v == -1]
+  fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+  if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ConfigError(f"config.mesh={sizes}; allowed: positive sizes, at most one -1")
+  if free:
+    sizes[free[0]] = len(devices) // fixed if len(devices) % fixed == 0 else 0
+  if int(np.prod(list(sizes.values()))) != len(devices) or 0 in sizes.values():
+    raise ConfigError(f"config.mesh={ {'data': data, 'fsdp': fsdp, 'tensor': tensor} } does "
+                      f"not multiply to the {len(devices)} devices")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """The rule-given spec for one parameter; an axis that does not divide a dim is dropped."""
+  for pattern, trailing in PARTITION_RULES:
+    if re.search(pattern, name):
+      spec = (None,) * (len(shape) - len(trailing)) + trailing  # stacked layers: axis 0 free
+      return P(*[a if a and dim % mesh.shape[a] == 0 else None
+                 for a, dim in zip(spec, shape)])
+  return P()
+
+
+def param_shardings(params, mesh: Mesh):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, partition_spec(_path_name(path), x.shape, mesh)),
+      params)
+
+
+def per_device_bytes(tree, device=None) -> int:
+  """Bytes of `tree` that live on one device (read from the arrays' shardings)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    device = device or x.sharding.device_set.__iter__().__next__()
+    total += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshStep:
+  """`grpo.GRPOStep` jit-compiled over a mesh; arrays are global (no device axis)."""
+
+  step: grpo.GRPOStep
+  mesh: Mesh
+
+  @property
+  def batch_divisor(self) -> int:
+    """Rows of a batch must split evenly over this many shards."""
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(BATCH_AXES))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def place_params(self, params):
+    return jax.device_put(params, param_shardings(params, self.mesh))
+
+  def init_state(self, params) -> grpo.TrainState:
+    opt_state = jax.jit(self.step.tx.init)(params)  # shardings follow the params
+    return grpo.TrainState(jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params,
+                           opt_state)
+
+  def place_state(self, state: grpo.TrainState) -> grpo.TrainState:
+    """A host / single-device state (e.g. a restored checkpoint) laid out on the mesh."""
+    params = self.place_params(state.params)
+    opt_shardings = jax.jit(self.step.tx.init).lower(params).compile().output_shardings
+    return grpo.TrainState(jax.device_put(state.step, self.replicated), params,
+                           jax.device_put(state.opt_state, opt_shardings))
+
+  def place_batch(self, tree):
+    return jax.device_put(tree, self.batch_sharding)
+
+  def single_copy(self, tree):
+    return tree
+
+  def to_host(self, tree):
+    return jax.device_get(tree)
+
+  def host_metrics(self, metrics) -> dict[str, np.ndarray]:
+    return jax.tree.map(np.asarray, jax.device_get(metrics))
+
+  def _rows_sharded(self, rollout):
+    return jax.lax.with_sharding_constraint(rollout, self.batch_sharding)
+
+  def sampler(self, cfg: sampling.SamplingConfig):
+    """A jitted sampler with other settings (e.g. greedy evaluation)."""
+    fn = functools.partial(sampling.generate, self.step.model_def, cfg=cfg)
+    return jax.jit(lambda *a: self._rows_sharded(fn(*a)))
+
+  @functools.cached_property
+  def generate(self):
+    return jax.jit(lambda *a: self._rows_sharded(self.step.generate(*a)))
+
+  @functools.cached_property
+  def learn(self):
+    return jax.jit(self.step.learn, donate_argnums=(0,))
+
+  def train_step(self, reward_fn: grpo.RewardFn):
+    return jax.jit(functools.partial(self.step.train_step, reward_fn=reward_fn),
+                   donate_argnums=(0,))
+
+
+def mesh_step(step: grpo.GRPOStep, mesh: Mesh) -> MeshStep:
+  return MeshStep(dataclasses.replace(step, axis_name=None), mesh)
+
+
+__all__ = ["MESH_AXES", "BATCH_AXES", "PARTITION_RULES", "make_mesh", "partition_spec",
+           "param_shardings", "per_device_bytes", "MeshStep", "mesh_step"]
