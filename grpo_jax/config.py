@@ -12,7 +12,7 @@ from ml_collections import config_dict
 from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
 
-PARALLELISM = ("pmap",)
+PARALLELISM = ("pmap", "mesh")
 DEMO_DATASET = "demo:arithmetic"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
   c.num_sample_texts = 4  # completions written as text summaries at each eval
-  c.parallelism = "pmap"
+  c.parallelism = "pmap"  # pmap: data parallel, replicated; mesh: sharded (jit + Mesh)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   return c
 
 
@@ -97,10 +98,11 @@ def check_known_fields(config: ml_collections.ConfigDict) -> None:
   for key in config.keys():
     if key not in known:
       raise ConfigError(f"unknown config field {key!r}; known fields: {', '.join(sorted(known))}")
-  for key in config.model.keys():
-    if key not in known.model:
-      raise ConfigError(
-          f"unknown config field 'model.{key}'; known: {', '.join(sorted(known.model))}")
+  for group in ("model", "mesh"):
+    for key in config[group].keys():
+      if key not in known[group]:
+        raise ConfigError(f"unknown config field '{group}.{key}'; "
+                          f"known: {', '.join(sorted(known[group]))}")
 
 
 def unknown_override(argv: list[str]) -> str:
@@ -159,13 +161,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   grpo_config(config, eos_token_ids=(0,), pad_token_id=0)  # loss / sampling field checks
 
 
-def sampling_config(config, eos_token_ids, pad_token_id, *, greedy=False,
-                    num_generations=None) -> sampling.SamplingConfig:
+def sampling_config(config, eos_token_ids, pad_token_id) -> sampling.SamplingConfig:
   return sampling.SamplingConfig(
       max_completion_length=config.max_completion_length, eos_token_ids=tuple(eos_token_ids),
-      pad_token_id=pad_token_id,
-      num_generations=config.num_generations if num_generations is None else num_generations,
-      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, greedy=greedy)
+      pad_token_id=pad_token_id, num_generations=config.num_generations,
+      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 
 def grpo_config(config, eos_token_ids, pad_token_id) -> grpo.GRPOConfig:

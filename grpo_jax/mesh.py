@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grpo_jax import grpo, sampling
+from grpo_jax import grpo, parallel, sampling
 from grpo_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -54,7 +54,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 
 def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """'blocks/self_attn/q_proj/kernel' for a key path into an nnx.State."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name != "value":  # nnx.Variable's own leaf
+        parts.append(k.name)
+    else:
+      parts.append(str(getattr(k, "key", getattr(k, "idx", k))))
+  return "/".join(parts)
 
 
 def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -103,10 +111,14 @@ class MeshStep:
     return NamedSharding(self.mesh, P())
 
   def place_params(self, params):
-    return jax.device_put(params, param_shardings(params, self.mesh))
+    """Fresh buffers, since the train state is donated: device_put to a layout that
+    includes the source's device reuses the source buffer there (even with may_alias=False),
+    so placing the same params twice (actor, reference) would share buffers."""
+    return jax.device_put(parallel.distinct_buffers(params), param_shardings(params, self.mesh))
 
   def init_state(self, params) -> grpo.TrainState:
-    opt_state = jax.jit(self.step.tx.init)(params)  # shardings follow the params
+    # Shardings follow the params' (propagated through zeros_like).
+    opt_state = parallel.distinct_buffers(jax.jit(self.step.tx.init)(params))
     return grpo.TrainState(jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params,
                            opt_state)
 

@@ -35,6 +35,12 @@ def replicate(tree, devices: Sequence[jax.Device] | None = None):
   return jax.tree.map(put, tree)
 
 
+def distinct_buffers(tree):
+  """Each leaf in its own buffer. A jitted `tx.init` may return one zeros buffer for both
+  Adam moments (XLA merges identical outputs); a donated state must not hold a buffer twice."""
+  return jax.tree.map(lambda x: x.copy(), tree)
+
+
 def unreplicate(tree):
   """The first device's copy of a replicated pytree."""
   return jax.tree.map(lambda x: x[0], tree)
@@ -83,6 +89,39 @@ class PmappedStep:
   @property
   def num_devices(self) -> int:
     return len(self.devices)
+
+  @property
+  def batch_divisor(self) -> int:
+    """Rows of a batch must split evenly over this many shards."""
+    return self.num_devices
+
+  def place_params(self, params):
+    return replicate(params, self.devices)
+
+  def init_state(self, params) -> grpo.TrainState:
+    """A fresh train state around placed params; the optimizer state is built on device."""
+    opt_state = distinct_buffers(jax.pmap(self.step.tx.init, devices=self.devices)(params))
+    return grpo.TrainState(replicate(jnp.zeros((), jnp.int32), self.devices), params, opt_state)
+
+  def place_state(self, state: grpo.TrainState) -> grpo.TrainState:
+    return replicate(state, self.devices)
+
+  def place_batch(self, tree):
+    return shard(tree, self.num_devices)
+
+  def single_copy(self, tree):
+    return unreplicate(tree)
+
+  def to_host(self, tree):
+    """A device-sharded batch (e.g. a rollout) as host arrays without the device axis."""
+    return unshard(jax.device_get(tree))
+
+  def host_metrics(self, metrics) -> dict[str, np.ndarray]:
+    return host_metrics(metrics)
+
+  def sampler(self, cfg: sampling.SamplingConfig):
+    """A pmapped sampler with other settings (e.g. greedy evaluation with G = 1)."""
+    return pmap_generate(self.step.model_def, cfg, self.devices)
 
   @functools.cached_property
   def generate(self):

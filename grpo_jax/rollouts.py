@@ -6,13 +6,13 @@ pmapped sampler and the pmapped update. Also the held-out greedy evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from grpo_jax import config as config_lib
-from grpo_jax import parallel, sampling
+from grpo_jax import sampling
 from grpo_jax.data import batching, chat
 from grpo_jax.rewards import compute_rewards
 
@@ -28,14 +28,6 @@ def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
 def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
   """Each dataset column with every value repeated `times` (one per completion)."""
   return {k: [v for v in values for _ in range(times)] for k, values in rows.items()}
-
-
-def host_rollout(rollout: sampling.Rollout) -> sampling.Rollout:
-  """A (device-sharded) rollout as one host numpy batch."""
-  rollout = jax.device_get(rollout)
-  if rollout.completion_ids.ndim == 3:
-    rollout = parallel.unshard(rollout)
-  return rollout
 
 
 class HostRollouts:
@@ -60,8 +52,7 @@ class HostRollouts:
                                    truncate=self.truncate, add_special_tokens=add_special_tokens)
 
   def score(self, rows: dict[str, list], rollout: sampling.Rollout, num_generations: int):
-    """(rewards [N, F] float32 with NaN for None, completion texts)."""
-    rollout = host_rollout(rollout)
+    """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout."""
     completions = decode_completions(self.tokenizer, rollout.completion_ids,
                                      rollout.completion_mask)
     columns = repeat_columns(rows, num_generations)
@@ -87,7 +78,7 @@ class HostRollouts:
 
 
 def throughput(rollout: sampling.Rollout, seconds: float) -> dict[str, float]:
-  tokens = float(np.sum(jax.device_get(rollout.completion_mask)))
+  tokens = float(np.sum(rollout.completion_mask))
   return {"step_time": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
@@ -99,31 +90,29 @@ class EvalResult(NamedTuple):
 class Evaluator:
   """Greedy decoding on held-out prompts; `eval/accuracy` is the accuracy reward's mean."""
 
-  def __init__(self, setup: Any, config, devices):
+  def __init__(self, setup: Any, config, step_fn):
     self.host = HostRollouts(setup.tokenizer, setup.reward_funcs, config, 1)
-    greedy = config_lib.sampling_config(
-        config, setup.grpo_config.sampling.eos_token_ids, setup.tokenizer.pad_token_id,
-        greedy=True, num_generations=1)
-    self.generate = parallel.pmap_generate(setup.model_def, greedy, devices)
-    self.num_devices = len(devices)
+    greedy = dataclasses.replace(setup.grpo_config.sampling, greedy=True, num_generations=1)
+    self.step_fn = step_fn
+    self.generate = step_fn.sampler(greedy)
+    self.divisor = step_fn.batch_divisor
     self.data = setup.eval_data
     self.batch_size = config.prompts_per_step * config.num_generations
-    self.batch_size += -self.batch_size % self.num_devices
+    self.batch_size += -self.batch_size % self.divisor
     names = self.host.names
     self.accuracy_index = (names.index(config.accuracy_reward)
                            if config.accuracy_reward in names else 0)
     self.num_samples = config.num_sample_texts
 
-  def __call__(self, replicated_params) -> EvalResult:
+  def __call__(self, placed_params) -> EvalResult:
     rewards, texts, prompts, lengths = [], [], [], []
     for start in range(0, len(self.data), self.batch_size):
       rows = self.data[start:start + self.batch_size]
       count = len(rows[self.host.prompt_column])
-      padded = {k: list(v) + [v[-1]] * (-count % self.num_devices) for k, v in rows.items()}
+      padded = {k: list(v) + [v[-1]] * (-count % self.divisor) for k, v in rows.items()}
       ids, mask = self.host.encode(padded)
-      rollout = self.generate(replicated_params, *parallel.shard((ids, mask), self.num_devices),
-                              jax.random.key(0))
-      rollout = host_rollout(rollout)
+      rollout = self.step_fn.to_host(self.generate(
+          placed_params, *self.step_fn.place_batch((ids, mask)), jax.random.key(0)))
       batch_rewards, completions = self.host.score(padded, rollout, 1)
       rewards.append(batch_rewards[:count])
       texts += completions[:count]

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, warmup
 from grpo_jax import config as config_lib
+from grpo_jax import mesh as mesh_lib
 from grpo_jax.data import batching, demo, loading
 from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, Transformer, hf
@@ -76,7 +77,7 @@ def build_model(config):
 def setup(config) -> Setup:
   """Validates config, data, reward functions and model; writes nothing."""
   config_lib.validate(config)
-  parallel.check_batch(config.prompts_per_step, config.num_generations, jax.device_count())
+  parallel.check_batch(config.prompts_per_step, config.num_generations, batch_divisor(config))
   train_data, eval_data = loading.load_prompt_dataset(
       config.dataset, config.prompt_column, eval_split=config.eval_split or None,
       eval_size=config.eval_size, seed=config.seed)
@@ -86,6 +87,25 @@ def setup(config) -> Setup:
   grpo_config = config_lib.grpo_config(config, eos_ids, pad_id)
   return Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
                reward_funcs, grpo_config)
+
+
+def make_mesh(config):
+  return mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def batch_divisor(config) -> int:
+  """How many ways each global batch is split: devices (pmap) or data x fsdp (mesh)."""
+  if config.parallelism == "mesh":
+    layout = make_mesh(config)
+    return layout.shape["data"] * layout.shape["fsdp"]
+  return jax.device_count()
+
+
+def build_step_fn(config, step: grpo.GRPOStep):
+  """The pure step compiled for the configured layout: pmap (default) or a sharded mesh."""
+  if config.parallelism == "mesh":
+    return mesh_lib.mesh_step(step, make_mesh(config))
+  return parallel.pmap_step(step, jax.local_devices())
 
 
 def fingerprint(s: Setup) -> dict[str, Any]:
@@ -160,28 +180,28 @@ class TrainLoop:
 
   def __init__(self, config, s: Setup, ckpt: checkpoint.Checkpointer, writer, logdir):
     self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
-    self.devices = jax.local_devices()
     self.tx, schedule = grpo.make_optimizer(
         config.learning_rate, config.max_steps,
         warmup_steps=int(config.warmup_ratio * config.max_steps),
         schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
         weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
-    self.step_fn = parallel.pmap_step(
-        grpo.GRPOStep(s.model_def, self.tx, schedule, s.grpo_config), self.devices)
+    self.step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, self.tx, schedule,
+                                                        s.grpo_config))
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
                                       config.num_generations)
     self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
                                         seed=config.seed)
-    self.evaluate = (rollouts.Evaluator(s, config, self.devices)
+    self.evaluate = (rollouts.Evaluator(s, config, self.step_fn)
                      if s.eval_data is not None else None)
     self.saved_any = False
 
   def restore_or_init(self, params, start_step):
-    """(replicated train state, replicated reference params), restored or fresh.
+    """(placed train state, placed reference params), restored or fresh.
 
     The optimizer state is created on the devices, and no host copy of the params is
     kept beyond this call: at 0.5B parameters every extra copy costs 2 GB.
     """
+    step_fn = self.step_fn
     if start_step:
       like = grpo.TrainState(jnp.zeros((), jnp.int32), params,
                              jax.eval_shape(self.tx.init, params))
@@ -189,16 +209,13 @@ class TrainLoop:
       reference = self.ckpt.restore_reference(params)
       self.stream.restore(meta["data"])
       log.info("Resumed from the checkpoint of step %d", start_step)
-      return parallel.replicate(state, self.devices), parallel.replicate(reference, self.devices)
+      return step_fn.place_state(state), step_fn.place_params(reference)
     self.ckpt.save_reference(params)
-    actor, reference = (parallel.replicate(params, self.devices),
-                        parallel.replicate(params, self.devices))
-    opt_state = jax.pmap(self.tx.init, devices=self.devices)(actor)
-    step = parallel.replicate(jnp.zeros((), jnp.int32), self.devices)
-    return grpo.TrainState(step, actor, opt_state), reference
+    actor, reference = step_fn.place_params(params), step_fn.place_params(params)
+    return step_fn.init_state(actor), reference
 
   def run(self, start_step: int) -> None:
-    config, num_devices = self.config, self.step_fn.num_devices
+    config, step_fn = self.config, self.step_fn
     params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
     state, reference = self.restore_or_init(params, start_step)
     del params
@@ -212,14 +229,14 @@ class TrainLoop:
       started = time.perf_counter()
       rows = self.stream.next_batch()
       prompt_ids, prompt_mask = self.host.encode(rows)
-      rollout = self.step_fn.generate(
-          state.params, *parallel.shard((prompt_ids, prompt_mask), num_devices),
-          jax.random.fold_in(base_key, step))
-      rewards, _ = self.host.rewards(rows, rollout)
-      state, step_metrics = self.step_fn.learn(state, reference, rollout,
-                                               parallel.shard(rewards, num_devices))
-      step_metrics = self.host.named_metrics(parallel.host_metrics(step_metrics))
-      step_metrics.update(rollouts.throughput(rollout, time.perf_counter() - started))
+      rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
+                                 jax.random.fold_in(base_key, step))
+      host_rollout = step_fn.to_host(rollout)
+      rewards, _ = self.host.rewards(rows, host_rollout)
+      state, step_metrics = step_fn.learn(state, reference, rollout,
+                                          step_fn.place_batch(rewards))
+      step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
+      step_metrics.update(rollouts.throughput(host_rollout, time.perf_counter() - started))
       report(step)
       last = step == config.max_steps
       if step % config.log_every == 0 or last:
@@ -228,7 +245,7 @@ class TrainLoop:
       if self.evaluate and (step % config.eval_every == 0 or last):
         self.log_eval(state, step, progress)
       if step % config.checkpoint_every == 0 or last:
-        self.ckpt.save(step, parallel.unreplicate(state), {
+        self.ckpt.save(step, step_fn.single_copy(state), {
             "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist()})
         self.saved_any = True
     progress.close()
@@ -241,7 +258,7 @@ class TrainLoop:
   def export(self, state) -> None:
     """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it)."""
     path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
-    model = nnx.merge(self.s.model_def, parallel.unreplicate(state.params))
+    model = nnx.merge(self.s.model_def, self.step_fn.single_copy(state.params))
     hf.save_pretrained(model, os.fspath(path), self.s.tokenizer)
     log.info("Exported the final actor to %s", path)
 

@@ -65,8 +65,10 @@ TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=1)
 def tiny_config(**overrides):
   config = load_default_config()
   model = {**TINY_MODEL, **overrides.pop("model", {})}
+  mesh = overrides.pop("mesh", {})
   config.update({**TINY, **overrides})
   config.model.update(model)
+  config.mesh.update(mesh)
   return config
 
 
