@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_sample_texts = 4  # completions written as text summaries at each eval
   c.parallelism = "pmap"  # pmap: data parallel, replicated; mesh: sharded (jit + Mesh)
+  c.distributed = "auto"  # jax.distributed.initialize(): auto (multi-host detected), yes, no
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   return c
 
@@ -151,6 +152,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 <= config.warmup_ratio < 1, "warmup_ratio", config.warmup_ratio, "0 <= x < 1")
   _require(config.lr_scheduler_type in LR_SCHEDULES, "lr_scheduler_type",
            config.lr_scheduler_type, ", ".join(LR_SCHEDULES))
+  _require(config.distributed in ("auto", "yes", "no"), "distributed", config.distributed,
+           "auto, yes, no")
   _require(config.parallelism in PARALLELISM, "parallelism", config.parallelism,
            ", ".join(PARALLELISM))
   _require(config.chat_template in ("auto", "none"), "chat_template", config.chat_template,

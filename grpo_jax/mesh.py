@@ -116,18 +116,32 @@ class MeshStep:
     so placing the same params twice (actor, reference) would share buffers."""
     return jax.device_put(parallel.distinct_buffers(params), param_shardings(params, self.mesh))
 
+  def opt_state_shardings(self, params):
+    """AdamW moments are laid out like their parameter; counters are replicated."""
+    by_name = {_path_name(path): (x.shape, x.sharding)
+               for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    def pick(path, leaf):
+      name = _path_name(path)
+      for param_name, (shape, sharding) in by_name.items():
+        if name.endswith(param_name) and leaf.shape == shape:
+          return sharding
+      return self.replicated
+
+    abstract = jax.eval_shape(self.step.tx.init, params)
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
   def init_state(self, params) -> grpo.TrainState:
-    # Shardings follow the params' (propagated through zeros_like).
-    opt_state = parallel.distinct_buffers(jax.jit(self.step.tx.init)(params))
+    init = jax.jit(self.step.tx.init, out_shardings=self.opt_state_shardings(params))
+    opt_state = parallel.distinct_buffers(init(params))
     return grpo.TrainState(jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params,
                            opt_state)
 
   def place_state(self, state: grpo.TrainState) -> grpo.TrainState:
     """A host / single-device state (e.g. a restored checkpoint) laid out on the mesh."""
     params = self.place_params(state.params)
-    opt_shardings = jax.jit(self.step.tx.init).lower(params).compile().output_shardings
     return grpo.TrainState(jax.device_put(state.step, self.replicated), params,
-                           jax.device_put(state.opt_state, opt_shardings))
+                           jax.device_put(state.opt_state, self.opt_state_shardings(params)))
 
   def place_batch(self, tree):
     return jax.device_put(tree, self.batch_sharding)

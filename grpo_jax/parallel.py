@@ -41,9 +41,18 @@ def distinct_buffers(tree):
   return jax.tree.map(lambda x: x.copy(), tree)
 
 
+def _local_rows(x):
+  """This host's rows of a device-axis array ([local devices, ...]); works multi-host too,
+  where the array also has rows on other hosts' devices."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.concatenate([np.asarray(s.data) for s in x.addressable_shards])
+  return x
+
+
 def unreplicate(tree):
-  """The first device's copy of a replicated pytree."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first local device's copy of a replicated pytree."""
+  return jax.tree.map(lambda x: x.addressable_shards[0].data[0]
+                      if isinstance(x, jax.Array) else x[0], tree)
 
 
 def shard(tree, num_devices: int):
@@ -84,11 +93,16 @@ class PmappedStep:
   """
 
   step: grpo.GRPOStep
-  devices: tuple[Any, ...]
+  devices: tuple[Any, ...] | None  # None: all devices of all hosts (multi-host)
+
+  @property
+  def local_devices(self) -> list[Any]:
+    return list(self.devices) if self.devices else jax.local_devices()
 
   @property
   def num_devices(self) -> int:
-    return len(self.devices)
+    """Devices this host feeds (the leading axis of its arrays)."""
+    return len(self.local_devices)
 
   @property
   def batch_divisor(self) -> int:
@@ -96,15 +110,16 @@ class PmappedStep:
     return self.num_devices
 
   def place_params(self, params):
-    return replicate(params, self.devices)
+    return replicate(params, self.local_devices)
 
   def init_state(self, params) -> grpo.TrainState:
     """A fresh train state around placed params; the optimizer state is built on device."""
     opt_state = distinct_buffers(jax.pmap(self.step.tx.init, devices=self.devices)(params))
-    return grpo.TrainState(replicate(jnp.zeros((), jnp.int32), self.devices), params, opt_state)
+    return grpo.TrainState(replicate(jnp.zeros((), jnp.int32), self.local_devices), params,
+                           opt_state)
 
   def place_state(self, state: grpo.TrainState) -> grpo.TrainState:
-    return replicate(state, self.devices)
+    return replicate(state, self.local_devices)
 
   def place_batch(self, tree):
     return shard(tree, self.num_devices)
@@ -113,8 +128,8 @@ class PmappedStep:
     return unreplicate(tree)
 
   def to_host(self, tree):
-    """A device-sharded batch (e.g. a rollout) as host arrays without the device axis."""
-    return unshard(jax.device_get(tree))
+    """This host's device-sharded batch (e.g. a rollout) as host arrays, no device axis."""
+    return unshard(jax.device_get(jax.tree.map(_local_rows, tree)))
 
   def host_metrics(self, metrics) -> dict[str, np.ndarray]:
     return host_metrics(metrics)
@@ -143,17 +158,19 @@ def pmap_generate(model_def, cfg: sampling.SamplingConfig,
                   devices: Sequence[jax.Device] | None = None):
   """`sampling.generate` pmapped on its own (e.g. greedy evaluation with G = 1)."""
   fn = functools.partial(sampling.generate, model_def, cfg=cfg, axis_name=AXIS)
-  return jax.pmap(fn, AXIS, in_axes=(0, 0, 0, None), devices=devices or jax.local_devices())
+  return jax.pmap(fn, AXIS, in_axes=(0, 0, 0, None), devices=devices)
 
 
 def pmap_step(step: grpo.GRPOStep, devices: Sequence[jax.Device] | None = None) -> PmappedStep:
-  devices = tuple(devices or jax.local_devices())
+  """pmap over `devices` (default: this host's). On a multi-host slice pass None: pmap then
+  spans every host's devices and each host supplies the data of its local ones."""
+  devices = tuple(devices) if devices else None
   return PmappedStep(dataclasses.replace(step, axis_name=AXIS), devices)
 
 
 def host_metrics(metrics) -> dict[str, np.ndarray]:
   """Metrics from a pmapped call (identical on every device) as host numpy values."""
-  return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(metrics))
+  return jax.tree.map(np.asarray, jax.device_get(unreplicate(metrics)))
 
 
 __all__ = ["AXIS", "replicate", "unreplicate", "shard", "unshard", "check_batch",

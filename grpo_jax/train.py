@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any
@@ -89,6 +88,26 @@ def setup(config) -> Setup:
                reward_funcs, grpo_config)
 
 
+def is_primary() -> bool:
+  """Metrics, plots and exports are written by process 0 only (one per slice, not per host)."""
+  return jax.process_index() == 0
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+  """`jax.distributed.initialize()` on multi-host slices, before anything touches devices.
+
+  "auto": when the environment describes several hosts (a TPU pod slice's worker list, or
+  an explicit coordinator address); "yes": always (JAX then detects the cluster); "no": never.
+  """
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  multi_host = "," in hosts or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  if mode == "yes" or (mode == "auto" and multi_host):
+    jax.distributed.initialize()
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(),
+             jax.device_count())
+
+
 def make_mesh(config):
   return mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
@@ -105,7 +124,8 @@ def build_step_fn(config, step: grpo.GRPOStep):
   """The pure step compiled for the configured layout: pmap (default) or a sharded mesh."""
   if config.parallelism == "mesh":
     return mesh_lib.mesh_step(step, make_mesh(config))
-  return parallel.pmap_step(step, jax.local_devices())
+  # Multi-host: pmap spans the devices of every host; each host feeds its local ones.
+  return parallel.pmap_step(step, jax.local_devices() if jax.process_count() == 1 else None)
 
 
 def fingerprint(s: Setup) -> dict[str, Any]:
@@ -145,6 +165,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
 
   Returns the metrics of the last logged step (eval included) as floats.
   """
+  maybe_initialize_distributed(config.distributed)
   s = setup(config)
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", fingerprint(s),
@@ -157,7 +178,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     metrics.truncate_after(str(logdir), start_step)
   loop = None
   try:
-    writer = metrics.create_writer(str(logdir))
+    writer = metrics.create_writer(str(logdir), enabled=is_primary())
     writer.write_hparams(config.to_dict())
     if config.sft_steps:
       s.init_params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
@@ -169,7 +190,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     if loop is None or not loop.saved_any:  # leave nothing half-written behind
       ckpt.close()
       for path in reversed(created):
-        shutil.rmtree(path, ignore_errors=True)
+        if is_primary() and path.exists():
+          path.rmtree()
     raise
   finally:
     ckpt.close()
@@ -189,8 +211,10 @@ class TrainLoop:
                                                         s.grpo_config))
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
                                       config.num_generations)
+    # Each host feeds its own devices: a disjoint share of every global batch.
     self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
-                                        seed=config.seed)
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
     self.evaluate = (rollouts.Evaluator(s, config, self.step_fn)
                      if s.eval_data is not None else None)
     self.saved_any = False
@@ -251,8 +275,9 @@ class TrainLoop:
     progress.close()
     self.ckpt.wait()
     self.writer.flush()
-    metrics.plot_curves(str(self.logdir))
-    if config.export_hf:
+    if is_primary():
+      metrics.plot_curves(str(self.logdir))
+    if config.export_hf and is_primary():
       self.export(state)
 
   def export(self, state) -> None:
@@ -268,7 +293,8 @@ class TrainLoop:
     self.writer.write_texts(step, {"samples": result.sample_text})
     self.writer.flush()
     progress.update(step, result.metrics)
-    metrics.plot_curves(str(self.logdir))
+    if is_primary():
+      metrics.plot_curves(str(self.logdir))
 
 
 FLAGS = flags.FLAGS

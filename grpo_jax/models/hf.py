@@ -282,7 +282,7 @@ def _short_list(names: list[str], limit: int = 10) -> str:
 
 
 def _load_param(ckpt: _SafetensorsCheckpoint, path: tuple[str, ...], shape: tuple[int, ...],
-                num_layers: int, dtype: np.dtype) -> jax.Array:
+                num_layers: int, dtype: np.dtype) -> np.ndarray:
   """Our parameter at `path`: the HF tensor(s) transposed, stacked and cast to `dtype`.
 
   Filled layer by layer into one preallocated array, so the host holds at most one
@@ -300,7 +300,7 @@ def _load_param(ckpt: _SafetensorsCheckpoint, path: tuple[str, ...], shape: tupl
       out[...] = tensor
     else:
       out[layer] = tensor
-  return jnp.asarray(out)
+  return out  # host memory: the caller places it (replicated or sharded) on devices
 
 
 # --- public API --------------------------------------------------------------------------
