@@ -74,3 +74,20 @@ def test_train_loop_in_mesh_mode_resumes_under_pmap(user_files):
   b = metrics.read_metrics(user_files / "pmap_only" / "grpo_metrics")
   losses = lambda rows: [r["loss"] for r in rows if "loss" in r]
   np.testing.assert_allclose(losses(a), losses(b), rtol=1e-4, atol=1e-6)
+
+
+def test_adamw_moments_are_sharded_like_their_params():
+  import jax
+  from conftest import tiny_model
+  from flax import nnx
+  from grpo_jax import grpo, sampling
+  graphdef, params = nnx.split(tiny_model())
+  tx, schedule = grpo.make_optimizer(1e-3, 10)
+  cfg = grpo.GRPOConfig(sampling=sampling.SamplingConfig(4, (1,), num_generations=2))
+  fn = mesh.mesh_step(grpo.GRPOStep(graphdef, tx, schedule, cfg), mesh.make_mesh(1, 4, 1))
+  state = fn.init_state(fn.place_params(params))
+  total = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+  on_one = mesh.per_device_bytes(state.opt_state, jax.devices()[0])
+  assert on_one < 0.3 * total  # about a quarter (norm scales and counters stay whole)
+  for restored in (fn.place_state(jax.device_get(state)),):
+    assert mesh.per_device_bytes(restored.opt_state, jax.devices()[0]) == on_one
