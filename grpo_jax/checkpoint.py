@@ -27,6 +27,13 @@ class IncompatibleCheckpointError(UserError):
   """The workdir holds checkpoints of a different model."""
 
 
+def _serializable(tree):
+  """What Orbax can write. Multi-host, our single copy lives on each host's first device
+  (host-local arrays, which Orbax refuses): numpy arrays instead, written by the primary
+  host. Single-host, jax arrays, which Orbax saves asynchronously."""
+  return jax.device_get(tree) if jax.process_count() > 1 else tree
+
+
 def abstract_tree(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -85,7 +92,7 @@ class Checkpointer:
     """Saves asynchronously; `state` must be a single (unreplicated) copy."""
     meta = {**meta, "fingerprint": self.fingerprint}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(_serializable(state)), meta=ocp.args.JsonSave(meta)))
 
   def restore(self, step: int, like_state) -> tuple[Any, dict[str, Any]]:
     self.check_compatible()
@@ -103,7 +110,7 @@ class Checkpointer:
     if self.reference_path.exists():
       return
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(self.reference_path, params)
+      ckptr.save(self.reference_path, _serializable(params))
     log.info("Saved the frozen reference params to %s", self.reference_path)
 
   def restore_reference(self, like_params):

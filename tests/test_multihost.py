@@ -1,0 +1,54 @@
+"""A 2-process CPU "pod" (jax.distributed over gloo) trains like one 4-device process."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from grpo_jax import metrics, train
+from test_train import final_params, tiny_config, user_files  # noqa: F401  (fixture)
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_hosts_match_one_host(user_files):
+  port, workdir, data = str(free_port()), user_files / "pod", user_files / "data.jsonl"
+  env = {**os.environ, "PYTHONPATH": str(user_files)}
+  workers = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), port,
+                               str(workdir), str(data)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [w.communicate(timeout=400)[0] for w in workers]
+  for w, out in zip(workers, outputs):
+    assert w.returncode == 0, out[-3000:]
+
+  config = tiny_config(dataset=f"json:{data}", prompt_column="question",
+                       reward_funcs="my_rewards:stop_at", max_steps=4, checkpoint_every=2,
+                       eval_size=4)
+  train.train_and_evaluate(config, user_files / "single")  # this process: 4 devices
+
+  pod, single = (metrics.read_metrics(workdir / "grpo_metrics"),
+                 metrics.read_metrics(user_files / "single" / "grpo_metrics"))
+  for key in ("loss", "reward", "kl", "grad_norm"):
+    a = [r[key] for r in pod if key in r]
+    b = [r[key] for r in single if key in r]
+    assert len(a) == len(b) == 4, key
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=key)
+  assert [r["eval/accuracy"] for r in pod if "eval/accuracy" in r] == [
+      r["eval/accuracy"] for r in single if "eval/accuracy" in r]
+  (step_a, state_a), (step_b, state_b) = final_params(workdir), final_params(user_files / "single")
+  assert step_a == step_b == 4
+  for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  # Only process 0 wrote the metrics: one raw line per step, not one per process.
+  lines = (workdir / "grpo_metrics" / "metrics.jsonl").read_text().splitlines()
+  assert sum('"loss"' in line for line in lines) == 4
