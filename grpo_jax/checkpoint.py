@@ -52,12 +52,10 @@ class Checkpointer:
   whose fingerprint differs raises IncompatibleCheckpointError before anything is loaded.
   """
 
-  def __init__(self, directory, fingerprint: dict[str, Any], max_to_keep: int = 3,
-               primary_host: bool = True):
+  def __init__(self, directory, fingerprint: dict[str, Any], max_to_keep: int = 3):
     self.directory = epath.Path(directory)
     self.fingerprint = fingerprint
     self._max_to_keep = max_to_keep
-    self._primary_host = primary_host
     self._manager = None
 
   @property

@@ -174,7 +174,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   logdir = workdir / "grpo_metrics"
   created = [p for p in (workdir, logdir, ckpt.directory) if not p.exists()]
   start_step = ckpt.latest_step() or 0
-  if start_step:  # before any writer opens the files: drop what came after the checkpoint
+  if start_step and is_primary():  # before a writer opens the files: drop later records
     metrics.truncate_after(str(logdir), start_step)
   loop = None
   try:
@@ -184,6 +184,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
       s.init_params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
     loop = TrainLoop(config, s, ckpt, writer, logdir)
     loop.run(start_step)
+    if not is_primary():
+      return {}
     return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()
             if v is not None}
   except BaseException:

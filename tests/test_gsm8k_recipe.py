@@ -5,14 +5,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import transformers
 
 from grpo_jax import metrics, train
 from grpo_jax.data import demo
-from test_train import ROOT, REWARDS_MODULE, tiny_config  # noqa: F401
+from test_train import ROOT, tiny_config
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import mesh, metrics, train
-from test_train import tiny_config, user_files  # noqa: F401  (fixture)
+from test_train import tiny_config
 
 HERE = pathlib.Path(__file__).resolve().parent
 

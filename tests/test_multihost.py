@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from grpo_jax import metrics, train
-from test_train import final_params, tiny_config, user_files  # noqa: F401  (fixture)
+from test_train import final_params, tiny_config
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -17,36 +17,6 @@ from grpo_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-REWARDS_MODULE = '''
-import json, os, signal
-
-calls = 0
-
-
-def length_reward(prompts, completions, answer, **columns):
-  """Logs what it was given, then rewards completions ending in the answer's last digit."""
-  global calls
-  calls += 1
-  with open(os.environ["REWARD_LOG"], "a") as f:
-    f.write(json.dumps({"prompts": prompts, "answer": answer,
-                        "columns": sorted(columns)}) + "\\n")
-  return [float(c.endswith(a[-1])) for c, a in zip(completions, answer)]
-
-
-def stop_at(prompts, completions, **columns):
-  """Fails (or SIGKILLs the process) on call STOP_AT: a crash in the middle of training."""
-  global calls
-  calls += 1
-  if calls == int(os.environ.get("STOP_AT", "0")):
-    if os.environ.get("STOP_HOW") == "kill":
-      os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError("stopped on purpose")
-  return [float(len(c) % 2) for c in completions]
-
-
-def broken(prompts, completions, **columns):
-  raise ZeroDivisionError("user bug")
-'''
 
 
 def load_default_config():
@@ -80,20 +50,6 @@ def cli_args(config_overrides: dict) -> list[str]:
     else:
       args.append(f"--config.{key}={value}")
   return args
-
-
-@pytest.fixture
-def user_files(tmp_path, monkeypatch):
-  """A JSONL dataset with an extra column and a reward module importable by name."""
-  (tmp_path / "my_rewards.py").write_text(REWARDS_MODULE)
-  monkeypatch.syspath_prepend(str(tmp_path))
-  sys.modules.pop("my_rewards", None)
-  rows = [{"question": f"{a}+{b}=", "answer": str(a + b), "source": "unit-test"}
-          for a in range(6) for b in range(4)]
-  data = tmp_path / "data.jsonl"
-  data.write_text("\n".join(json.dumps(r) for r in rows))
-  monkeypatch.setenv("REWARD_LOG", str(tmp_path / "reward_log.jsonl"))
-  return tmp_path
 
 
 def run_cli(args, env_extra=None, cwd=None):

@@ -1,0 +1,408 @@
+"""Side-by-side GRPO step time and memory: grpo_jax against TRL's GRPOTrainer, on CPU.
+
+  python benchmarks/compare.py --workloads small,tiny [--systems grpo_jax,trl] [--steps 6]
+
+For each workload this builds one local Hugging Face checkpoint (transformers, random
+weights, fixed seed, float32) with a small tokenizer in the same directory and a JSONL
+prompt file, then runs the same GRPO workload through each system, one after another, each
+in its own subprocess and virtual environment (grpo_jax: the project's venv; TRL: the venv
+made by benchmarks/setup_peers.sh). It prints one markdown table: first step (compilation
+included), median steady step (steps 2..N), peak RSS of the subprocess (/usr/bin/time -v),
+and grpo_jax / peer ratios.
+
+Every completion is forced to full length in both systems: the tokenizer's EOS (and
+generation_config.json's eos_token_id) is id V, one past the model's vocabulary of V
+logits, so neither sampler can ever produce it. The script checks the logged
+`completions/mean_length` of every step against max_completion_length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+NEVER_EOS = "<|never|>"  # the EOS token: id = model vocab size, outside what the model samples
+SYSTEMS = ("grpo_jax", "trl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A model shape (Qwen2 layout, tied embeddings) and a GRPO batch."""
+
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  vocab_size: int
+  prompts_per_step: int
+  max_completion_length: int
+  num_generations: int = 8
+  beta: float = 0.04
+  prompt_chars: int = 32  # 0: the demo's arithmetic prompts ("3+4-2=")
+  timeout_s: int = 1200  # per system run
+
+
+WORKLOADS = {
+    # The embedded demo's model and batch (configs/default.py), demo char tokenizer (98 tokens).
+    "tiny": Workload(64, 2, 4, 2, 256, 98, prompts_per_step=16, max_completion_length=24,
+                     prompt_chars=0, timeout_s=600),
+    "small": Workload(512, 4, 8, 4, 1408, 4096, prompts_per_step=4, max_completion_length=64),
+    "long": Workload(512, 4, 8, 4, 1408, 4096, prompts_per_step=2, max_completion_length=512,
+                     timeout_s=3600),
+    "big-vocab": Workload(256, 2, 4, 2, 704, 151936, prompts_per_step=4,
+                          max_completion_length=128, timeout_s=3600),
+}
+
+REWARD_MODULE = '''"""The benchmark's reward: cheap, deterministic, identical in every system."""
+
+
+def length_mod7(prompts, completions, **kwargs):
+  return [float(len(c) % 7) for c in completions]
+'''
+
+
+# --- the workload's files ------------------------------------------------------------------
+
+def build_tokenizer(model_vocab: int):
+  """The demo's char tokenizer, padded with filler tokens to `model_vocab`, EOS at id V.
+
+  Ids 0..97 are the demo tokenizer's (<pad> <eos> <unk> and printable ASCII), so prompts
+  tokenize to one id per character in every system; the demo's "<eos>" (id 1) becomes an
+  ordinary token, and the real EOS is NEVER_EOS at id `model_vocab`.
+  """
+  import tokenizers
+  import transformers
+  from tokenizers import decoders, models, pre_tokenizers
+
+  from grpo_jax.data import demo
+
+  base = demo.build_demo_tokenizer()
+  vocab = dict(base.get_vocab())
+  if model_vocab < len(vocab):
+    raise ValueError(f"model vocab {model_vocab} < the demo tokenizer's {len(vocab)} tokens")
+  for i in range(len(vocab), model_vocab):
+    vocab[f"<t{i}>"] = i
+  vocab[NEVER_EOS] = model_vocab
+  backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+  backend.decoder = decoders.Fuse()
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token="<pad>", eos_token=NEVER_EOS, unk_token="<unk>",
+      padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def build_checkpoint(w: Workload, path: str, seed: int = 0) -> None:
+  """A random-weight Qwen2 checkpoint (float32) with its tokenizer, in `path`."""
+  import torch
+  import transformers
+
+  tokenizer = build_tokenizer(w.vocab_size)
+  eos_id = tokenizer.eos_token_id
+  assert eos_id == w.vocab_size, (eos_id, w.vocab_size)
+  config = transformers.Qwen2Config(
+      vocab_size=w.vocab_size, hidden_size=w.hidden_size, num_hidden_layers=w.num_layers,
+      num_attention_heads=w.num_heads, num_key_value_heads=w.num_kv_heads,
+      intermediate_size=w.intermediate_size, tie_word_embeddings=True,
+      max_position_embeddings=2048, rms_norm_eps=1e-6, use_sliding_window=False,
+      bos_token_id=None, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+      dtype="float32")
+  torch.manual_seed(seed)
+  model = transformers.Qwen2ForCausalLM(config).to(torch.float32)
+  model.generation_config = transformers.GenerationConfig(
+      eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+      do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+
+
+def write_prompts(w: Workload, path: str, count: int = 128, seed: int = 0) -> int:
+  """A JSONL prompt file; returns the prompt length in tokens (all prompts have it)."""
+  import random
+
+  from grpo_jax.data import demo
+
+  rng = random.Random(seed)
+  if w.prompt_chars == 0:
+    prompts = rng.sample(demo.all_prompts(), count)
+  else:
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    prompts = [f"Q{i:03d}: " + "".join(rng.choice(letters) for _ in range(w.prompt_chars - 6))
+               for i in range(count)]
+  lengths = {len(p) for p in prompts}
+  assert len(lengths) == 1, lengths  # one char = one token: no prompt padding anywhere
+  with open(path, "w") as f:
+    for p in prompts:
+      f.write(json.dumps({"prompt": p}) + "\n")
+  return lengths.pop()
+
+
+# --- running one system ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+  workload: str
+  system: str
+  ok: bool
+  step_seconds: list[float] = dataclasses.field(default_factory=list)
+  mean_lengths: list[float] = dataclasses.field(default_factory=list)
+  peak_rss_kib: int | None = None
+  wall_seconds: float = 0.0
+  error: str = ""
+  info: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def first_step(self) -> float | None:
+    return self.step_seconds[0] if self.step_seconds else None
+
+  @property
+  def steady_step(self) -> float | None:
+    rest = self.step_seconds[1:]
+    return statistics.median(rest) if rest else None
+
+
+def clean_env(extra_pythonpath: str) -> dict[str, str]:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # grpo_jax on exactly one CPU device, no fake devices
+  env.pop("VIRTUAL_ENV", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = extra_pythonpath
+  env["TOKENIZERS_PARALLELISM"] = "false"
+  env["HF_HUB_OFFLINE"] = "1"
+  env["HF_DATASETS_OFFLINE"] = "1"
+  env["TRANSFORMERS_OFFLINE"] = "1"
+  env["WANDB_DISABLED"] = "true"
+  return env
+
+
+def run_timed(cmd: list[str], env: dict, log_path: str, timeout_s: int
+              ) -> tuple[int, int | None, float]:
+  """(exit code, peak RSS in KiB from /usr/bin/time -v, wall seconds); output to log_path."""
+  started = time.perf_counter()
+  with open(log_path, "w") as log:
+    try:
+      proc = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO)
+      code = proc.returncode
+    except subprocess.TimeoutExpired:
+      code = -9
+  wall = time.perf_counter() - started
+  with open(log_path) as log:
+    found = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read())
+  return code, (int(found[-1]) if found else None), wall
+
+
+def tail(path: str, lines: int = 15) -> str:
+  with open(path) as f:
+    return "".join(f.readlines()[-lines:])
+
+
+def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
+  workdir = os.path.join(files["dir"], "grpo_jax_workdir")
+  shutil.rmtree(workdir, ignore_errors=True)  # a leftover workdir would resume, not rerun
+  cfg = {
+      "model_path": files["model"], "dataset": f"json:{files['prompts']}",
+      "prompt_column": "prompt", "reward_funcs": "bench_reward:length_mod7",
+      "sft_steps": 0, "eval_size": 0, "chat_template": "none",
+      "prompts_per_step": w.prompts_per_step, "num_generations": w.num_generations,
+      "max_prompt_length": files["prompt_tokens"],
+      "max_completion_length": w.max_completion_length,
+      "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+      "beta": w.beta, "epsilon": 0.2, "loss_type": "grpo", "scale_rewards": "group",
+      "num_iterations": 1, "dtype": "float32", "remat": False,
+      "learning_rate": args.learning_rate, "lr_scheduler_type": "constant",
+      "max_grad_norm": 1.0, "weight_decay": 0.0,
+      "max_steps": args.steps, "log_every": 1, "eval_every": args.steps,
+      "checkpoint_every": args.steps, "seed": args.seed,
+  }
+  cmd = [args.grpo_jax_python, "-m", "grpo_jax.train", f"--workdir={workdir}",
+         *[f"--config.{k}={v}" for k, v in cfg.items()]]
+  log_path = os.path.join(files["dir"], "grpo_jax.log")
+  code, rss, wall = run_timed(cmd, clean_env(files["dir"]), log_path, w.timeout_s)
+  result = Result(name, "grpo_jax", ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
+  metrics_path = os.path.join(workdir, "grpo_metrics", "metrics.jsonl")
+  if code != 0 or not os.path.exists(metrics_path):
+    result.ok, result.error = False, f"exit {code}; log {log_path}:\n{tail(log_path)}"
+    return result
+  records: dict[int, dict] = {}
+  with open(metrics_path) as f:
+    for line in f:
+      rec = json.loads(line)
+      records.setdefault(rec["step"], {}).update(rec)
+  steps = [records[s] for s in sorted(records) if "step_time" in records[s]]
+  result.step_seconds = [r["step_time"] for r in steps]
+  result.mean_lengths = [r.get("completions/mean_length") for r in steps]
+  return result
+
+
+def run_trl(name: str, w: Workload, files: dict, args) -> Result:
+  out = os.path.join(files["dir"], "trl_result.json")
+  workdir = os.path.join(files["dir"], "trl_workdir")
+  for stale in (out, workdir):
+    shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else (
+        os.path.exists(stale) and os.remove(stale))
+  cmd = [args.trl_python, os.path.join(HERE, "trl_driver.py"), "--model", files["model"],
+         "--prompts", files["prompts"], "--workdir", workdir, "--out", out,
+         "--prompts-per-step", str(w.prompts_per_step),
+         "--num-generations", str(w.num_generations),
+         "--max-completion-length", str(w.max_completion_length), "--steps", str(args.steps),
+         "--beta", str(w.beta), "--learning-rate", str(args.learning_rate),
+         "--seed", str(args.seed)]
+  log_path = os.path.join(files["dir"], "trl.log")
+  code, rss, wall = run_timed(cmd, clean_env(files["dir"]), log_path, w.timeout_s)
+  result = Result(name, "trl", ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
+  if code != 0 or not os.path.exists(out):
+    result.ok, result.error = False, f"exit {code}; log {log_path}:\n{tail(log_path)}"
+    return result
+  with open(out) as f:
+    data = json.load(f)
+  result.step_seconds = data["step_seconds"]
+  by_step: dict[int, dict] = {}
+  for rec in data["logs"]:
+    by_step.setdefault(rec["step"], {}).update(rec)
+  result.mean_lengths = [by_step[s].get("completions/mean_length") for s in sorted(by_step)
+                         if "completions/mean_length" in by_step[s]]
+  result.info = {"versions": data["versions"], "torch_threads": data["torch_threads"],
+                 "eos_token_ids": data["eos_token_ids"]}
+  return result
+
+
+RUNNERS = {"grpo_jax": run_grpo_jax, "trl": run_trl}
+
+
+def check_full_length(result: Result, w: Workload) -> None:
+  """Marks the run failed unless every step logged completions of exactly L tokens."""
+  if not result.ok:
+    return
+  if len(result.step_seconds) != len(result.mean_lengths) or not result.mean_lengths:
+    result.ok = False
+    result.error = (f"{len(result.step_seconds)} step times but {len(result.mean_lengths)} "
+                    "logged completion lengths")
+    return
+  short = [m for m in result.mean_lengths if m is None or abs(m - w.max_completion_length) > 1e-6]
+  if short:
+    result.ok = False
+    result.error = (f"completions not full length: mean lengths {result.mean_lengths}, "
+                    f"expected {w.max_completion_length}")
+
+
+# --- the table -------------------------------------------------------------------------------
+
+def fmt_s(x: float | None) -> str:
+  return "-" if x is None else (f"{x:.3f} s" if x < 10 else f"{x:.1f} s")
+
+
+def fmt_mib(kib: int | None) -> str:
+  return "-" if kib is None else f"{kib / 1024:,.0f} MiB"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+  return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def table(results: list[Result], workloads: dict[str, Workload]) -> str:
+  lines = ["| workload | system | first step | median steady step | peak RSS | process wall "
+           "| step time grpo_jax/peer | peak RSS grpo_jax/peer |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    base = next((x for x in results if x.workload == r.workload and x.system == "grpo_jax"
+                 and x.ok), None)
+    if not r.ok:
+      lines.append(f"| {r.workload} | {r.system} | failed | - | {fmt_mib(r.peak_rss_kib)} | "
+                   f"{fmt_s(r.wall_seconds)} | - | - |")
+      continue
+    is_peer = r.system != "grpo_jax" and base is not None
+    step_ratio = ratio(base.steady_step, r.steady_step) if is_peer else "-"
+    rss_ratio = ratio(base.peak_rss_kib, r.peak_rss_kib) if is_peer else "-"
+    lines.append(f"| {r.workload} | {r.system} | {fmt_s(r.first_step)} | "
+                 f"{fmt_s(r.steady_step)} | {fmt_mib(r.peak_rss_kib)} | "
+                 f"{fmt_s(r.wall_seconds)} | {step_ratio} | {rss_ratio} |")
+  shapes = []
+  for name, w in workloads.items():
+    shapes.append(f"- {name}: Qwen2 hidden {w.hidden_size}, {w.num_layers} layers, "
+                  f"{w.num_heads}/{w.num_kv_heads} heads, intermediate {w.intermediate_size}, "
+                  f"vocab {w.vocab_size}, tied; {w.prompts_per_step} prompts x "
+                  f"G={w.num_generations}, {w.max_completion_length} new tokens, "
+                  f"beta {w.beta}")
+  return "\n".join(lines + [""] + shapes)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workloads", default="tiny,small",
+                 help=f"comma-separated, from: {', '.join(WORKLOADS)}")
+  p.add_argument("--systems", default=",".join(SYSTEMS),
+                 help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+  p.add_argument("--steps", type=int, default=6,
+                 help="optimizer steps per run (the first is the warm-up; >= 6 recommended)")
+  p.add_argument("--learning-rate", type=float, default=1e-6)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="/tmp/grpo_compare",
+                 help="checkpoints, prompt files, logs and results.json go here")
+  p.add_argument("--grpo-jax-python", default=sys.executable,
+                 help="interpreter with grpo_jax installed (default: this one)")
+  p.add_argument("--trl-python", default="/work/bench-trl/bin/python",
+                 help="interpreter of the TRL venv (benchmarks/setup_peers.sh trl)")
+  args = p.parse_args(argv)
+  workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+  systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+  for w in workloads:
+    if w not in WORKLOADS:
+      p.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+  for s in systems:
+    if s not in RUNNERS:
+      p.error(f"unknown system {s!r}; known: {', '.join(RUNNERS)} (tunix is not wired yet)")
+  if args.steps < 2:
+    p.error("--steps must be >= 2 (one warm-up step, then steady steps)")
+  if "trl" in systems and not os.path.exists(args.trl_python):
+    p.error(f"{args.trl_python} not found; run benchmarks/setup_peers.sh trl")
+
+  os.makedirs(args.out, exist_ok=True)
+  results: list[Result] = []
+  for name in workloads:
+    w = WORKLOADS[name]
+    wdir = os.path.join(args.out, name)
+    os.makedirs(wdir, exist_ok=True)
+    files = {"dir": wdir, "model": os.path.join(wdir, "model"),
+             "prompts": os.path.join(wdir, "prompts.jsonl")}
+    print(f"[{name}] building checkpoint and prompts in {wdir}", flush=True)
+    build_checkpoint(w, files["model"], seed=args.seed)
+    files["prompt_tokens"] = write_prompts(w, files["prompts"], seed=args.seed)
+    with open(os.path.join(wdir, "bench_reward.py"), "w") as f:
+      f.write(REWARD_MODULE)
+    for system in systems:
+      print(f"[{name}] running {system} ({args.steps} steps, timeout {w.timeout_s} s)",
+            flush=True)
+      result = RUNNERS[system](name, w, files, args)
+      check_full_length(result, w)
+      results.append(result)
+      status = "ok" if result.ok else f"FAILED: {result.error}"
+      print(f"[{name}] {system}: steps {[round(s, 3) for s in result.step_seconds]}, "
+            f"mean lengths {result.mean_lengths}, peak RSS {fmt_mib(result.peak_rss_kib)}, "
+            f"{status}", flush=True)
+
+  shown = {n: WORKLOADS[n] for n in workloads}
+  report = table(results, shown)
+  machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+  print(f"\n{time.strftime('%Y-%m-%d')} on {machine}\n")
+  print(report)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine,
+               "steps": args.steps, "results": [dataclasses.asdict(r) for r in results],
+               "table": report}, f, indent=1)
+  return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,102 @@
+"""TRL's GRPOTrainer on one benchmark workload; run by benchmarks/compare.py in the TRL venv.
+
+  /work/bench-trl/bin/python benchmarks/trl_driver.py --model DIR --prompts FILE.jsonl \
+      --prompts-per-step 4 --num-generations 8 --max-completion-length 64 --steps 6 --out R.json
+
+Writes R.json: per-step seconds (on_step_begin -> on_step_end: generation, rewards, reference
+and actor log-probs, backward, AdamW step), the logged metrics of every step, and versions.
+The reward function is imported from `bench_reward` (compare.py writes it and puts it on
+PYTHONPATH), the same module grpo_jax imports, so both systems score with identical code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import transformers
+import trl
+from datasets import load_dataset
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+import bench_reward
+
+
+class StepTimer(TrainerCallback):
+  """Seconds per optimizer step, and every metric TRL logs (one log per step)."""
+
+  def __init__(self):
+    self.started = None
+    self.step_seconds: list[float] = []
+    self.logs: list[dict] = []
+
+  def on_step_begin(self, args, state, control, **kwargs):
+    self.started = time.perf_counter()
+
+  def on_step_end(self, args, state, control, **kwargs):
+    self.step_seconds.append(time.perf_counter() - self.started)
+
+  def on_log(self, args, state, control, logs=None, **kwargs):
+    if logs:
+      self.logs.append({"step": state.global_step, **logs})
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", required=True)
+  p.add_argument("--prompts", required=True)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--prompts-per-step", type=int, required=True)
+  p.add_argument("--num-generations", type=int, required=True)
+  p.add_argument("--max-completion-length", type=int, required=True)
+  p.add_argument("--steps", type=int, required=True)
+  p.add_argument("--beta", type=float, default=0.04)
+  p.add_argument("--learning-rate", type=float, default=1e-6)
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args()
+
+  batch = a.prompts_per_step * a.num_generations
+  # Loaded as the generic fast tokenizer it was saved as: AutoTokenizer / AutoProcessor would
+  # swap in Qwen2's tokenizer class for a qwen2 config and re-tokenize the prompts differently.
+  tokenizer = PreTrainedTokenizerFast.from_pretrained(a.model)
+  args = GRPOConfig(
+      output_dir=a.workdir,
+      max_steps=a.steps,
+      per_device_train_batch_size=batch,  # one optimizer step = P prompts x G completions
+      generation_batch_size=batch,  # generate once per step (steps_per_generation = 1)
+      gradient_accumulation_steps=1,
+      num_generations=a.num_generations,
+      max_completion_length=a.max_completion_length,
+      temperature=1.0, top_p=1.0, top_k=0,
+      beta=a.beta, epsilon=0.2, num_iterations=1,
+      loss_type="grpo",  # TRL 1.x defaults to "dapo"; grpo_jax's default (and the paper's) is "grpo"
+      scale_rewards="group",
+      learning_rate=a.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+      optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+      adam_epsilon=1e-8, max_grad_norm=1.0,
+      bf16=False, fp16=False,  # TRL 1.x defaults to bf16=True
+      gradient_checkpointing=False,  # TRL 1.x defaults to True; grpo_jax runs with remat=False
+      model_init_kwargs={"dtype": "float32"},
+      use_vllm=False, use_cpu=True,
+      logging_steps=1, log_completions=False, save_strategy="no", report_to="none",
+      seed=a.seed, data_seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
+  )
+  dataset = load_dataset("json", data_files=a.prompts, split="train")
+  timer = StepTimer()
+  trainer = GRPOTrainer(model=a.model, reward_funcs=bench_reward.length_mod7, args=args,
+                        train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+  trainer.train()
+  with open(a.out, "w") as f:
+    json.dump({"step_seconds": timer.step_seconds, "logs": timer.logs,
+               "eos_token_ids": list(trainer.eos_token_ids),
+               "torch_threads": torch.get_num_threads(),
+               "versions": {"trl": trl.__version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__}}, f)
+
+
+if __name__ == "__main__":
+  main()
