@@ -114,7 +114,10 @@ class PmappedStep:
 
   def init_state(self, params) -> grpo.TrainState:
     """A fresh train state around placed params; the optimizer state is built on device."""
-    opt_state = distinct_buffers(jax.pmap(self.step.tx.init, devices=self.devices)(params))
+    # Named like the step's axis: arrays laid out on a differently named pmap mesh would
+    # make the first `learn` call compile twice.
+    init = jax.pmap(self.step.tx.init, AXIS, devices=self.devices)
+    opt_state = distinct_buffers(init(params))
     return grpo.TrainState(replicate(jnp.zeros((), jnp.int32), self.local_devices), params,
                            opt_state)
 

@@ -113,3 +113,17 @@ def test_batch_must_split_over_devices(num_prompts, num_devices, message):
 def test_rollout_must_hold_whole_groups():
   with pytest.raises(ValueError, match="whole groups"):
     parallel.check_rollout_rows(10, 4, 1)
+
+
+def test_fresh_state_has_the_layout_of_a_trained_one():
+  """Otherwise the second `learn` call compiles the step all over again."""
+  step, params, tx = make_step()
+  p = parallel.pmap_step(step, jax.local_devices())
+  fresh = p.init_state(p.place_params(params))
+  rollout = p.generate(fresh.params, *p.place_batch((prompts()["prompt_ids"],
+                                                     prompts()["prompt_mask"])),
+                       jax.random.key(0))
+  layout = jax.tree.map(lambda x: x.sharding, fresh)
+  rewards = p.place_batch(np.ones((PROMPTS * G, 2), np.float32))
+  trained, _ = p.learn(fresh, p.place_params(params), rollout, rewards)
+  assert jax.tree.map(lambda x: x.sharding, trained) == layout
