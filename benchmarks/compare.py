@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -143,8 +144,7 @@ def write_prompts(w: Workload, path: str, count: int = 128, seed: int = 0) -> in
   lengths = {len(p) for p in prompts}
   assert len(lengths) == 1, lengths  # one char = one token: no prompt padding anywhere
   with open(path, "w") as f:
-    for p in prompts:
-      f.write(json.dumps({"prompt": p}) + "\n")
+    f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
   return lengths.pop()
 
 
@@ -162,14 +162,23 @@ class Result:
   error: str = ""
   info: dict = dataclasses.field(default_factory=dict)
 
+  warmup_steps: int = 1
+
   @property
   def first_step(self) -> float | None:
     return self.step_seconds[0] if self.step_seconds else None
 
   @property
+  def second_step(self) -> float | None:
+    return self.step_seconds[1] if len(self.step_seconds) > 1 else None
+
+  @property
+  def steady_steps(self) -> list[float]:
+    return self.step_seconds[self.warmup_steps:]
+
+  @property
   def steady_step(self) -> float | None:
-    rest = self.step_seconds[1:]
-    return statistics.median(rest) if rest else None
+    return statistics.median(self.steady_steps) if self.steady_steps else None
 
 
 def clean_env(extra_pythonpath: str) -> dict[str, str]:
@@ -186,21 +195,59 @@ def clean_env(extra_pythonpath: str) -> dict[str, str]:
   return env
 
 
+def busy_cpu_seconds() -> float | None:
+  """CPU seconds the whole machine has spent busy since boot (/proc/stat), or None."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal, no guest double count
+
+
+def others_cpu(log_path: str, busy_before: float | None, busy_after: float | None,
+               wall: float) -> float | None:
+  """Cores' worth of CPU that other processes used during the run (0 = a quiet machine)."""
+  with open(log_path) as f:
+    text = f.read()
+  user = re.findall(r"User time \(seconds\): ([\d.]+)", text)
+  system = re.findall(r"System time \(seconds\): ([\d.]+)", text)
+  if busy_before is None or busy_after is None or not user or not system or wall <= 0:
+    return None
+  own = float(user[-1]) + float(system[-1])
+  return max(0.0, (busy_after - busy_before - own) / wall)
+
+
 def run_timed(cmd: list[str], env: dict, log_path: str, timeout_s: int
               ) -> tuple[int, int | None, float]:
-  """(exit code, peak RSS in KiB from /usr/bin/time -v, wall seconds); output to log_path."""
+  """(exit code, peak RSS in KiB from /usr/bin/time -v, wall seconds); output to log_path.
+
+  /usr/bin/time's report (peak RSS, CPU share) is read back from the end of the log.
+  """
   started = time.perf_counter()
   with open(log_path, "w") as log:
+    # Its own session, so that a timeout ends the trainer too, not only /usr/bin/time.
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
-      proc = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO)
-      code = proc.returncode
+      code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
       code = -9
+      log.write(f"\ncompare.py: killed after the {timeout_s} s timeout\n")
   wall = time.perf_counter() - started
   with open(log_path) as log:
     found = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read())
   return code, (int(found[-1]) if found else None), wall
+
+
+def cpu_percent(log_path: str) -> str:
+  """/usr/bin/time's "Percent of CPU this job got" (200% = both cores of a 2-core machine)."""
+  with open(log_path) as f:
+    found = re.findall(r"Percent of CPU this job got: (\S+)", f.read())
+  return found[-1] if found else "?"
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -249,9 +296,9 @@ def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
 def run_trl(name: str, w: Workload, files: dict, args) -> Result:
   out = os.path.join(files["dir"], "trl_result.json")
   workdir = os.path.join(files["dir"], "trl_workdir")
-  for stale in (out, workdir):
-    shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else (
-        os.path.exists(stale) and os.remove(stale))
+  shutil.rmtree(workdir, ignore_errors=True)
+  if os.path.exists(out):  # a stale result must not pass for this run's
+    os.remove(out)
   cmd = [args.trl_python, os.path.join(HERE, "trl_driver.py"), "--model", files["model"],
          "--prompts", files["prompts"], "--workdir", workdir, "--out", out,
          "--prompts-per-step", str(w.prompts_per_step),
@@ -312,22 +359,26 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(results: list[Result], workloads: dict[str, Workload]) -> str:
-  lines = ["| workload | system | first step | median steady step | peak RSS | process wall "
-           "| step time grpo_jax/peer | peak RSS grpo_jax/peer |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [("| workload | system | first step | second step | median steady step (n) | "
+            "peak RSS | process wall | step time grpo_jax/peer | peak RSS grpo_jax/peer | "
+            "others' CPU |"),
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     base = next((x for x in results if x.workload == r.workload and x.system == "grpo_jax"
                  and x.ok), None)
+    others = r.info.get("others_cores")
+    others = "-" if others is None else f"{others:.2f} cores"
     if not r.ok:
-      lines.append(f"| {r.workload} | {r.system} | failed | - | {fmt_mib(r.peak_rss_kib)} | "
-                   f"{fmt_s(r.wall_seconds)} | - | - |")
+      lines.append(f"| {r.workload} | {r.system} | failed | - | - | {fmt_mib(r.peak_rss_kib)} | "
+                   f"{fmt_s(r.wall_seconds)} | - | - | {others} |")
       continue
     is_peer = r.system != "grpo_jax" and base is not None
     step_ratio = ratio(base.steady_step, r.steady_step) if is_peer else "-"
     rss_ratio = ratio(base.peak_rss_kib, r.peak_rss_kib) if is_peer else "-"
     lines.append(f"| {r.workload} | {r.system} | {fmt_s(r.first_step)} | "
-                 f"{fmt_s(r.steady_step)} | {fmt_mib(r.peak_rss_kib)} | "
-                 f"{fmt_s(r.wall_seconds)} | {step_ratio} | {rss_ratio} |")
+                 f"{fmt_s(r.second_step)} | {fmt_s(r.steady_step)} ({len(r.steady_steps)}) | "
+                 f"{fmt_mib(r.peak_rss_kib)} | "
+                 f"{fmt_s(r.wall_seconds)} | {step_ratio} | {rss_ratio} | {others} |")
   shapes = []
   for name, w in workloads.items():
     shapes.append(f"- {name}: Qwen2 hidden {w.hidden_size}, {w.num_layers} layers, "
@@ -346,6 +397,8 @@ def main(argv=None) -> int:
                  help=f"comma-separated, from: {', '.join(SYSTEMS)}")
   p.add_argument("--steps", type=int, default=6,
                  help="optimizer steps per run (the first is the warm-up; >= 6 recommended)")
+  p.add_argument("--warmup-steps", type=int, default=1,
+                 help="leading steps left out of the steady median (compilation, caches)")
   p.add_argument("--learning-rate", type=float, default=1e-6)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="/tmp/grpo_compare",
@@ -363,8 +416,8 @@ def main(argv=None) -> int:
   for s in systems:
     if s not in RUNNERS:
       p.error(f"unknown system {s!r}; known: {', '.join(RUNNERS)} (tunix is not wired yet)")
-  if args.steps < 2:
-    p.error("--steps must be >= 2 (one warm-up step, then steady steps)")
+  if not 0 <= args.warmup_steps < args.steps:
+    p.error("need 0 <= --warmup-steps < --steps (warm-up steps, then steady steps)")
   if "trl" in systems and not os.path.exists(args.trl_python):
     p.error(f"{args.trl_python} not found; run benchmarks/setup_peers.sh trl")
 
@@ -384,13 +437,25 @@ def main(argv=None) -> int:
     for system in systems:
       print(f"[{name}] running {system} ({args.steps} steps, timeout {w.timeout_s} s)",
             flush=True)
+      busy_before = busy_cpu_seconds()
       result = RUNNERS[system](name, w, files, args)
+      busy_after = busy_cpu_seconds()
+      result.warmup_steps = args.warmup_steps
+      log_path = os.path.join(wdir, f"{system}.log")
+      others = others_cpu(log_path, busy_before, busy_after, result.wall_seconds)
+      result.info.update(cpu_percent=cpu_percent(log_path),
+                         others_cores=None if others is None else round(others, 2))
       check_full_length(result, w)
       results.append(result)
       status = "ok" if result.ok else f"FAILED: {result.error}"
       print(f"[{name}] {system}: steps {[round(s, 3) for s in result.step_seconds]}, "
             f"mean lengths {result.mean_lengths}, peak RSS {fmt_mib(result.peak_rss_kib)}, "
-            f"{status}", flush=True)
+            f"its CPU {result.info['cpu_percent']}, other processes' CPU "
+            f"{result.info['others_cores']} cores, {status}", flush=True)
+      if (result.info["others_cores"] or 0) > 0.15:
+        print(f"[{name}] warning: the machine was not quiet during {system}'s run "
+              f"(others used {result.info['others_cores']} cores); its times are suspect",
+              flush=True)
 
   shown = {n: WORKLOADS[n] for n in workloads}
   report = table(results, shown)

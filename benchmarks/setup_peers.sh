@@ -8,9 +8,9 @@
 #   BENCH_ROOT  where the venvs go (default /work): $BENCH_ROOT/bench-trl, $BENCH_ROOT/bench-tunix
 #   PYTHON      the interpreter that creates them (default python3)
 #
-# torch is pinned to exactly 2.13.0 and taken from PyPI's CPU wheel index only when a plain
-# spec would pull a CUDA build: on Linux x86_64, PyPI's default torch wheel carries several GiB
-# of CUDA libraries, which a CPU benchmark neither needs nor wants.
+# torch is pinned to exactly 2.13.0, the version the project's own venv uses: here that spec
+# resolves to the CPU build (2.13.0+cpu), while any looser torch spec pulls a multi-GiB CUDA
+# build that a CPU benchmark neither needs nor wants.
 set -euo pipefail
 
 BENCH_ROOT="${BENCH_ROOT:-/work}"
@@ -35,7 +35,6 @@ for peer in "${peers[@]}"; do
     trl)
       dir="$BENCH_ROOT/bench-trl"
       make_venv "$dir"
-      # Exactly 2.13.0: any looser torch spec resolves to a multi-GiB CUDA build.
       "$dir/bin/pip" install "$TORCH_SPEC" trl
       "$dir/bin/python" -c "import trl, torch, transformers; print('trl', trl.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
       ;;

@@ -15,14 +15,13 @@ import argparse
 import json
 import time
 
+import bench_reward  # written by compare.py beside the workload's files, on PYTHONPATH
 import torch
 import transformers
 import trl
 from datasets import load_dataset
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-
-import bench_reward
 
 
 class StepTimer(TrainerCallback):
