@@ -51,18 +51,15 @@ class HostRollouts:
     return batching.encode_prompts(self.tokenizer, texts, self.max_prompt_length,
                                    truncate=self.truncate, add_special_tokens=add_special_tokens)
 
-  def score(self, rows: dict[str, list], rollout: sampling.Rollout, num_generations: int):
+  def score(self, rows: dict[str, list], rollout: sampling.Rollout):
     """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout."""
     completions = decode_completions(self.tokenizer, rollout.completion_ids,
                                      rollout.completion_mask)
-    columns = repeat_columns(rows, num_generations)
+    columns = repeat_columns(rows, self.num_generations)
     prompts = columns.pop(self.prompt_column)
     rewards = compute_rewards(self.reward_funcs, prompts,
                               chat.completions_for_rewards(prompts, completions), columns)
     return rewards, completions
-
-  def rewards(self, rows, rollout):
-    return self.score(rows, rollout, self.num_generations)
 
   def named_metrics(self, step_metrics: dict[str, np.ndarray], prefix: str = "") -> dict:
     """Splits the per-function reward vectors into `rewards/<name>/mean|std` scalars."""
@@ -113,7 +110,7 @@ class Evaluator:
       ids, mask = self.host.encode(padded)
       rollout = self.step_fn.to_host(self.generate(
           placed_params, *self.step_fn.place_batch((ids, mask)), jax.random.key(0)))
-      batch_rewards, completions = self.host.score(padded, rollout, 1)
+      batch_rewards, completions = self.host.score(padded, rollout)
       rewards.append(batch_rewards[:count])
       texts += completions[:count]
       prompts += padded[self.host.prompt_column][:count]

@@ -258,7 +258,7 @@ class TrainLoop:
       rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
                                  jax.random.fold_in(base_key, step))
       host_rollout = step_fn.to_host(rollout)
-      rewards, _ = self.host.rewards(rows, host_rollout)
+      rewards, _ = self.host.score(rows, host_rollout)
       state, step_metrics = step_fn.learn(state, reference, rollout,
                                           step_fn.place_batch(rewards))
       step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
