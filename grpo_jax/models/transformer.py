@@ -150,10 +150,13 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if cache is not None:  # write this step's keys/values, then attend over the whole cache
+      cache, layer = cache  # the stacked [layers, B, S, ...] cache, updated in place
       start = query_slots[0]
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-      cache = {"k": k, "v": v}
+      cache = {name: jax.lax.dynamic_update_slice(
+          cache[name], new[None].astype(cache[name].dtype), (layer, 0, start, 0, 0))
+               for name, new in (("k", k), ("v", v))}
+      k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, keepdims=False)
+              for name in ("k", "v"))
     key_slots = jnp.arange(k.shape[1])
     visible = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :].astype(bool)
     groups = cfg.num_heads // n_kv
@@ -230,14 +233,25 @@ class Transformer(nnx.Module):
     inv_freq = rope_inverse_frequencies(cfg)
     block_def, block_params = nnx.split(self.blocks)
 
-    def layer(x, params_and_cache):
-      params, layer_cache = params_and_cache
+    def layer(x, params):
       block = nnx.merge(block_def, params)
-      return block(x, positions, inv_freq, key_mask, query_slots, layer_cache)
+      return block(x, positions, inv_freq, key_mask, query_slots, None)[0], None
 
-    if cfg.remat:
-      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-    x, cache = jax.lax.scan(layer, x, (block_params, cache))
+    def cached_layer(carry, params_and_index):
+      # The whole cache rides in the carry and each layer updates its slice in place:
+      # scanning it as input/output would copy every layer's cache at every decoded token.
+      x, cache = carry
+      params, index = params_and_index
+      block = nnx.merge(block_def, params)
+      return block(x, positions, inv_freq, key_mask, query_slots, (cache, index)), None
+
+    if cache is None:
+      if cfg.remat:
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+      x, _ = jax.lax.scan(layer, x, block_params)
+    else:
+      (x, cache), _ = jax.lax.scan(cached_layer, (x, cache),
+                                   (block_params, jnp.arange(cfg.num_layers)))
     return self.norm(x), cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
