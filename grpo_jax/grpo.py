@@ -149,6 +149,9 @@ def group_advantages(rewards: jax.Array, weights, num_generations: int,
   """
   if rewards.ndim == 1:
     rewards = rewards[:, None]
+  if rewards.shape[0] % num_generations:  # static shapes: raised while tracing
+    raise ConfigError(f"a batch of {rewards.shape[0]} completions does not split into whole "
+                      f"groups of num_generations={num_generations}")
   total = combine_rewards(rewards.astype(jnp.float32), weights)
   grouped = total.reshape(-1, num_generations)
   mean, std = _nan_mean_std(grouped, axis=1)

@@ -83,11 +83,9 @@ def param_shardings(params, mesh: Mesh):
 
 def per_device_bytes(tree, device=None) -> int:
   """Bytes of `tree` that live on one device (read from the arrays' shardings)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    device = device or x.sharding.device_set.__iter__().__next__()
-    total += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
-  return total
+  leaves = jax.tree.leaves(tree)
+  device = device or leaves[0].addressable_shards[0].device
+  return sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,14 +76,6 @@ def check_batch(num_prompts: int, num_generations: int, num_devices: int) -> Non
         f"num_generations={num_generations} completions")
 
 
-def check_rollout_rows(num_rows: int, num_generations: int, num_devices: int) -> None:
-  if num_rows % num_generations:
-    raise ConfigError(
-        f"a batch of {num_rows} completions does not split into whole groups of "
-        f"num_generations={num_generations}")
-  check_batch(num_rows // num_generations, num_generations, num_devices)
-
-
 @dataclasses.dataclass(frozen=True)
 class PmappedStep:
   """`grpo.GRPOStep` compiled with `jax.pmap` over `devices`.
@@ -177,4 +169,4 @@ def host_metrics(metrics) -> dict[str, np.ndarray]:
 
 
 __all__ = ["AXIS", "replicate", "unreplicate", "shard", "unshard", "check_batch",
-           "check_rollout_rows", "PmappedStep", "pmap_generate", "pmap_step", "host_metrics"]
+           "PmappedStep", "pmap_generate", "pmap_step", "host_metrics"]
