@@ -1,18 +1,19 @@
-"""Side-by-side GRPO step time and memory: grpo_jax against TRL's GRPOTrainer, on CPU.
+"""Side-by-side GRPO step time and memory: grpo_jax against TRL and Tunix, on CPU.
 
-  python benchmarks/compare.py --workloads small,tiny [--systems grpo_jax,trl] [--steps 6]
+  python benchmarks/compare.py --workloads small,tiny [--systems grpo_jax,trl,tunix] \
+      [--steps 6]
 
 For each workload this builds one local Hugging Face checkpoint (transformers, random
 weights, fixed seed, float32) with a small tokenizer in the same directory and a JSONL
 prompt file, then runs the same GRPO workload through each system, one after another, each
-in its own subprocess and virtual environment (grpo_jax: the project's venv; TRL: the venv
-made by benchmarks/setup_peers.sh). It prints one markdown table: first step (compilation
-included), median steady step (steps 2..N), peak RSS of the subprocess (/usr/bin/time -v),
-and grpo_jax / peer ratios.
+in its own subprocess and virtual environment (grpo_jax: the project's venv; TRL's
+GRPOTrainer and Tunix's GRPOLearner: the venvs made by benchmarks/setup_peers.sh). It prints
+one markdown table: first step (compilation included), median steady step (steps 2..N), peak
+RSS of the subprocess (/usr/bin/time -v), and grpo_jax / peer ratios.
 
-Every completion is forced to full length in both systems: the tokenizer's EOS (and
+Every completion is forced to full length in every system: the tokenizer's EOS (and
 generation_config.json's eos_token_id) is id V, one past the model's vocabulary of V
-logits, so neither sampler can ever produce it. The script checks the logged
+logits, so no sampler can ever produce it. The script checks the logged
 `completions/mean_length` of every step against max_completion_length.
 """
 
@@ -34,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 NEVER_EOS = "<|never|>"  # the EOS token: id = model vocab size, outside what the model samples
-SYSTEMS = ("grpo_jax", "trl")
+SYSTEMS = ("grpo_jax", "trl", "tunix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +326,42 @@ def run_trl(name: str, w: Workload, files: dict, args) -> Result:
   return result
 
 
-RUNNERS = {"grpo_jax": run_grpo_jax, "trl": run_trl}
+def run_tunix(name: str, w: Workload, files: dict, args) -> Result:
+  out = os.path.join(files["dir"], "tunix_result.json")
+  if os.path.exists(out):  # a stale result must not pass for this run's
+    os.remove(out)
+  cmd = [args.tunix_python, os.path.join(HERE, "tunix_driver.py"), "--model", files["model"],
+         "--prompts", files["prompts"], "--out", out,
+         "--prompts-per-step", str(w.prompts_per_step),
+         "--num-generations", str(w.num_generations),
+         "--max-completion-length", str(w.max_completion_length), "--steps", str(args.steps),
+         "--beta", str(w.beta), "--learning-rate", str(args.learning_rate),
+         "--seed", str(args.seed)]
+  log_path = os.path.join(files["dir"], "tunix.log")
+  code, rss, wall = run_timed(cmd, clean_env(files["dir"]), log_path, w.timeout_s)
+  result = Result(name, "tunix", ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
+  if code != 0 or not os.path.exists(out):
+    result.ok, result.error = False, f"exit {code}; log {log_path}:\n{tail(log_path)}"
+    return result
+  with open(out) as f:
+    data = json.load(f)
+  result.step_seconds = data["step_seconds"]
+  result.mean_lengths = data["mean_lengths"]  # Tunix's logged completions/mean_length
+  # Per-phase seconds (rollout, reference, actor_update) from Tunix's own perf tracer; the
+  # median over the steady steps, like the step time.
+  steady = data["phase_seconds"][args.warmup_steps:]
+  phases = {}
+  for phase in steady[0] if steady else {}:
+    values = [step[phase] for step in steady]
+    if None not in values:
+      phases[phase] = round(statistics.median(values), 4)
+  result.info = {"versions": data["versions"], "eos_token_ids": data["eos_token_ids"],
+                 "pad_token_id": data["pad_token_id"], "kv_cache_size": data["kv_cache_size"],
+                 "steady_phase_seconds": phases, "phase_seconds": data["phase_seconds"]}
+  return result
+
+
+RUNNERS = {"grpo_jax": run_grpo_jax, "trl": run_trl, "tunix": run_tunix}
 
 
 def check_full_length(result: Result, w: Workload) -> None:
@@ -407,6 +443,8 @@ def main(argv=None) -> int:
                  help="interpreter with grpo_jax installed (default: this one)")
   p.add_argument("--trl-python", default="/work/bench-trl/bin/python",
                  help="interpreter of the TRL venv (benchmarks/setup_peers.sh trl)")
+  p.add_argument("--tunix-python", default="/work/bench-tunix/bin/python",
+                 help="interpreter of the Tunix venv (benchmarks/setup_peers.sh tunix)")
   args = p.parse_args(argv)
   workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -415,11 +453,13 @@ def main(argv=None) -> int:
       p.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
   for s in systems:
     if s not in RUNNERS:
-      p.error(f"unknown system {s!r}; known: {', '.join(RUNNERS)} (tunix is not wired yet)")
+      p.error(f"unknown system {s!r}; known: {', '.join(RUNNERS)}")
   if not 0 <= args.warmup_steps < args.steps:
     p.error("need 0 <= --warmup-steps < --steps (warm-up steps, then steady steps)")
   if "trl" in systems and not os.path.exists(args.trl_python):
     p.error(f"{args.trl_python} not found; run benchmarks/setup_peers.sh trl")
+  if "tunix" in systems and not os.path.exists(args.tunix_python):
+    p.error(f"{args.tunix_python} not found; run benchmarks/setup_peers.sh tunix")
 
   os.makedirs(args.out, exist_ok=True)
   results: list[Result] = []
@@ -452,6 +492,9 @@ def main(argv=None) -> int:
             f"mean lengths {result.mean_lengths}, peak RSS {fmt_mib(result.peak_rss_kib)}, "
             f"its CPU {result.info['cpu_percent']}, other processes' CPU "
             f"{result.info['others_cores']} cores, {status}", flush=True)
+      if result.info.get("steady_phase_seconds"):
+        print(f"[{name}] {system}: median steady phases (its own timers) "
+              f"{result.info['steady_phase_seconds']}", flush=True)
       if (result.info["others_cores"] or 0) > 0.15:
         print(f"[{name}] warning: the machine was not quiet during {system}'s run "
               f"(others used {result.info['others_cores']} cores); its times are suspect",
