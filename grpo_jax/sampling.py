@@ -86,16 +86,48 @@ def filter_logits(scaled_logits: jax.Array, top_k: int, top_p: float) -> jax.Arr
   return scaled_logits
 
 
+def _last_positive(x: jax.Array) -> jax.Array:
+  """Index of the last entry > 0 along the last axis (0 if there is none)."""
+  size = x.shape[-1]
+  return size - 1 - jnp.argmax(x[..., ::-1] > 0, axis=-1)
+
+
+def sample_inverse_cdf(probs: jax.Array, uniforms: jax.Array, block: int = 256) -> jax.Array:
+  """One draw per row from the categorical `probs` [N, V], given one uniform in [0, 1) per row.
+
+  The token is the first whose cumulative probability exceeds u * total. The cumulative
+  sum is taken in two levels (over blocks of `block` tokens, then within the chosen
+  block), which keeps it short and accurate in float32 for vocabularies of 150k tokens.
+  One random number per row, where the Gumbel-max trick (`jax.random.categorical`) draws
+  one per vocabulary entry: for a 150k vocabulary that is most of the sampler's time.
+  Zero-probability tokens (filtered by top-k / top-p) are never returned.
+  """
+  n, v = probs.shape
+  probs = jnp.pad(probs, ((0, 0), (0, -v % block))).reshape(n, -1, block)
+  block_mass = probs.sum(-1)  # [N, blocks]
+  block_cdf = jnp.cumsum(block_mass, axis=-1)
+  target = uniforms * block_cdf[:, -1]
+  # float rounding can push the target to the total: stay on a block that has mass
+  chosen = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), _last_positive(block_mass))
+  mass_before = jnp.where(
+      chosen > 0, jnp.take_along_axis(block_cdf, jnp.maximum(chosen - 1, 0)[:, None], 1)[:, 0], 0.)
+  within = jnp.take_along_axis(probs, chosen[:, None, None], axis=1)[:, 0]  # [N, block]
+  offset = jnp.sum(jnp.cumsum(within, axis=-1) <= (target - mass_before)[:, None], axis=-1)
+  return chosen * block + jnp.minimum(offset, _last_positive(within))
+
+
 def _choose_tokens(logits, keys, cfg: SamplingConfig):
   """One token per row and its log-prob under softmax(logits / T). logits: [N, V] float32."""
   scaled = logits / cfg.logprob_temperature
+  logprobs = jax.nn.log_softmax(scaled, axis=-1)
   if cfg.greedy:
     tokens = jnp.argmax(logits, axis=-1)
   else:
     filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
-    tokens = jax.vmap(jax.random.categorical)(keys, filtered)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], -1)[:, 0]
-  return tokens.astype(jnp.int32), logprobs
+    probs = jnp.exp(logprobs) if filtered is scaled else jax.nn.softmax(filtered, axis=-1)
+    tokens = sample_inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(logprobs, tokens[:, None], -1)[:, 0]
 
 
 def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
@@ -115,13 +147,14 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
 
   key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, length), jnp.int32)], axis=1)
   cache = model.init_cache(batch, prompt_len + length)
+  layers = model.layer_params()  # sliced once here, not at every decoded token
   hidden, cache = model.hidden_states(
-      prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0)
+      prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0, layers)
   logits = model.logits(hidden[:, -1])
 
   # Share each prompt's prefill across its G samples.
   repeat = lambda x, axis=0: jnp.repeat(x, group, axis=axis)
-  cache = jax.tree.map(lambda c: repeat(c, 1), cache)  # cache arrays are [layers, B, ...]
+  cache = jax.tree.map(repeat, cache)  # cache arrays are [B, ...]
   logits, key_mask = repeat(logits), repeat(key_mask)
   first_position = repeat(prompt_mask.sum(-1))
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
@@ -144,7 +177,8 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   def decode_one(carry):
     t, tokens, logprobs, mask, done, token, cache = carry
     hidden, cache = model.hidden_states(
-        token[:, None], (first_position + t - 1)[:, None], key_mask, cache, prompt_len + t - 1)
+        token[:, None], (first_position + t - 1)[:, None], key_mask, cache, prompt_len + t - 1,
+        layers)
     token, logprob = _choose_tokens(model.logits(hidden[:, 0]), step_keys(t), cfg)
     token = jnp.where(done, cfg.pad_token_id, token)
     tokens = tokens.at[:, t].set(token)

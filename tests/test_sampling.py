@@ -112,6 +112,26 @@ def test_empirical_distribution_follows_temperature(model):
   assert expected.max() < 0.5  # the check above would be vacuous for a one-hot distribution
 
 
+def test_inverse_cdf_draws_follow_probs_across_blocks():
+  """Frequencies match probs over a vocabulary of several blocks (padded last block);
+  zero-probability tokens, including the edges u -> 0 and u -> 1, are never drawn."""
+  rng = np.random.default_rng(0)
+  v, n = 1000, 200_000
+  probs = rng.random(v) ** 4
+  probs[rng.random(v) < 0.3] = 0.0  # e.g. removed by top-k / top-p
+  probs[[0, v - 1]] = 0.0  # what u = 0 and u -> 1 would land on without the guards
+  probs /= probs.sum()
+  uniforms = jax.random.uniform(jax.random.key(0), (n,))
+  draws = np.asarray(sampling.sample_inverse_cdf(jnp.broadcast_to(probs, (n, v)), uniforms,
+                                                 block=64))
+  counts = np.bincount(draws, minlength=v) / n
+  assert counts[probs == 0].sum() == 0
+  assert np.abs(counts - probs).max() < 4 * np.sqrt(probs.max() / n)
+  edges = sampling.sample_inverse_cdf(jnp.asarray(np.stack([probs, probs])),
+                                      jnp.array([0.0, np.nextafter(1.0, 0.0)], jnp.float32))
+  assert probs[np.asarray(edges)].min() > 0
+
+
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
   keep = lambda f: np.asarray(f > jnp.finfo(jnp.float32).min)
