@@ -32,6 +32,7 @@ def get_config():
   c.temperature = 1.0
   c.dtype = "bfloat16"
   c.remat = True
+  c.scan_layers = True  # 24+ layers: one compiled block keeps compiles short
   c.max_steps = 1000
   c.eval_every = 100
   c.checkpoint_every = 100

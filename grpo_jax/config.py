@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0, tie_word_embeddings=True, qkv_bias=False, qk_norm=False))
   c.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.remat = False
+  c.scan_layers = False  # True: one lax.scan over layers (faster compiles of deep models)
   c.export_hf = ""  # directory (relative to the workdir) for the final actor as a HF checkpoint
 
   # Data.
@@ -66,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss_type = "grpo"
   c.scale_rewards = "group"
   c.num_iterations = 1
-  c.logprob_chunk_size = 256
+  c.logprob_chunk_size = 0  # tokens per vocab-projection chunk; 0: ~64 MiB of logits
 
   # Supervised warm-up on demonstrations before GRPO (the demo task's; 0 = none).
   c.sft_steps = 0
@@ -135,13 +136,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_known_fields(config)
   positive = ("num_generations", "prompts_per_step", "max_prompt_length",
               "max_completion_length", "max_steps", "log_every", "eval_every",
-              "checkpoint_every", "keep_checkpoints", "num_iterations", "logprob_chunk_size",
-              "sft_batch_size")
+              "checkpoint_every", "keep_checkpoints", "num_iterations", "sft_batch_size")
   for field in positive:
     _require(int(config[field]) >= 1, field, config[field], "an integer >= 1")
   _require(config.num_generations >= 2, "num_generations", config.num_generations,
            "an integer >= 2 (GRPO compares each answer with its siblings)")
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
+  _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
+           "an integer >= 0 (0: sized from the vocabulary)")
   if config.sft_steps and config.dataset != DEMO_DATASET:
     raise ConfigError(
         f"config.sft_steps={config.sft_steps} runs the demo's supervised warm-up, whose "

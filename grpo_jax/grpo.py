@@ -42,7 +42,7 @@ class GRPOConfig:
   reward_weights: tuple[float, ...] | None = None  # None: every reward function weighs 1
   num_reward_funcs: int = 1
   num_iterations: int = 1  # optimizer updates per sampled batch (GRPO's mu)
-  logprob_chunk_size: int = 256  # completion positions per chunk of the vocab projection
+  logprob_chunk_size: int = 0  # tokens per chunk of the vocab projection; 0: auto
 
   def __post_init__(self):
     if self.sampling.num_generations < 2:
@@ -68,8 +68,9 @@ class GRPOConfig:
       raise ConfigError(
           f"reward_weights has {len(self.reward_weights)} entries but there are "
           f"{self.num_reward_funcs} reward functions; give one weight per function")
-    if self.logprob_chunk_size < 1:
-      raise ConfigError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 1")
+    if self.logprob_chunk_size < 0:
+      raise ConfigError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 0 "
+                        "(0: sized from the vocabulary)")
 
   @property
   def num_generations(self) -> int:
@@ -171,36 +172,47 @@ def group_advantages(rewards: jax.Array, weights, num_generations: int,
 # ------------------------------------------------------------------------- log-probs
 
 
+LOGITS_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk when logprob_chunk_size = 0
+
+
+def logprob_chunk_tokens(chunk_size: int, vocab_size: int) -> int:
+  """Tokens per chunk of the vocabulary projection: `chunk_size`, or for 0 as many as keep
+  one chunk's float32 logits within LOGITS_CHUNK_BYTES (4096 tokens of a 4k vocabulary,
+  110 of a 150k one)."""
+  return chunk_size or max(16, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
 def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array,
                    temperature: float, chunk_size: int) -> tuple[jax.Array, jax.Array]:
   """Log-probs of `targets` and entropies under softmax(hidden @ head.T / temperature).
 
   hidden: [N, T, D], head_weight: [V, D], targets: [N, T] -> ([N, T], [N, T]) float32.
-  The vocabulary projection is done `chunk_size` positions at a time and recomputed in
-  the backward pass, so [N, T, V] logits never exist at once.
+  The N * T positions are projected onto the vocabulary a chunk of tokens at a time (see
+  `logprob_chunk_tokens`) and recomputed in the backward pass, so [N, T, V] logits never
+  exist at once: the memory is bounded by the chunk, whatever the batch and the vocabulary.
   """
   n, t, d = hidden.shape
-  chunk = min(chunk_size, t)
-  pad = -t % chunk
-  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  num_chunks = (t + pad) // chunk
-  hidden = hidden.reshape(n, num_chunks, chunk, d).swapaxes(0, 1)
-  targets = targets.reshape(n, num_chunks, chunk).swapaxes(0, 1)
+  tokens = n * t
+  chunk = min(logprob_chunk_tokens(chunk_size, head_weight.shape[0]), tokens)
+  pad = -tokens % chunk
+  # Token rows [tokens, D], not [N, T, D]: the matmuls and their gradients then need no
+  # transposes.
+  hidden = jnp.pad(hidden.reshape(tokens, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+  targets = jnp.pad(targets.reshape(tokens), (0, pad)).reshape(-1, chunk)
 
   @jax.checkpoint
   def one_chunk(args):
     h, tgt = args
-    logits = jnp.einsum("ncd,vd->ncv", h, head_weight.astype(h.dtype),
+    logits = jnp.einsum("cd,vd->cv", h, head_weight.astype(h.dtype),
                         preferred_element_type=jnp.float32) / temperature
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-    probs = jnp.exp(logits - log_z[..., None])
+    picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+    probs = jnp.exp(logits - log_z[:, None])
     entropy = log_z - jnp.sum(probs * logits, axis=-1)
     return picked - log_z, entropy
 
   logps, entropy = jax.lax.map(one_chunk, (hidden, targets))
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, t + pad)[:, :t]
+  unchunk = lambda x: x.reshape(-1)[:tokens].reshape(n, t)
   return unchunk(logps), unchunk(entropy)
 
 

@@ -59,14 +59,15 @@ def build_model(config):
   """(tokenizer, eos ids, model config, graphdef, params): a HF checkpoint, or the demo's."""
   if config.model_path:
     model, tokenizer = hf.from_pretrained(config.model_path, dtype=config.dtype,
-                                          remat=config.remat)
+                                          remat=config.remat, scan_layers=config.scan_layers)
     if tokenizer is None:
       raise UserError(f"config.model_path={config.model_path!r} holds no tokenizer files")
     eos_ids = hf.eos_token_ids(config.model_path, tokenizer)
   else:
     tokenizer = demo.build_demo_tokenizer()
     model = Transformer(ModelConfig(vocab_size=len(tokenizer), dtype=config.dtype,
-                                    remat=config.remat, **config.model.to_dict()),
+                                    remat=config.remat, scan_layers=config.scan_layers,
+                                    **config.model.to_dict()),
                         nnx.Rngs(config.seed))
     eos_ids = (tokenizer.eos_token_id,)
   graphdef, params = nnx.split(model)
@@ -131,7 +132,8 @@ def build_step_fn(config, step: grpo.GRPOStep):
 def fingerprint(s: Setup) -> dict[str, Any]:
   """What a checkpoint must match to be restored into this run."""
   arch = dataclasses.asdict(s.model_config)
-  arch.pop("dtype"), arch.pop("remat")
+  for runtime_only in ("dtype", "remat", "scan_layers"):
+    arch.pop(runtime_only)
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
 
 

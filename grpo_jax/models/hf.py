@@ -315,14 +315,16 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float32,
-                    remat: bool = False) -> tuple[Transformer, Any]:
+                    remat: bool = False, scan_layers: bool = False
+                    ) -> tuple[Transformer, Any]:
   """(model, tokenizer) from a local Hugging Face checkpoint directory.
 
   dtype: compute dtype of activations ("float32", "bfloat16", "float16").
   param_dtype: dtype the parameters are stored in (checkpoint tensors are cast to it).
   The tokenizer is None when the directory has no tokenizer files.
   """
-  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, remat=remat)
+  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, remat=remat,
+                                                  scan_layers=scan_layers)
   model, _ = _load(path, cfg, param_dtype, extra_tensors=())
   return model, load_tokenizer(path)
 

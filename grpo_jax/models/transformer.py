@@ -1,8 +1,9 @@
 """A decoder-only transformer with the Llama / Qwen2 / Qwen3 block, in Flax NNX.
 
 Readable top to bottom: RMSNorm -> rotary embeddings -> grouped-query attention
-(optional q/k/v bias, optional q/k RMSNorm) -> SwiGLU MLP, stacked with a
-`lax.scan` over layers (one compiled block, whatever the depth).
+(optional q/k/v bias, optional q/k RMSNorm) -> SwiGLU MLP. Every layer's parameters are
+stacked on a leading axis; full-sequence passes run the layers unrolled or under one
+`lax.scan` (`scan_layers`), decoding always unrolled.
 
 One module serves both uses:
   * training: the whole sequence at once, causal + key-padding mask;
@@ -49,6 +50,10 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   dtype: str = "float32"  # compute dtype of activations; params stay float32
   remat: bool = False  # recompute each block in the backward pass to save memory
+  # Full-sequence passes: one `lax.scan` over the stacked layers (one compiled block: the
+  # shortest compile for deep models) or the layers unrolled (default: on CPU the train
+  # step ran ~10% faster, for ~2x the compile time of the train step).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
@@ -142,7 +147,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache):
     cfg = self.cfg
-    b, t, _ = x.shape
+    b, t = positions.shape  # x: [B * T, D]
     hd, n_kv = cfg.head_dim, cfg.num_kv_heads
     q = self.q_proj(x).reshape(b, t, cfg.num_heads, hd)
     k = self.k_proj(x).reshape(b, t, n_kv, hd)
@@ -176,7 +181,7 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkms,bksd->bkmd", probs.reshape(b, n_kv, groups * t, -1),
                      v.astype(probs.dtype))
     out = out.reshape(b, n_kv, groups, t, hd).transpose(0, 3, 1, 2, 4)
-    return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
+    return self.o_proj(out.reshape(b * t, cfg.num_heads * hd)), cache
 
 
 class MLP(nnx.Module):
@@ -199,10 +204,15 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache):
+    # The projections see [B * T, D] rows: with 3-D activations XLA transposes the
+    # [B, T, F] gradients before each weight-gradient matmul (the MLP's backward pass ran
+    # 1.4x slower on CPU).
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
     attn, cache = self.self_attn(
         self.input_layernorm(x), positions, inv_freq, key_mask, query_slots, cache)
     x = x + attn
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    return (x + self.mlp(self.post_attention_layernorm(x))).reshape(shape), cache
 
 
 class Transformer(nnx.Module):
@@ -247,11 +257,11 @@ class Transformer(nnx.Module):
     key_mask: [B, S] validity of every key slot: S = T without a cache, the cache length
     with one. Input token t sits at slot `cache_index + t`.
 
-    Without a cache the layers run under one `lax.scan` (one compiled block, however deep
-    the model). With one they are unrolled: each layer then reads its weights and writes
-    its own cache buffers in place, where a scan would copy the layer's weights and cache
-    slice out of the stacked arrays at every decoded token. A decode loop should slice the
-    weights once, before the loop, with `layer_params()` and pass them in as `layer_params`.
+    Without a cache the layers run unrolled, or under one `lax.scan` with
+    `cfg.scan_layers`. With one they are always unrolled: each layer then reads its
+    weights and writes its own cache buffers in place, where a scan would copy the layer's
+    weights and cache slice out of the stacked arrays at every decoded token. A decode loop
+    should slice the weights once, before the loop, with `layer_params()` and pass them in.
     """
     cfg = self.cfg
     x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(cfg.compute_dtype)
@@ -266,7 +276,7 @@ class Transformer(nnx.Module):
 
       if cfg.remat:
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-      x, _ = jax.lax.scan(layer, x, block_params)
+      x, _ = jax.lax.scan(layer, x, block_params, unroll=1 if cfg.scan_layers else True)
       return self.norm(x), None
 
     new_cache = []
