@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss_type = "grpo"
   c.scale_rewards = "group"
   c.num_iterations = 1
-  c.logprob_chunk_size = 0  # tokens per vocab-projection chunk; 0: ~64 MiB of logits
+  c.logprob_chunk_size = 0  # vocabulary entries per log-prob chunk; 0: ~64 MiB of logits
+  c.micro_batch_size = 0  # completions per train forward/backward on a device; 0: ~1k tokens
 
   # Supervised warm-up on demonstrations before GRPO (the demo task's; 0 = none).
   c.sft_steps = 0
@@ -142,6 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.num_generations >= 2, "num_generations", config.num_generations,
            "an integer >= 2 (GRPO compares each answer with its siblings)")
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
+  _require(config.micro_batch_size >= 0, "micro_batch_size", config.micro_batch_size,
+           "an integer >= 0 (0: about 1k tokens per micro-batch)")
   _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
            "an integer >= 0 (0: sized from the vocabulary)")
   if config.sft_steps and config.dataset != DEMO_DATASET:
@@ -184,4 +187,4 @@ def grpo_config(config, eos_token_ids, pad_token_id) -> grpo.GRPOConfig:
       loss_type=config.loss_type, scale_rewards=config.scale_rewards,
       reward_weights=None if weights is None else tuple(float(w) for w in weights),
       num_reward_funcs=len(reward_func_specs(config)), num_iterations=config.num_iterations,
-      logprob_chunk_size=config.logprob_chunk_size)
+      logprob_chunk_size=config.logprob_chunk_size, micro_batch_size=config.micro_batch_size)

@@ -456,7 +456,8 @@ def logprob_inputs(seed=0):
   return hidden, head, targets
 
 
-# Tokens per chunk (of N * T = 30): divisors, non-divisors, all of them, and more.
+# Vocabulary entries per chunk (V = 37): one, sizes whose last chunk overlaps the one
+# before (37 is prime), and more than V.
 CHUNKS = [1, 3, 4, 7, LP_T, LP_N * LP_T, 64]
 
 
