@@ -67,6 +67,45 @@ WORKLOADS = {
                           max_completion_length=128, timeout_s=3600),
 }
 
+def model_flops(w: Workload, prompt_tokens: int) -> dict[str, float]:
+  """Model FLOPs of one GRPO step, the same for every system: matmuls only (2 per
+  multiply-add), causal attention counted for the keys a query can see, vocabulary
+  projections only where a log-prob or a next token is needed.
+
+  sampling: each prompt prefilled once, then P*G rows decode L tokens; reference: one
+  forward pass (beta > 0); train: forward + backward = 3 forward passes.
+  """
+  d, heads, kv_heads, layers = w.hidden_size, w.num_heads, w.num_kv_heads, w.num_layers
+  hd = d // heads
+  projections = 2 * (d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
+                     + 3 * d * w.intermediate_size)  # per token per layer
+  attention = lambda keys: 2 * 2 * heads * hd * keys  # one query: scores + weighted values
+  head = 2 * d * w.vocab_size
+  rows, length = w.prompts_per_step * w.num_generations, w.max_completion_length
+  seq = prompt_tokens + length
+  prefill = w.prompts_per_step * (layers * sum(projections + attention(i + 1)
+                                               for i in range(prompt_tokens)) + head)
+  decode = rows * sum(layers * (projections + attention(prompt_tokens + t + 1)) + head
+                      for t in range(1, length))
+  forward = rows * (layers * sum(projections + attention(i + 1) for i in range(seq))
+                    + length * head)
+  flops = {"sampling": prefill + decode, "reference": forward if w.beta > 0 else 0,
+           "train": 3 * forward}
+  flops["step"] = sum(flops.values())
+  return flops
+
+
+def matmul_throughput(python: str, backend: str) -> float | None:
+  """GFLOP/s of a 2048^3 float32 matmul (benchmarks/matmul_peak.py), or None if it failed."""
+  try:
+    out = subprocess.run([python, os.path.join(HERE, "matmul_peak.py"), backend],
+                         capture_output=True, text=True, timeout=300, env=clean_env(""),
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["gflops"]
+  except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError):
+    return None
+
+
 REWARD_MODULE = '''"""The benchmark's reward: cheap, deterministic, identical in every system."""
 
 
@@ -394,11 +433,12 @@ def ratio(a: float | None, b: float | None) -> str:
   return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def table(results: list[Result], workloads: dict[str, Workload]) -> str:
+def table(results: list[Result], workloads: dict[str, Workload], flops: dict[str, dict],
+          peak_gflops: float | None) -> str:
   lines = [("| workload | system | first step | second step | median steady step (n) | "
             "peak RSS | process wall | step time grpo_jax/peer | peak RSS grpo_jax/peer | "
-            "others' CPU |"),
-           "|---|---|---|---|---|---|---|---|---|---|"]
+            "MFU | others' CPU |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     base = next((x for x in results if x.workload == r.workload and x.system == "grpo_jax"
                  and x.ok), None)
@@ -406,15 +446,18 @@ def table(results: list[Result], workloads: dict[str, Workload]) -> str:
     others = "-" if others is None else f"{others:.2f} cores"
     if not r.ok:
       lines.append(f"| {r.workload} | {r.system} | failed | - | - | {fmt_mib(r.peak_rss_kib)} | "
-                   f"{fmt_s(r.wall_seconds)} | - | - | {others} |")
+                   f"{fmt_s(r.wall_seconds)} | - | - | - | {others} |")
       continue
+    step_flops = flops.get(r.workload, {}).get("step")
+    mfu = ("-" if not (step_flops and peak_gflops and r.steady_step) else
+           f"{step_flops / r.steady_step / (peak_gflops * 1e9):.0%}")
     is_peer = r.system != "grpo_jax" and base is not None
     step_ratio = ratio(base.steady_step, r.steady_step) if is_peer else "-"
     rss_ratio = ratio(base.peak_rss_kib, r.peak_rss_kib) if is_peer else "-"
     lines.append(f"| {r.workload} | {r.system} | {fmt_s(r.first_step)} | "
                  f"{fmt_s(r.second_step)} | {fmt_s(r.steady_step)} ({len(r.steady_steps)}) | "
                  f"{fmt_mib(r.peak_rss_kib)} | "
-                 f"{fmt_s(r.wall_seconds)} | {step_ratio} | {rss_ratio} | {others} |")
+                 f"{fmt_s(r.wall_seconds)} | {step_ratio} | {rss_ratio} | {mfu} | {others} |")
   shapes = []
   for name, w in workloads.items():
     shapes.append(f"- {name}: Qwen2 hidden {w.hidden_size}, {w.num_layers} layers, "
@@ -422,7 +465,15 @@ def table(results: list[Result], workloads: dict[str, Workload]) -> str:
                   f"vocab {w.vocab_size}, tied; {w.prompts_per_step} prompts x "
                   f"G={w.num_generations}, {w.max_completion_length} new tokens, "
                   f"beta {w.beta}")
-  return "\n".join(lines + [""] + shapes)
+    f = flops.get(name)
+    if f:
+      shapes[-1] += (f"; model GFLOP per step {f['step'] / 1e9:,.0f} (sampling "
+                     f"{f['sampling'] / 1e9:,.0f}, reference {f['reference'] / 1e9:,.0f}, "
+                     f"train {f['train'] / 1e9:,.0f})")
+  peak = ("-" if peak_gflops is None else f"{peak_gflops:,.0f} GFLOP/s")
+  notes = [f"MFU: model FLOPs per step / (median steady step x this machine's float32 matmul "
+           f"throughput, {peak}, measured in this run by benchmarks/matmul_peak.py)."]
+  return "\n".join(lines + [""] + shapes + [""] + notes)
 
 
 def main(argv=None) -> int:
@@ -462,7 +513,16 @@ def main(argv=None) -> int:
     p.error(f"{args.tunix_python} not found; run benchmarks/setup_peers.sh tunix")
 
   os.makedirs(args.out, exist_ok=True)
+  # The yardstick of the MFU column: the best float32 matmul rate either library reaches.
+  throughput = {"jax": matmul_throughput(args.grpo_jax_python, "jax")}
+  if "trl" in systems:
+    throughput["torch"] = matmul_throughput(args.trl_python, "torch")
+  known = [g for g in throughput.values() if g]
+  peak_gflops = max(known) if known else None
+  print(f"float32 matmul throughput (GFLOP/s): "
+        f"{ {k: None if v is None else round(v) for k, v in throughput.items()} }", flush=True)
   results: list[Result] = []
+  flops: dict[str, dict] = {}
   for name in workloads:
     w = WORKLOADS[name]
     wdir = os.path.join(args.out, name)
@@ -472,6 +532,7 @@ def main(argv=None) -> int:
     print(f"[{name}] building checkpoint and prompts in {wdir}", flush=True)
     build_checkpoint(w, files["model"], seed=args.seed)
     files["prompt_tokens"] = write_prompts(w, files["prompts"], seed=args.seed)
+    flops[name] = model_flops(w, files["prompt_tokens"])
     with open(os.path.join(wdir, "bench_reward.py"), "w") as f:
       f.write(REWARD_MODULE)
     for system in systems:
@@ -501,13 +562,14 @@ def main(argv=None) -> int:
               flush=True)
 
   shown = {n: WORKLOADS[n] for n in workloads}
-  report = table(results, shown)
+  report = table(results, shown, flops, peak_gflops)
   machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
   print(f"\n{time.strftime('%Y-%m-%d')} on {machine}\n")
   print(report)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine,
                "steps": args.steps, "results": [dataclasses.asdict(r) for r in results],
+               "matmul_gflops": throughput, "model_flops": flops,
                "table": report}, f, indent=1)
   return 0 if all(r.ok for r in results) else 1
 

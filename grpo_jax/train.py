@@ -264,12 +264,18 @@ class TrainLoop:
       prompt_ids, prompt_mask = self.host.encode(rows)
       rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
                                  jax.random.fold_in(base_key, step))
-      host_rollout = step_fn.to_host(rollout)
+      host_rollout = step_fn.to_host(rollout)  # waits for the sampler
+      sampled = time.perf_counter()
       rewards, _ = self.host.score(rows, host_rollout)
+      scored = time.perf_counter()
       state, step_metrics = step_fn.learn(state, reference, rollout,
                                           step_fn.place_batch(rewards))
       step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
-      step_metrics.update(rollouts.throughput(host_rollout, time.perf_counter() - started))
+      done = time.perf_counter()
+      step_metrics.update(rollouts.throughput(host_rollout, done - started))
+      # Where the step went: prompts + sampling, host reward functions, reference + update.
+      step_metrics.update({"time/sampling": sampled - started, "time/rewards": scored - sampled,
+                           "time/update": done - scored})
       report(step)
       last = step == config.max_steps
       if step % config.log_every == 0 or last:

@@ -87,8 +87,14 @@ def test_default_config_is_valid_and_demo_metrics_are_written(tmp_path, monkeypa
                "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
                "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
                "frac_reward_zero_std", "grad_norm", "learning_rate", "step_time",
-               "tokens_per_second", "eval/accuracy", "warmup/loss"]:
+               "tokens_per_second", "eval/accuracy", "warmup/loss", "time/sampling",
+               "time/rewards", "time/update"]:
     assert name in names, name
+  for record in metrics.read_metrics(logdir):  # the step's parts add up to (most of) it
+    if "step_time" in record:
+      parts = record["time/sampling"] + record["time/rewards"] + record["time/update"]
+      assert 0.0 < parts <= record["step_time"] + 1e-6
+      assert parts > 0.5 * record["step_time"]
   assert 0.0 <= result["eval/accuracy"] <= 1.0
   assert (logdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert list(logdir.glob("events.out.tfevents.*"))
