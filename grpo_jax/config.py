@@ -67,8 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss_type = "grpo"
   c.scale_rewards = "group"
   c.num_iterations = 1
-  c.logprob_chunk_size = 0  # vocabulary entries per log-prob chunk; 0: ~64 MiB of logits
-  c.micro_batch_size = 0  # completions per train forward/backward on a device; 0: ~1k tokens
+  c.logprob_chunk_size = 0  # vocabulary entries per log-prob chunk; 0: ~16 MiB of logits
+  c.micro_batch_size = 0  # completions per train forward/backward on a device; 0: auto
 
   # Supervised warm-up on demonstrations before GRPO (the demo task's; 0 = none).
   c.sft_steps = 0
@@ -144,7 +144,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "an integer >= 2 (GRPO compares each answer with its siblings)")
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
   _require(config.micro_batch_size >= 0, "micro_batch_size", config.micro_batch_size,
-           "an integer >= 0 (0: about 1k tokens per micro-batch)")
+           "an integer >= 0 (0: auto, about 1k tokens per micro-batch on CPU)")
   _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
            "an integer >= 0 (0: sized from the vocabulary)")
   if config.sft_steps and config.dataset != DEMO_DATASET:
