@@ -333,28 +333,40 @@ def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
   return result
 
 
-def run_trl(name: str, w: Workload, files: dict, args) -> Result:
-  out = os.path.join(files["dir"], "trl_result.json")
-  workdir = os.path.join(files["dir"], "trl_workdir")
-  shutil.rmtree(workdir, ignore_errors=True)
+def run_peer(system: str, python: str, name: str, w: Workload, files: dict, args,
+             extra: list[str]) -> tuple[Result, dict | None]:
+  """Runs benchmarks/<system>_driver.py on the workload in the peer's venv.
+
+  Returns the Result (failed unless the driver exited 0 and wrote its JSON) and that JSON.
+  """
+  out = os.path.join(files["dir"], f"{system}_result.json")
   if os.path.exists(out):  # a stale result must not pass for this run's
     os.remove(out)
-  cmd = [args.trl_python, os.path.join(HERE, "trl_driver.py"), "--model", files["model"],
-         "--prompts", files["prompts"], "--workdir", workdir, "--out", out,
+  cmd = [python, os.path.join(HERE, f"{system}_driver.py"), "--model", files["model"],
+         "--prompts", files["prompts"], "--out", out, *extra,
          "--prompts-per-step", str(w.prompts_per_step),
          "--num-generations", str(w.num_generations),
          "--max-completion-length", str(w.max_completion_length), "--steps", str(args.steps),
          "--beta", str(w.beta), "--learning-rate", str(args.learning_rate),
          "--seed", str(args.seed)]
-  log_path = os.path.join(files["dir"], "trl.log")
+  log_path = os.path.join(files["dir"], f"{system}.log")
   code, rss, wall = run_timed(cmd, clean_env(files["dir"]), log_path, w.timeout_s)
-  result = Result(name, "trl", ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
+  result = Result(name, system, ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
   if code != 0 or not os.path.exists(out):
     result.ok, result.error = False, f"exit {code}; log {log_path}:\n{tail(log_path)}"
-    return result
+    return result, None
   with open(out) as f:
     data = json.load(f)
   result.step_seconds = data["step_seconds"]
+  return result, data
+
+
+def run_trl(name: str, w: Workload, files: dict, args) -> Result:
+  workdir = os.path.join(files["dir"], "trl_workdir")
+  shutil.rmtree(workdir, ignore_errors=True)
+  result, data = run_peer("trl", args.trl_python, name, w, files, args, ["--workdir", workdir])
+  if data is None:
+    return result
   by_step: dict[int, dict] = {}
   for rec in data["logs"]:
     by_step.setdefault(rec["step"], {}).update(rec)
@@ -366,25 +378,9 @@ def run_trl(name: str, w: Workload, files: dict, args) -> Result:
 
 
 def run_tunix(name: str, w: Workload, files: dict, args) -> Result:
-  out = os.path.join(files["dir"], "tunix_result.json")
-  if os.path.exists(out):  # a stale result must not pass for this run's
-    os.remove(out)
-  cmd = [args.tunix_python, os.path.join(HERE, "tunix_driver.py"), "--model", files["model"],
-         "--prompts", files["prompts"], "--out", out,
-         "--prompts-per-step", str(w.prompts_per_step),
-         "--num-generations", str(w.num_generations),
-         "--max-completion-length", str(w.max_completion_length), "--steps", str(args.steps),
-         "--beta", str(w.beta), "--learning-rate", str(args.learning_rate),
-         "--seed", str(args.seed)]
-  log_path = os.path.join(files["dir"], "tunix.log")
-  code, rss, wall = run_timed(cmd, clean_env(files["dir"]), log_path, w.timeout_s)
-  result = Result(name, "tunix", ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
-  if code != 0 or not os.path.exists(out):
-    result.ok, result.error = False, f"exit {code}; log {log_path}:\n{tail(log_path)}"
+  result, data = run_peer("tunix", args.tunix_python, name, w, files, args, [])
+  if data is None:
     return result
-  with open(out) as f:
-    data = json.load(f)
-  result.step_seconds = data["step_seconds"]
   result.mean_lengths = data["mean_lengths"]  # Tunix's logged completions/mean_length
   # Per-phase seconds (rollout, reference, actor_update) from Tunix's own perf tracer; the
   # median over the steady steps, like the step time.
@@ -471,9 +467,9 @@ def table(results: list[Result], workloads: dict[str, Workload], flops: dict[str
                      f"{f['sampling'] / 1e9:,.0f}, reference {f['reference'] / 1e9:,.0f}, "
                      f"train {f['train'] / 1e9:,.0f})")
   peak = ("-" if peak_gflops is None else f"{peak_gflops:,.0f} GFLOP/s")
-  notes = [f"MFU: model FLOPs per step / (median steady step x this machine's float32 matmul "
-           f"throughput, {peak}, measured in this run by benchmarks/matmul_peak.py)."]
-  return "\n".join(lines + [""] + shapes + [""] + notes)
+  note = (f"MFU: model FLOPs per step / (median steady step x this machine's float32 matmul "
+          f"throughput, {peak}, measured in this run by benchmarks/matmul_peak.py).")
+  return "\n".join([*lines, "", *shapes, "", note])
 
 
 def main(argv=None) -> int:

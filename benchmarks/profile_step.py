@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import compare  # noqa: E402  (benchmarks/compare.py: the workloads and their files)
+import compare  # benchmarks/compare.py: the workloads and their files
 
 
 def main():
@@ -39,8 +39,8 @@ def main():
 
   import jax
 
-  from grpo_jax import grpo, rollouts, train
   from grpo_jax import config as config_lib
+  from grpo_jax import grpo, rollouts, train
   from grpo_jax.data import batching
 
   w = compare.WORKLOADS[a.workload]

@@ -11,11 +11,11 @@ PYTHONPATH), the same module grpo_jax imports, so both systems score with identi
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import bench_reward  # written by compare.py beside the workload's files, on PYTHONPATH
+import driver_args  # benchmarks/driver_args.py, beside this script
 import torch
 import transformers
 import trl
@@ -44,18 +44,8 @@ class StepTimer(TrainerCallback):
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--model", required=True)
-  p.add_argument("--prompts", required=True)
+  p = driver_args.workload_parser()
   p.add_argument("--workdir", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--prompts-per-step", type=int, required=True)
-  p.add_argument("--num-generations", type=int, required=True)
-  p.add_argument("--max-completion-length", type=int, required=True)
-  p.add_argument("--steps", type=int, required=True)
-  p.add_argument("--beta", type=float, default=0.04)
-  p.add_argument("--learning-rate", type=float, default=1e-6)
-  p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
 
   batch = a.prompts_per_step * a.num_generations

@@ -18,12 +18,12 @@ systems import.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import bench_reward  # written by compare.py beside the workload's files, on PYTHONPATH
+import driver_args  # benchmarks/driver_args.py, beside this script
 import flax
 import jax
 import jax.numpy as jnp
@@ -142,17 +142,7 @@ def scalar(values, op) -> float | None:
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--model", required=True)
-  p.add_argument("--prompts", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--prompts-per-step", type=int, required=True)
-  p.add_argument("--num-generations", type=int, required=True)
-  p.add_argument("--max-completion-length", type=int, required=True)
-  p.add_argument("--steps", type=int, required=True)
-  p.add_argument("--beta", type=float, default=0.04)
-  p.add_argument("--learning-rate", type=float, default=1e-6)
-  p.add_argument("--seed", type=int, default=0)
+  p = driver_args.workload_parser()
   a = p.parse_args()
 
   cfg = model_config(a.model)
