@@ -378,6 +378,11 @@ class ScoredRollout(NamedTuple):
   ref_logprobs: jax.Array | None  # [N, L]; None: beta == 0
 
 
+# Token-level metrics grpo_loss sums over completion tokens (divided by the token count later).
+TOKEN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                 "clip_ratio/region_mean")
+
+
 def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
               cfg: GRPOConfig, axis_name=None):
   """(this device's share of the loss, token-level sums for the metrics)."""
@@ -393,11 +398,9 @@ def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
   adv = scored.advantages[:, None]
   is_low = ((ratio < low) & (adv < 0)).astype(jnp.float32)
   is_high = ((ratio > high) & (adv > 0)).astype(jnp.float32)
-  token_sums = {
-      "kl": kl, "entropy": entropy, "clip_ratio/low_mean": is_low,
-      "clip_ratio/high_mean": is_high, "clip_ratio/region_mean": is_low + is_high,
-  }
-  token_sums = {k: jax.lax.stop_gradient(jnp.sum(v * mask)) for k, v in token_sums.items()}
+  per_token = (kl, entropy, is_low, is_high, is_low + is_high)
+  token_sums = {name: jax.lax.stop_gradient(jnp.sum(v * mask))
+                for name, v in zip(TOKEN_METRICS, per_token, strict=True)}
   return loss, token_sums
 
 
@@ -514,9 +517,9 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
     out = grad_fn(params, model_def, part, norms, cfg, axis_name)
     return jax.tree.map(jnp.add, total, out), None
 
-  shapes = jax.eval_shape(lambda p, part: grad_fn(p, model_def, part, norms, cfg, axis_name),
-                          params, jax.tree.map(lambda x: x[0], micro))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  # (loss, token sums) and gradients start at zero: the shapes of grpo_loss's outputs.
+  zero = jnp.zeros((), jnp.float32)
+  zeros = ((zero, {name: zero for name in TOKEN_METRICS}), jax.tree.map(jnp.zeros_like, params))
   total, _ = jax.lax.scan(accumulate, zeros, micro)
   return total
 
