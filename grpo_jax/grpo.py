@@ -216,12 +216,16 @@ def _fused_logprobs(hidden, head, targets, temperature, chunk):
   return _fused_forward(hidden, head, targets, temperature, chunk)[0]
 
 
-def _chunk_logits(hidden, head, c, temperature, chunk):
-  count, start, owned = _vocab_chunks(head.shape[0], chunk)
-  w = jax.lax.dynamic_slice_in_dim(head, start(c), chunk, axis=0)
+def _chunk_logits(hidden, head, targets, c, temperature, chunk):
+  """Chunk c's (logits [M, chunk], head rows, start, owned [chunk], target hits [M, chunk]);
+  a hit is an owned entry that is the row's target."""
+  _, start, owned = _vocab_chunks(head.shape[0], chunk)
+  start, owned = start(c), owned(c)
+  w = jax.lax.dynamic_slice_in_dim(head, start, chunk, axis=0)
   logits = jnp.einsum("md,vd->mv", hidden, w.astype(hidden.dtype),
                       preferred_element_type=jnp.float32) / temperature
-  return logits, w, start(c), owned(c)
+  hit = ((start + jnp.arange(chunk))[None] == targets[:, None]) & owned[None]
+  return logits, w, start, owned, hit
 
 
 def _fused_forward(hidden, head, targets, temperature, chunk):
@@ -230,15 +234,14 @@ def _fused_forward(hidden, head, targets, temperature, chunk):
 
   def body(c, carry):
     top, total, weighted, picked = carry  # running max, sum exp, sum exp * logit, target logit
-    logits, _, start, owned = _chunk_logits(hidden, head, c, temperature, chunk)
+    logits, _, _, owned, hit = _chunk_logits(hidden, head, targets, c, temperature, chunk)
     logits = jnp.where(owned[None], logits, -jnp.inf)
     new_top = jnp.maximum(top, logits.max(-1))
     scale = jnp.exp(top - new_top)
     e = jnp.exp(logits - new_top[:, None])  # 0 where not owned
     total = total * scale + e.sum(-1)
     weighted = weighted * scale + jnp.sum(e * jnp.where(owned[None], logits, 0.0), -1)
-    hit = (start + jnp.arange(chunk))[None] == targets[:, None]
-    picked = picked + jnp.sum(jnp.where(hit & owned[None], logits, 0.0), -1)
+    picked = picked + jnp.sum(jnp.where(hit, logits, 0.0), -1)
     return new_top, total, weighted, picked
 
   init = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m,), jnp.float32),
@@ -261,9 +264,8 @@ def _fused_bwd(temperature, chunk, residuals, cotangents):
 
   def body(c, carry):
     d_hidden, d_head = carry
-    logits, w, start, owned = _chunk_logits(hidden, head, c, temperature, chunk)
+    logits, w, start, owned, hit = _chunk_logits(hidden, head, targets, c, temperature, chunk)
     probs = jnp.where(owned[None], jnp.exp(logits - log_z[:, None]), 0.0)
-    hit = ((start + jnp.arange(chunk))[None] == targets[:, None]) & owned[None]
     # d logp / d logit_j = 1[j = target] - p_j;  d entropy / d logit_j = -p_j (logit_j - mean)
     d_logits = (g_logp[:, None] * (hit - probs)
                 - g_entropy[:, None] * probs * (logits - mean_logit[:, None])) / temperature

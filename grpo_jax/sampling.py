@@ -123,8 +123,10 @@ def _choose_tokens(logits, keys, cfg: SamplingConfig):
   if cfg.greedy:
     tokens = jnp.argmax(logits, axis=-1)
   else:
-    filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
-    probs = jnp.exp(logprobs) if filtered is scaled else jax.nn.softmax(filtered, axis=-1)
+    if cfg.top_k or cfg.top_p < 1.0:
+      probs = jax.nn.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+    else:  # nothing filtered: the distribution whose log-probs are already computed
+      probs = jnp.exp(logprobs)
     tokens = sample_inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
   tokens = tokens.astype(jnp.int32)
   return tokens, jnp.take_along_axis(logprobs, tokens[:, None], -1)[:, 0]

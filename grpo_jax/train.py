@@ -32,7 +32,7 @@ from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, warmup
 from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax.data import batching, demo, loading
-from grpo_jax.errors import ConfigError, UserError
+from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, Transformer, hf
 from grpo_jax.rewards import resolve_reward_funcs
 
@@ -78,11 +78,10 @@ def setup(config) -> Setup:
   """Validates config, data, reward functions and model; writes nothing."""
   config_lib.validate(config)
   parallel.check_batch(config.prompts_per_step, config.num_generations, batch_divisor(config))
-  rows_per_shard = config.prompts_per_step * config.num_generations // batch_divisor(config)
-  if config.micro_batch_size and rows_per_shard % config.micro_batch_size:
-    raise ConfigError(
-        f"micro_batch_size={config.micro_batch_size} must divide the {rows_per_shard} "
-        "completions each device trains on (prompts_per_step * num_generations / devices)")
+  if config.micro_batch_size:  # it must divide each device's completions: say so now
+    grpo.micro_batch_rows(
+        config.prompts_per_step * config.num_generations // batch_divisor(config),
+        config.max_prompt_length + config.max_completion_length, config.micro_batch_size)
   train_data, eval_data = loading.load_prompt_dataset(
       config.dataset, config.prompt_column, eval_split=config.eval_split or None,
       eval_size=config.eval_size, seed=config.seed)
