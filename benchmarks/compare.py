@@ -295,10 +295,27 @@ def tail(path: str, lines: int = 15) -> str:
     return "".join(f.readlines()[-lines:])
 
 
-def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
-  workdir = os.path.join(files["dir"], "grpo_jax_workdir")
-  shutil.rmtree(workdir, ignore_errors=True)  # a leftover workdir would resume, not rerun
-  cfg = {
+def prepare_workload(w: Workload, wdir: str, seed: int, rebuild: bool = True) -> dict:
+  """The workload's files in `wdir`: checkpoint, prompts and the reward module.
+
+  Returns {"dir", "model", "prompts", "prompt_tokens"}. rebuild=False keeps an existing
+  checkpoint (the same seed builds the same weights).
+  """
+  os.makedirs(wdir, exist_ok=True)
+  files = {"dir": wdir, "model": os.path.join(wdir, "model"),
+           "prompts": os.path.join(wdir, "prompts.jsonl")}
+  if rebuild or not os.path.exists(os.path.join(files["model"], "config.json")):
+    build_checkpoint(w, files["model"], seed=seed)
+  files["prompt_tokens"] = write_prompts(w, files["prompts"], seed=seed)
+  with open(os.path.join(wdir, "bench_reward.py"), "w") as f:
+    f.write(REWARD_MODULE)
+  return files
+
+
+def grpo_jax_settings(w: Workload, files: dict, steps: int, learning_rate: float,
+                      seed: int) -> dict:
+  """grpo_jax config fields that run the workload as the peers run it."""
+  return {
       "model_path": files["model"], "dataset": f"json:{files['prompts']}",
       "prompt_column": "prompt", "reward_funcs": "bench_reward:length_mod7",
       "sft_steps": 0, "eval_size": 0, "chat_template": "none",
@@ -308,11 +325,17 @@ def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
       "temperature": 1.0, "top_k": 0, "top_p": 1.0,
       "beta": w.beta, "epsilon": 0.2, "loss_type": "grpo", "scale_rewards": "group",
       "num_iterations": 1, "dtype": "float32", "remat": False,
-      "learning_rate": args.learning_rate, "lr_scheduler_type": "constant",
+      "learning_rate": learning_rate, "lr_scheduler_type": "constant",
       "max_grad_norm": 1.0, "weight_decay": 0.0,
-      "max_steps": args.steps, "log_every": 1, "eval_every": args.steps,
-      "checkpoint_every": args.steps, "seed": args.seed,
+      "max_steps": steps, "log_every": 1, "eval_every": steps,
+      "checkpoint_every": steps, "seed": seed,
   }
+
+
+def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
+  workdir = os.path.join(files["dir"], "grpo_jax_workdir")
+  shutil.rmtree(workdir, ignore_errors=True)  # a leftover workdir would resume, not rerun
+  cfg = grpo_jax_settings(w, files, args.steps, args.learning_rate, args.seed)
   cmd = [args.grpo_jax_python, "-m", "grpo_jax.train", f"--workdir={workdir}",
          *[f"--config.{k}={v}" for k, v in cfg.items()]]
   log_path = os.path.join(files["dir"], "grpo_jax.log")
@@ -522,15 +545,9 @@ def main(argv=None) -> int:
   for name in workloads:
     w = WORKLOADS[name]
     wdir = os.path.join(args.out, name)
-    os.makedirs(wdir, exist_ok=True)
-    files = {"dir": wdir, "model": os.path.join(wdir, "model"),
-             "prompts": os.path.join(wdir, "prompts.jsonl")}
     print(f"[{name}] building checkpoint and prompts in {wdir}", flush=True)
-    build_checkpoint(w, files["model"], seed=args.seed)
-    files["prompt_tokens"] = write_prompts(w, files["prompts"], seed=args.seed)
+    files = prepare_workload(w, wdir, args.seed)
     flops[name] = model_flops(w, files["prompt_tokens"])
-    with open(os.path.join(wdir, "bench_reward.py"), "w") as f:
-      f.write(REWARD_MODULE)
     for system in systems:
       print(f"[{name}] running {system} ({args.steps} steps, timeout {w.timeout_s} s)",
             flush=True)

@@ -44,24 +44,12 @@ def main():
   from grpo_jax.data import batching
 
   w = compare.WORKLOADS[a.workload]
-  wdir = os.path.join(a.out, a.workload)
-  os.makedirs(wdir, exist_ok=True)
-  if not os.path.exists(os.path.join(wdir, "model", "config.json")):
-    compare.build_checkpoint(w, os.path.join(wdir, "model"))
-  prompt_tokens = compare.write_prompts(w, os.path.join(wdir, "prompts.jsonl"))
-  with open(os.path.join(wdir, "bench_reward.py"), "w") as f:
-    f.write(compare.REWARD_MODULE)
-  sys.path.insert(0, wdir)
+  files = compare.prepare_workload(w, os.path.join(a.out, a.workload), seed=0, rebuild=False)
+  prompt_tokens = files["prompt_tokens"]
+  sys.path.insert(0, files["dir"])  # bench_reward
 
   config = config_lib.base_config()
-  config.update({
-      "model_path": os.path.join(wdir, "model"), "dataset": f"json:{wdir}/prompts.jsonl",
-      "reward_funcs": "bench_reward:length_mod7", "chat_template": "none", "eval_size": 0,
-      "prompts_per_step": w.prompts_per_step, "num_generations": w.num_generations,
-      "max_prompt_length": prompt_tokens, "max_completion_length": w.max_completion_length,
-      "temperature": 1.0, "top_k": 0, "top_p": 1.0, "beta": w.beta, "loss_type": "grpo",
-      "dtype": "float32", "learning_rate": 1e-6, "lr_scheduler_type": "constant",
-      "max_steps": 100})
+  config.update(compare.grpo_jax_settings(w, files, steps=100, learning_rate=1e-6, seed=0))
   s = train.setup(config)
   tx, schedule = grpo.make_optimizer(1e-6, 100, schedule="constant")
   step = grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config)
