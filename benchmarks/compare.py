@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+from grpo_jax.models import ModelConfig
+from grpo_jax.plan import roofline
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 NEVER_EOS = "<|never|>"  # the EOS token: id = model vocab size, outside what the model samples
@@ -68,31 +71,12 @@ WORKLOADS = {
 }
 
 def model_flops(w: Workload, prompt_tokens: int) -> dict[str, float]:
-  """Model FLOPs of one GRPO step, the same for every system: matmuls only (2 per
-  multiply-add), causal attention counted for the keys a query can see, vocabulary
-  projections only where a log-prob or a next token is needed.
-
-  sampling: each prompt prefilled once, then P*G rows decode L tokens; reference: one
-  forward pass (beta > 0); train: forward + backward = 3 forward passes.
-  """
-  d, heads, kv_heads, layers = w.hidden_size, w.num_heads, w.num_kv_heads, w.num_layers
-  hd = d // heads
-  projections = 2 * (d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
-                     + 3 * d * w.intermediate_size)  # per token per layer
-  attention = lambda keys: 2 * 2 * heads * hd * keys  # one query: scores + weighted values
-  head = 2 * d * w.vocab_size
-  rows, length = w.prompts_per_step * w.num_generations, w.max_completion_length
-  seq = prompt_tokens + length
-  prefill = w.prompts_per_step * (layers * sum(projections + attention(i + 1)
-                                               for i in range(prompt_tokens)) + head)
-  decode = rows * sum(layers * (projections + attention(prompt_tokens + t + 1)) + head
-                      for t in range(1, length))
-  forward = rows * (layers * sum(projections + attention(i + 1) for i in range(seq))
-                    + length * head)
-  flops = {"sampling": prefill + decode, "reference": forward if w.beta > 0 else 0,
-           "train": 3 * forward}
-  flops["step"] = sum(flops.values())
-  return flops
+  """Model FLOPs of one GRPO step, the same for every system (`grpo_jax.plan.roofline`)."""
+  cfg = ModelConfig(vocab_size=w.vocab_size, hidden_size=w.hidden_size,
+                    num_layers=w.num_layers, num_heads=w.num_heads,
+                    num_kv_heads=w.num_kv_heads, intermediate_size=w.intermediate_size)
+  return roofline.step_flops(cfg, w.prompts_per_step, w.num_generations, prompt_tokens,
+                             w.max_completion_length, w.beta)
 
 
 def matmul_throughput(python: str, backend: str) -> float | None:

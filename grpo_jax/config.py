@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
       hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
       rope_theta=10000.0, tie_word_embeddings=True, qkv_bias=False, qk_norm=False))
   c.dtype = "float32"  # compute dtype: float32 or bfloat16
+  c.param_dtype = "float32"  # storage of actor, reference and AdamW moments: float32, bfloat16
   c.remat = False
   c.scan_layers = False  # True: one lax.scan over layers (faster compiles of deep models)
   c.export_hf = ""  # directory (relative to the workdir) for the final actor as a HF checkpoint
@@ -164,6 +165,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.chat_template in ("auto", "none"), "chat_template", config.chat_template,
            "auto, none")
   _require(config.dtype in ("float32", "bfloat16"), "dtype", config.dtype, "float32, bfloat16")
+  _require(config.param_dtype in ("float32", "bfloat16"), "param_dtype", config.param_dtype,
+           "float32, bfloat16")
   _require(bool(reward_func_specs(config)), "reward_funcs", config.reward_funcs,
            "one or more built-in names or module:function paths")
   grpo_config(config, eos_token_ids=(0,), pad_token_id=0)  # loss / sampling field checks
@@ -176,7 +179,9 @@ def sampling_config(config, eos_token_ids, pad_token_id) -> sampling.SamplingCon
       temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 
-def grpo_config(config, eos_token_ids, pad_token_id) -> grpo.GRPOConfig:
+def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None
+                ) -> grpo.GRPOConfig:
+  """The step's static config; `platform`: the one it is compiled for (None: this host's)."""
   weights = config.reward_weights
   if weights is not None and not all(isinstance(w, (int, float)) for w in weights):
     raise ConfigError(f"config.reward_weights={weights!r}; allowed: a tuple of numbers, "
@@ -187,4 +192,5 @@ def grpo_config(config, eos_token_ids, pad_token_id) -> grpo.GRPOConfig:
       loss_type=config.loss_type, scale_rewards=config.scale_rewards,
       reward_weights=None if weights is None else tuple(float(w) for w in weights),
       num_reward_funcs=len(reward_func_specs(config)), num_iterations=config.num_iterations,
-      logprob_chunk_size=config.logprob_chunk_size, micro_batch_size=config.micro_batch_size)
+      logprob_chunk_size=config.logprob_chunk_size, micro_batch_size=config.micro_batch_size,
+      platform=platform)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from grpo_jax import sampling
 from grpo_jax.errors import ConfigError
+from grpo_jax.models import sharding
 from grpo_jax.models.transformer import positions_from_mask
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -47,8 +48,19 @@ class GRPOConfig:
   # Completions per forward/backward pass of the train step on each device (gradients
   # are accumulated over the micro-batches); 0: auto, about MICRO_BATCH_TOKENS tokens.
   micro_batch_size: int = 0
+  # The platform the step is compiled for ("cpu", "tpu", "gpu"; None: the default backend
+  # when this config is built). Auto micro-batching depends on it; a step compiled on a CPU
+  # host for a TPU slice (grpo_jax.plan) must not decide from the host.
+  platform: str | None = None
+  # How many ways the token rows of a batch are split over devices inside one program:
+  # 1 under pmap and on one device (each program sees its own rows), data x fsdp in mesh
+  # mode (the program sees the global batch). Per-device sizes (log-prob chunks,
+  # micro-batches) are taken from one shard's rows.
+  token_shards: int = 1
 
   def __post_init__(self):
+    if self.platform is None:
+      object.__setattr__(self, "platform", jax.default_backend())
     if self.sampling.num_generations < 2:
       raise ConfigError(
           f"num_generations={self.sampling.num_generations}; must be >= 2 (GRPO compares "
@@ -276,10 +288,15 @@ def _fused_bwd(temperature, chunk, residuals, cotangents):
     # Rows this chunk does not own keep what the chunk before wrote there.
     d_w = jnp.where(owned[:, None], d_w,
                     jax.lax.dynamic_slice_in_dim(d_head, start, chunk, axis=0))
-    return d_hidden, jax.lax.dynamic_update_slice_in_dim(d_head, d_w.astype(d_head.dtype),
-                                                         start, axis=0)
+    # On a mesh the chunk's gradient is summed over the batch shards straight into the
+    # head's layout (a reduce-scatter), and the [V, D] gradient is never held whole.
+    d_w = sharding.constrain(d_w.astype(d_head.dtype), None, "fsdp")
+    return sharding.rows(d_hidden), head_layout(
+        jax.lax.dynamic_update_slice_in_dim(d_head, d_w, start, axis=0))
 
-  init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head.shape, head.dtype))
+  head_layout = lambda x: sharding.constrain(x, "tensor", "fsdp")
+  init = (sharding.rows(jnp.zeros(hidden.shape, jnp.float32)),
+          head_layout(jnp.zeros(head.shape, head.dtype)))
   d_hidden, d_head = jax.lax.fori_loop(0, count, body, init)
   return d_hidden.astype(hidden.dtype), d_head, None
 
@@ -288,25 +305,29 @@ _fused_logprobs.defvjp(_fused_fwd, _fused_bwd)
 
 
 def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array,
-                   temperature: float, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+                   temperature: float, chunk_size: int, token_shards: int = 1
+                   ) -> tuple[jax.Array, jax.Array]:
   """Log-probs of `targets` and entropies under softmax(hidden @ head.T / temperature).
 
   hidden: [N, T, D], head_weight: [V, D], targets: [N, T] -> ([N, T], [N, T]) float32.
   Fused and chunked over the vocabulary (`_fused_logprobs`): the [N, T, V] logits never
   exist, each chunk's logits are computed once forward and once backward, and the head's
   gradient is written once, chunk by chunk (no [V, D] temporary per chunk).
-  `chunk_size`: vocabulary entries per chunk; 0 sizes it from the batch (`vocab_chunk_size`).
+  `chunk_size`: vocabulary entries per chunk; 0 sizes it from one device's share of the
+  tokens (`vocab_chunk_size`; the rows are split `token_shards` ways).
   """
   n, t, d = hidden.shape
   # Token rows [N * T, D], not [N, T, D]: the matmuls and their gradients need no transposes.
-  chunk = vocab_chunk_size(chunk_size, n * t, head_weight.shape[0])
-  logp, entropy = _fused_logprobs(hidden.reshape(n * t, d), head_weight,
-                                  targets.reshape(n * t).astype(jnp.int32), temperature, chunk)
+  chunk = vocab_chunk_size(chunk_size, n * t // token_shards, head_weight.shape[0])
+  logp, entropy = _fused_logprobs(sharding.rows(hidden.reshape(n * t, d)), head_weight,
+                                  sharding.rows(targets.reshape(n * t).astype(jnp.int32)),
+                                  temperature, chunk)
   return logp.reshape(n, t), entropy.reshape(n, t)
 
 
 def completion_logprobs(model_def: nnx.GraphDef, params: nnx.State, rollout: sampling.Rollout,
-                        temperature: float, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+                        temperature: float, chunk_size: int, token_shards: int = 1
+                        ) -> tuple[jax.Array, jax.Array]:
   """Per-token log-probs and entropies [N, L] of the completion tokens under `params`."""
   model = nnx.merge(model_def, params)
   ids = jnp.concatenate([rollout.prompt_ids, rollout.completion_ids], axis=1)
@@ -315,7 +336,8 @@ def completion_logprobs(model_def: nnx.GraphDef, params: nnx.State, rollout: sam
   prompt_len, length = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
   # The hidden state at position p predicts token p + 1: keep only those that predict completions.
   hidden = hidden[:, prompt_len - 1:prompt_len - 1 + length]
-  return token_logprobs(hidden, model.head_weight, rollout.completion_ids, temperature, chunk_size)
+  return token_logprobs(hidden, model.head_weight, rollout.completion_ids, temperature,
+                        chunk_size, token_shards)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -390,7 +412,7 @@ def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
   """(this device's share of the loss, token-level sums for the metrics)."""
   rollout = scored.rollout
   logps, entropy = completion_logprobs(
-      model_def, params, rollout, cfg.temperature, cfg.logprob_chunk_size)
+      model_def, params, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)
   old = jax.lax.stop_gradient(logps) if scored.old_logprobs is None else scored.old_logprobs
   token_loss, kl, ratio = per_token_loss(
       logps, old, scored.ref_logprobs, scored.advantages, cfg.clip_range, cfg.beta)
@@ -432,6 +454,15 @@ def make_optimizer(learning_rate: float, max_steps: int, *, warmup_steps: int = 
   return tx, schedule_fn
 
 
+def as_reference(params: nnx.State, compute_dtype):
+  """The frozen reference as its forward passes read it: in the compute dtype where that is
+  narrower than the stored one. A bfloat16 forward pass casts every weight before using
+  it, so the copy gives exactly the same log-probs at half the memory."""
+  narrow = lambda x: (x.astype(compute_dtype) if jnp.dtype(compute_dtype).itemsize
+                      < jnp.dtype(x.dtype).itemsize else x)
+  return jax.tree.map(narrow, params)
+
+
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -442,7 +473,7 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
   adv = group_advantages(rewards, cfg.weights, cfg.num_generations, cfg.scale_rewards,
                          axis_name)
   no_grad_logprobs = lambda p: jax.lax.stop_gradient(completion_logprobs(
-      model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size)[0])
+      model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
   old = no_grad_logprobs(state.params) if cfg.num_iterations > 1 else None
   ref = no_grad_logprobs(reference_params) if cfg.beta > 0 else None
   return ScoredRollout(rollout, adv.advantages, old, ref), reward_metrics(
@@ -476,9 +507,10 @@ MICRO_BATCH_TOKENS = 1024  # prompt + completion tokens per micro-batch when mic
 MICRO_BATCH_MAX_PARAMS = 32_000_000  # auto micro-batching: models up to this size
 
 
-def micro_batch_rows(rows: int, seq_len: int, micro_batch_size: int, num_params: int = 0
-                     ) -> int:
-  """Rows per micro-batch: `micro_batch_size`, or for 0 (auto) on CPU the largest divisor
+def micro_batch_rows(rows: int, seq_len: int, micro_batch_size: int, num_params: int = 0,
+                     platform: str = "cpu") -> int:
+  """Rows of one device per micro-batch: `micro_batch_size`, or for 0 (auto) on CPU
+  (`platform`: the one the step is compiled for) the largest divisor
   of `rows` that keeps a micro-batch within MICRO_BATCH_TOKENS tokens (at least one row).
 
   On CPU a micro-batch of ~1k tokens keeps the train pass's activations in cache: the
@@ -492,7 +524,7 @@ def micro_batch_rows(rows: int, seq_len: int, micro_batch_size: int, num_params:
       raise ConfigError(f"micro_batch_size={micro_batch_size} must divide the {rows} "
                         "completions each device trains on")
     return micro_batch_size
-  if jax.default_backend() != "cpu" or num_params > MICRO_BATCH_MAX_PARAMS:
+  if platform != "cpu" or num_params > MICRO_BATCH_MAX_PARAMS:
     return rows
   fits = max(1, MICRO_BATCH_TOKENS // seq_len)
   return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fits)
@@ -507,13 +539,18 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   """
   grad_fn = jax.value_and_grad(grpo_loss, has_aux=True)
   rollout = scored.rollout
-  rows = rollout.prompt_ids.shape[0]
+  rows, shards = rollout.prompt_ids.shape[0], cfg.token_shards
   seq_len = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  size = micro_batch_rows(rows, seq_len, cfg.micro_batch_size, num_params)
+  size = shards * micro_batch_rows(rows // shards, seq_len, cfg.micro_batch_size, num_params,
+                                   cfg.platform)
   if size == rows:
     return grad_fn(params, model_def, scored, norms, cfg, axis_name)
-  micro = jax.tree.map(lambda x: x.reshape((rows // size, size) + x.shape[1:]), scored)
+  # Micro-batch j holds rows j, j + k, j + 2k, ... (k micro-batches): on a mesh, where the
+  # rows are split in contiguous blocks over the shards, every micro-batch is then spread
+  # evenly over all of them.
+  micro = jax.tree.map(
+      lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1), scored)
 
   def accumulate(total, part):
     out = grad_fn(params, model_def, part, norms, cfg, axis_name)
@@ -568,13 +605,23 @@ class GRPOStep:
     return sampling.generate(self.model_def, params, prompt_ids, prompt_mask, rng,
                              self.cfg.sampling, self.axis_name)
 
+  def score(self, state: TrainState, reference_params, rollout: sampling.Rollout,
+            rewards: jax.Array) -> tuple[ScoredRollout, dict[str, jax.Array]]:
+    """Advantages, reference (and old) log-probs of a rewarded rollout, and reward metrics."""
+    return score_rollout(state, reference_params, self.model_def, rollout, rewards, self.cfg,
+                         self.axis_name)
+
+  def update(self, state: TrainState, scored: ScoredRollout
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The policy's optimizer updates on a scored rollout."""
+    return update(state, scored, self.model_def, self.tx, self.schedule_fn, self.cfg,
+                  self.axis_name)
+
   def learn(self, state: TrainState, reference_params, rollout: sampling.Rollout,
             rewards: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     """Score a rewarded rollout and update the policy on it."""
-    scored, metrics = score_rollout(state, reference_params, self.model_def, rollout, rewards,
-                                    self.cfg, self.axis_name)
-    state, update_metrics = update(state, scored, self.model_def, self.tx, self.schedule_fn,
-                                   self.cfg, self.axis_name)
+    scored, metrics = self.score(state, reference_params, rollout, rewards)
+    state, update_metrics = self.update(state, scored)
     return state, {**metrics, **update_metrics}
 
   def train_step(self, state: TrainState, reference_params, batch, rng,

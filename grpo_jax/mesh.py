@@ -1,11 +1,23 @@
 """Mesh mode: the same pure GRPO step under `jax.jit` on a Mesh of (data, fsdp, tensor).
 
 pmap replicates the actor, the reference and the AdamW state on every chip, which caps
-the model at what one chip holds. Here parameters and optimizer state are sharded by
-name-based partition rules: FSDP splits the model dimension of every matrix over `fsdp`,
-tensor parallelism splits attention heads, the MLP's hidden units and the vocabulary
-over `tensor`. The batch is split over (data, fsdp). XLA's SPMD partitioner inserts the
-collectives; the step function itself is unchanged (it sees global arrays, axis_name=None).
+the model at what one chip holds. Here it is FSDP (ZeRO-3) with optional tensor
+parallelism:
+
+  * parameters and AdamW moments are split by name-based partition rules: every
+    projection over 'tensor' x 'fsdp' on its head / MLP-unit dimension (the output of
+    q/k/v/gate/up, the input of o/down: Megatron's column / row split), the embedding and
+    LM head over 'tensor' on the vocabulary and 'fsdp' on the hidden dimension;
+  * in full-sequence passes (reference, update) the token rows are split over
+    ('data', 'fsdp') and pinned there at every layer boundary (`models.sharding`), so
+    XLA all-gathers each layer's weights over 'fsdp' where they are used and
+    reduce-scatters their gradients, instead of running every projection on the whole
+    global batch with its contraction split;
+  * decoding keeps the weights where they lie and moves only the decoded rows; the LM
+    head is gathered once per rollout so the [rows, vocab] logits never cross chips.
+
+The step function itself is unchanged: it sees global arrays (axis_name=None) and is
+traced under `jax.set_mesh(mesh)`, which is what the model's sharding constraints read.
 """
 
 from __future__ import annotations
@@ -13,31 +25,38 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grpo_jax import grpo, parallel, sampling
 from grpo_jax.errors import ConfigError
+from grpo_jax.models import sharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_AXES
+_SPLIT = ("tensor", "fsdp")  # tensor-major: after the fsdp all-gather each tensor rank
+                             # holds a contiguous block of heads / MLP units
 
 # (parameter path pattern, partition of its trailing dims). Kernels are [in, out].
 PARTITION_RULES = (
     (r"(embed_tokens|lm_head)$", ("tensor", "fsdp")),  # [V, D]
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),
-    (r"(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),
-    (r"(q_proj|k_proj|v_proj)/bias$", ("tensor",)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, _SPLIT)),
+    (r"(o_proj|down_proj)/kernel$", (_SPLIT, None)),
+    (r"(q_proj|k_proj|v_proj)/bias$", (_SPLIT,)),
 )
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (all of them by default); -1 fills in."""
+  """A (data, fsdp, tensor) mesh over `devices` (all of them by default); -1 fills in.
+
+  `devices` may be those of a TPU topology that is not here (`grpo_jax.plan`): TPU
+  devices are arranged along the slice's interconnect (`mesh_utils.create_device_mesh`)."""
   devices = list(devices or jax.devices())
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
   free = [k for k, v in sizes.items() if v == -1]
@@ -50,6 +69,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     raise ConfigError(f"config.mesh={ {'data': data, 'fsdp': fsdp, 'tensor': tensor} } does "
                       f"not multiply to the {len(devices)} devices")
   shape = tuple(sizes[a] for a in MESH_AXES)
+  if devices[0].platform == "tpu":
+    try:
+      return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+    except (ValueError, NotImplementedError, AssertionError):  # a shape it cannot map
+      pass
   return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
 
@@ -66,12 +90,11 @@ def _path_name(path) -> str:
 
 
 def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The rule-given spec for one parameter; an axis that does not divide a dim is dropped."""
+  """The rule-given spec for one parameter; axes that do not divide a dim are dropped."""
   for pattern, trailing in PARTITION_RULES:
     if re.search(pattern, name):
       spec = (None,) * (len(shape) - len(trailing)) + trailing  # stacked layers: axis 0 free
-      return P(*[a if a and dim % mesh.shape[a] == 0 else None
-                 for a, dim in zip(spec, shape)])
+      return P(*[sharding.fit_axes(a, dim, mesh) for a, dim in zip(spec, shape)])
   return P()
 
 
@@ -159,24 +182,53 @@ class MeshStep:
   def sampler(self, cfg: sampling.SamplingConfig):
     """A jitted sampler with other settings (e.g. greedy evaluation)."""
     fn = functools.partial(sampling.generate, self.step.model_def, cfg=cfg)
-    return jax.jit(lambda *a: self._rows_sharded(fn(*a)))
+    return OnMesh(jax.jit(lambda *a: self._rows_sharded(fn(*a))), self.mesh)
 
   @functools.cached_property
   def generate(self):
-    return jax.jit(lambda *a: self._rows_sharded(self.step.generate(*a)))
+    return OnMesh(jax.jit(lambda *a: self._rows_sharded(self.step.generate(*a))), self.mesh)
+
+  @functools.cached_property
+  def score(self):
+    return OnMesh(jax.jit(self.step.score), self.mesh)
+
+  @functools.cached_property
+  def update(self):
+    return OnMesh(jax.jit(self.step.update, donate_argnums=(0,)), self.mesh)
 
   @functools.cached_property
   def learn(self):
-    return jax.jit(self.step.learn, donate_argnums=(0,))
+    return OnMesh(jax.jit(self.step.learn, donate_argnums=(0,)), self.mesh)
 
   def train_step(self, reward_fn: grpo.RewardFn):
-    return jax.jit(functools.partial(self.step.train_step, reward_fn=reward_fn),
-                   donate_argnums=(0,))
+    return OnMesh(jax.jit(functools.partial(self.step.train_step, reward_fn=reward_fn),
+                          donate_argnums=(0,)), self.mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+  """A jitted function traced, lowered and run with its mesh set (`jax.set_mesh`), which is
+  where the model's activation constraints find their axes."""
+
+  jitted: Any
+  mesh: Mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 def mesh_step(step: grpo.GRPOStep, mesh: Mesh) -> MeshStep:
-  return MeshStep(dataclasses.replace(step, axis_name=None), mesh)
+  """`step` for `mesh`: global arrays (no axis name); per-device sizes (log-prob chunks,
+  micro-batches) taken from one of the data x fsdp shards of the batch."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  cfg = dataclasses.replace(step.cfg, token_shards=shards)
+  return MeshStep(dataclasses.replace(step, axis_name=None, cfg=cfg), mesh)
 
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "PARTITION_RULES", "make_mesh", "partition_spec",
-           "param_shardings", "per_device_bytes", "MeshStep", "mesh_step"]
+           "param_shardings", "per_device_bytes", "MeshStep", "OnMesh", "mesh_step"]

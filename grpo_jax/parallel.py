@@ -138,6 +138,14 @@ class PmappedStep:
     return jax.pmap(self.step.generate, AXIS, in_axes=(0, 0, 0, None), devices=self.devices)
 
   @functools.cached_property
+  def score(self):
+    return jax.pmap(self.step.score, AXIS, devices=self.devices)
+
+  @functools.cached_property
+  def update(self):
+    return jax.pmap(self.step.update, AXIS, devices=self.devices, donate_argnums=(0,))
+
+  @functools.cached_property
   def learn(self):
     return jax.pmap(self.step.learn, AXIS, in_axes=(0, 0, 0, 0), devices=self.devices,
                     donate_argnums=(0,))

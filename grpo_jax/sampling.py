@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.errors import ConfigError
+from grpo_jax.models import sharding
 from grpo_jax.models.transformer import positions_from_mask
 
 
@@ -150,13 +151,18 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, length), jnp.int32)], axis=1)
   cache = model.init_cache(batch, prompt_len + length)
   layers = model.layer_params()  # sliced once here, not at every decoded token
+  # On a mesh the LM head is gathered once, before the loop, and each chip scores only its
+  # own rows against the whole vocabulary: the [rows, V] logits never cross chips (a head
+  # split on its hidden dimension would all-reduce them at every token).
+  head = sharding.replicated(model.head_weight.astype(model.cfg.compute_dtype))
+  next_logits = lambda h: model.logits(sharding.rows(h), head)
   hidden, cache = model.hidden_states(
       prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0, layers)
-  logits = model.logits(hidden[:, -1])
+  logits = next_logits(hidden[:, -1])
 
   # Share each prompt's prefill across its G samples.
   repeat = lambda x, axis=0: jnp.repeat(x, group, axis=axis)
-  cache = jax.tree.map(repeat, cache)  # cache arrays are [B, ...]
+  cache = tuple(sharding.kv_cache(jax.tree.map(repeat, c)) for c in cache)  # [B, ...] arrays
   logits, key_mask = repeat(logits), repeat(key_mask)
   first_position = repeat(prompt_mask.sum(-1))
   row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
@@ -181,7 +187,7 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     hidden, cache = model.hidden_states(
         token[:, None], (first_position + t - 1)[:, None], key_mask, cache, prompt_len + t - 1,
         layers)
-    token, logprob = _choose_tokens(model.logits(hidden[:, 0]), step_keys(t), cfg)
+    token, logprob = _choose_tokens(next_logits(hidden[:, 0]), step_keys(t), cfg)
     token = jnp.where(done, cfg.pad_token_id, token)
     tokens = tokens.at[:, t].set(token)
     logprobs = logprobs.at[:, t].set(jnp.where(done, 0.0, logprob))

@@ -33,7 +33,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax.data import batching, demo, loading
 from grpo_jax.errors import UserError
-from grpo_jax.models import ModelConfig, Transformer, hf
+from grpo_jax.models import ModelConfig, Transformer, hf, presets
 from grpo_jax.rewards import resolve_reward_funcs
 
 log = logging.getLogger("grpo_jax")
@@ -55,22 +55,37 @@ class Setup:
   grpo_config: grpo.GRPOConfig
 
 
+def model_config(config) -> ModelConfig:
+  """The run's architecture, read without any weights: a checkpoint's config.json, a
+  preset's (`preset:<name>`), or the demo model's."""
+  runtime = dict(dtype=config.dtype, remat=config.remat, scan_layers=config.scan_layers)
+  if presets.is_preset(config.model_path):
+    return hf.config_from_hf(presets.hf_config(config.model_path)).replace(**runtime)
+  if config.model_path:
+    return hf.config_from_hf(hf.read_config(config.model_path)).replace(**runtime)
+  return ModelConfig(vocab_size=len(demo.build_demo_tokenizer()), **runtime,
+                     **config.model.to_dict())
+
+
 def build_model(config):
   """(tokenizer, eos ids, model config, graphdef, params): a HF checkpoint, or the demo's."""
+  if presets.is_preset(config.model_path):
+    raise UserError(f"config.model_path={config.model_path!r} is a preset: shapes without "
+                    "weights, for `python -m grpo_jax.plan`; train needs a checkpoint directory")
+  param_dtype = jnp.dtype(config.param_dtype)
   if config.model_path:
     model, tokenizer = hf.from_pretrained(config.model_path, dtype=config.dtype,
-                                          remat=config.remat, scan_layers=config.scan_layers)
+                                          param_dtype=param_dtype, remat=config.remat,
+                                          scan_layers=config.scan_layers)
     if tokenizer is None:
       raise UserError(f"config.model_path={config.model_path!r} holds no tokenizer files")
     eos_ids = hf.eos_token_ids(config.model_path, tokenizer)
   else:
     tokenizer = demo.build_demo_tokenizer()
-    model = Transformer(ModelConfig(vocab_size=len(tokenizer), dtype=config.dtype,
-                                    remat=config.remat, scan_layers=config.scan_layers,
-                                    **config.model.to_dict()),
-                        nnx.Rngs(config.seed))
+    model = Transformer(model_config(config), nnx.Rngs(config.seed))
     eos_ids = (tokenizer.eos_token_id,)
   graphdef, params = nnx.split(model)
+  params = jax.tree.map(lambda x: x.astype(param_dtype), params)
   return tokenizer, eos_ids, model.cfg, graphdef, params
 
 
@@ -88,7 +103,8 @@ def setup(config) -> Setup:
   reward_funcs = resolve_reward_funcs(config_lib.reward_func_specs(config))
   tokenizer, eos_ids, model_config, model_def, params = build_model(config)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-  grpo_config = config_lib.grpo_config(config, eos_ids, pad_id)
+  grpo_config = config_lib.grpo_config(config, eos_ids, pad_id,
+                                       platform=jax.devices()[0].platform)
   return Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
                reward_funcs, grpo_config)
 
@@ -113,24 +129,38 @@ def maybe_initialize_distributed(mode: str) -> None:
              jax.device_count())
 
 
-def make_mesh(config):
-  return mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def make_mesh(config, devices=None):
+  """The configured (data, fsdp, tensor) mesh over `devices` (default: every device)."""
+  return mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
 
 
-def batch_divisor(config) -> int:
+def batch_divisor(config, devices=None) -> int:
   """How many ways each global batch is split: devices (pmap) or data x fsdp (mesh)."""
   if config.parallelism == "mesh":
-    layout = make_mesh(config)
+    layout = make_mesh(config, devices)
     return layout.shape["data"] * layout.shape["fsdp"]
-  return jax.device_count()
+  return len(devices) if devices else jax.device_count()
 
 
-def build_step_fn(config, step: grpo.GRPOStep):
-  """The pure step compiled for the configured layout: pmap (default) or a sharded mesh."""
+def build_step_fn(config, step: grpo.GRPOStep, devices=None):
+  """The pure step compiled for the configured layout: pmap (default) or a sharded mesh.
+  `devices`: those to compile for (default: this run's; `grpo_jax.plan` passes a TPU
+  topology's)."""
   if config.parallelism == "mesh":
-    return mesh_lib.mesh_step(step, make_mesh(config))
+    return mesh_lib.mesh_step(step, make_mesh(config, devices))
+  if devices:
+    return parallel.pmap_step(step, devices)
   # Multi-host: pmap spans the devices of every host; each host feeds its local ones.
   return parallel.pmap_step(step, jax.local_devices() if jax.process_count() == 1 else None)
+
+
+def make_optimizer(config):
+  """(optax transformation, learning-rate schedule) of the configured AdamW."""
+  return grpo.make_optimizer(
+      config.learning_rate, config.max_steps,
+      warmup_steps=int(config.warmup_ratio * config.max_steps),
+      schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
+      weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
 
 
 def fingerprint(s: Setup) -> dict[str, Any]:
@@ -210,11 +240,7 @@ class TrainLoop:
 
   def __init__(self, config, s: Setup, ckpt: checkpoint.Checkpointer, writer, logdir):
     self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
-    self.tx, schedule = grpo.make_optimizer(
-        config.learning_rate, config.max_steps,
-        warmup_steps=int(config.warmup_ratio * config.max_steps),
-        schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
-        weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
+    self.tx, schedule = make_optimizer(config)
     self.step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, self.tx, schedule,
                                                         s.grpo_config))
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
@@ -241,10 +267,14 @@ class TrainLoop:
       reference = self.ckpt.restore_reference(params)
       self.stream.restore(meta["data"])
       log.info("Resumed from the checkpoint of step %d", start_step)
-      return step_fn.place_state(state), step_fn.place_params(reference)
+      return step_fn.place_state(state), self.place_reference(reference)
     self.ckpt.save_reference(params)
-    actor, reference = step_fn.place_params(params), step_fn.place_params(params)
+    actor, reference = step_fn.place_params(params), self.place_reference(params)
     return step_fn.init_state(actor), reference
+
+  def place_reference(self, params):
+    return self.step_fn.place_params(grpo.as_reference(params,
+                                                       self.s.model_config.compute_dtype))
 
   def run(self, start_step: int) -> None:
     config, step_fn = self.config, self.step_fn
@@ -267,8 +297,10 @@ class TrainLoop:
       sampled = time.perf_counter()
       rewards, _ = self.host.score(rows, host_rollout)
       scored = time.perf_counter()
-      state, step_metrics = step_fn.learn(state, reference, rollout,
-                                          step_fn.place_batch(rewards))
+      scored_rollout, reward_metrics = step_fn.score(state, reference, rollout,
+                                                     step_fn.place_batch(rewards))
+      state, step_metrics = step_fn.update(state, scored_rollout)
+      step_metrics = {**reward_metrics, **step_metrics}
       step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
       done = time.perf_counter()
       step_metrics.update(rollouts.throughput(host_rollout, done - started))

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.models import sharding
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 Cache = tuple  # per layer {"k": [B, kv_heads, hd, S], "v": [B, kv_heads, S, hd]}
 _MASKED = -1e30  # finite, so rows with no visible key give a uniform softmax, not NaN
@@ -186,6 +188,7 @@ class Attention(nnx.Module):
                    cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, start)),
                "v": jax.lax.dynamic_update_slice(
                    cache["v"], v.astype(cache["v"].dtype), (0, 0, start, 0))}
+      cache = sharding.kv_cache(cache)
       k, v = cache["k"], cache["v"]
     key_slots = jnp.arange(v.shape[2])
     visible = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :].astype(bool)
@@ -230,12 +233,16 @@ class Block(nnx.Module):
     # The projections see [B * T, D] rows: with 3-D activations XLA transposes the
     # [B, T, F] gradients before each weight-gradient matmul (the MLP's backward pass ran
     # 1.4x slower on CPU).
+    # On a mesh the token rows are pinned at the block's boundaries (`sharding`): split
+    # over the batch axes in full-sequence passes, over 'data' only while decoding.
+    axes = sharding.BATCH_AXES if cache is None else sharding.DECODE_AXES
     shape = x.shape
-    x = x.reshape(-1, shape[-1])
+    x = sharding.rows(x.reshape(-1, shape[-1]), axes)
     attn, cache = self.self_attn(
         self.input_layernorm(x), positions, inv_freq, key_mask, query_slots, cache)
-    x = x + attn
-    return (x + self.mlp(self.post_attention_layernorm(x))).reshape(shape), cache
+    x = sharding.rows(x + attn, axes)
+    x = sharding.rows(x + self.mlp(self.post_attention_layernorm(x)), axes)
+    return x.reshape(shape), cache
 
 
 class Transformer(nnx.Module):
@@ -288,6 +295,7 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg
     x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(cfg.compute_dtype)
+    x = sharding.rows(x, sharding.BATCH_AXES if cache is None else sharding.DECODE_AXES)
     query_slots = cache_index + jnp.arange(input_ids.shape[1])
     inv_freq = rope_inverse_frequencies(cfg)
     block_def, block_params = nnx.split(self.blocks)
@@ -309,8 +317,11 @@ class Transformer(nnx.Module):
       new_cache.append(layer_cache)
     return self.norm(x), tuple(new_cache)
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,vd->...v", hidden, self.head_weight.astype(hidden.dtype),
+  def logits(self, hidden: jax.Array, head: jax.Array | None = None) -> jax.Array:
+    """[..., V] float32 logits; `head` overrides `head_weight` (e.g. a copy laid out for
+    decoding)."""
+    head = self.head_weight if head is None else head
+    return jnp.einsum("...d,vd->...v", hidden, head.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids, attention_mask=None, positions=None):

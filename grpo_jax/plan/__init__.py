@@ -1,0 +1,1 @@
+"""`python -m grpo_jax.plan`: compile the run for a TPU slice that is not here (see __main__)."""

@@ -1,0 +1,244 @@
+"""The trainer's three programs (sampler, reference pass, update), built from a config and
+compiled for given devices with no weights read or allocated.
+
+The step is the trainer's own: the same model definition, optimizer, GRPO config and
+layout (`train.build_step_fn`), with every argument an abstract `ShapeDtypeStruct` laid
+out as the trainer lays out the real one. Per chip, each phase's HBM is the resident
+training state (actor, reference, AdamW moments, which stay in HBM through every phase)
+plus what the phase's program adds: its other arguments, its outputs that do not reuse a
+donated buffer, and XLA's temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grpo_jax import grpo, mesh as mesh_lib
+from grpo_jax import config as config_lib
+from grpo_jax.models import ModelConfig, Transformer, sharding
+from grpo_jax.plan import hlo, roofline
+
+PHASES = ("sampler", "reference", "update")
+DUMP_DIR = os.environ.get("GRPO_JAX_PLAN_DUMP", "")  # a folder: write each program's HLO there
+
+
+@dataclasses.dataclass
+class Phase:
+  name: str
+  compile_seconds: float
+  argument_bytes: int  # what XLA reports, per chip
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  resident_passed: int  # bytes of the resident state among the arguments
+  collectives: dict[str, dict[str, float]]  # per kind: count, buffer and moved bytes
+  found: list[hlo.Collective]
+  flops_per_chip: float
+  hbm_bytes_per_chip: float
+
+  def total(self, resident: int) -> int:
+    """Peak HBM per chip while this phase runs."""
+    return (resident + self.argument_bytes - self.resident_passed + self.output_bytes
+            - self.alias_bytes + self.temp_bytes + self.code_bytes)
+
+  @property
+  def largest_collectives(self) -> list[hlo.Collective]:
+    return sorted(self.found, key=lambda c: -c.buffer_bytes * c.count)[:5]
+
+  @property
+  def ici_bytes(self) -> float:
+    return sum(v["moved_bytes"] for v in self.collectives.values())
+
+
+@dataclasses.dataclass
+class Plan:
+  model: ModelConfig
+  parallelism: str
+  layout: str  # e.g. "mesh data=1 fsdp=8 tensor=1" or "pmap x8"
+  num_chips: int
+  params: int  # bytes per chip of the actor
+  optimizer: int
+  reference: int
+  kv_cache: int  # per chip, inside the sampler's temporaries
+  phases: dict[str, Phase]
+
+  @property
+  def resident(self) -> int:
+    return self.params + self.optimizer + self.reference
+
+
+def _shard_bytes(tree, per_device_axis: bool) -> int:
+  """Bytes on one chip of an abstract tree (leading device axis under pmap)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if per_device_axis:
+      shape = x.shape[1:]
+    elif getattr(x, "sharding", None) is not None:
+      shape = x.sharding.shard_shape(x.shape)
+    else:
+      shape = x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _with(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _per_device(tree, n: int):
+  """[N, ...] -> [n, N / n, ...] abstract (the pmap layout of a batch)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, x.shape[0] // n) + x.shape[1:],
+                                                     x.dtype), tree)
+
+
+def _replicated(tree, n: int):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), tree)
+
+
+def abstract_model(cfg: ModelConfig, param_dtype: str):
+  """(graphdef, abstract params): the model's shapes, nothing allocated."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  dtype = jnp.dtype(param_dtype)
+  return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
+
+
+def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, layout: dict[str, int] | None,
+                   devices: int) -> int:
+  """Per chip: keys + values of every layer, laid out as `models.sharding.kv_cache` pins
+  them on a mesh (rows / data, kv heads / tensor, slots / fsdp where they divide), or
+  each device's rows under pmap (layout None)."""
+  kv = cfg.num_kv_heads
+  if layout is None:
+    rows //= devices
+  else:
+    rows //= layout["data"] if rows % layout["data"] == 0 else 1
+    kv //= layout["tensor"] if kv % layout["tensor"] == 0 else 1
+    slots //= layout["fsdp"] if slots % layout["fsdp"] == 0 else 1
+  return 2 * cfg.num_layers * rows * kv * cfg.head_dim * slots * jnp.dtype(
+      cfg.compute_dtype).itemsize
+
+
+def build(config, devices, model_cfg: ModelConfig | None = None):
+  """(step_fn, graphdef, abstract params, grpo config) for `config` on `devices`."""
+  from grpo_jax import train  # the trainer's own wiring (a sibling room, not numeric code)
+  cfg = model_cfg or train.model_config(config)
+  graphdef, params = abstract_model(cfg, config.param_dtype)
+  grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0,
+                                    platform=devices[0].platform)
+  tx, schedule = train.make_optimizer(config)
+  step_fn = train.build_step_fn(config, grpo.GRPOStep(graphdef, tx, schedule, grpo_cfg),
+                                list(devices))
+  return step_fn, cfg, params, grpo_cfg
+
+
+def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
+             resident_passed: int) -> Phase:
+  started = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  if DUMP_DIR:
+    with open(f"{DUMP_DIR}/{name}.hlo.txt", "w") as f:
+      f.write(compiled.as_text())
+  seconds = time.perf_counter() - started
+  mem = compiled.memory_analysis()
+  found = hlo.collectives(compiled.as_text(), unknown_trips)
+  return Phase(name, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+               mem.alias_size_in_bytes, mem.temp_size_in_bytes,
+               mem.generated_code_size_in_bytes, resident_passed, hlo.summarize(found),
+               found, flops, hbm)
+
+
+def compile_plan(config, devices, model_cfg: ModelConfig | None = None) -> Plan:
+  """Compiles the sampler, reference pass and update of `config` for `devices`
+  (`model_cfg`: instead of the config's model, e.g. a smaller copy for a quick look)."""
+  step_fn, cfg, params, grpo_cfg = build(config, devices, model_cfg)
+  n = len(devices)
+  prompts, group = config.prompts_per_step, config.num_generations
+  prompt_len, length = config.max_prompt_length, config.max_completion_length
+  rows = prompts * group
+  step = step_fn.step
+  tx = step.tx
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  prompt_ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
+  rewards = jax.ShapeDtypeStruct((rows, grpo_cfg.num_reward_funcs), jnp.float32)
+  opt_state = jax.eval_shape(tx.init, params)
+  state = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
+  rollout = jax.eval_shape(step.generate, params, prompt_ids, prompt_ids, key)
+  reference = jax.eval_shape(lambda p: grpo.as_reference(p, cfg.compute_dtype), params)
+  scored = jax.eval_shape(step.score, state, reference, rollout, rewards)[0]
+
+  if isinstance(step_fn, mesh_lib.MeshStep):
+    mesh = step_fn.mesh
+    layout = {a: mesh.shape[a] for a in mesh_lib.MESH_AXES}
+    name = "mesh " + " ".join(f"{a}={s}" for a, s in layout.items())
+    batch = lambda t: _with(t, jax.tree.map(lambda _: step_fn.batch_sharding, t))
+    params_s = _with(params, mesh_lib.param_shardings(params, mesh))
+    reference_s = _with(reference, mesh_lib.param_shardings(reference, mesh))
+    rep = NamedSharding(mesh, P())
+    opt_s = _with(opt_state, step_fn.opt_state_shardings(params_s))
+    state_s = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params_s, opt_s)
+    key_s = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    sampler_args = (params_s, batch(prompt_ids), batch(prompt_ids), key_s)
+    score_args = (state_s, reference_s, batch(rollout), batch(rewards))
+    update_args = (state_s, batch(scored))
+    per_device_axis = False
+  else:
+    layout = None
+    name = f"pmap x{n}"
+    params_s = _replicated(params, n)
+    reference_s = _replicated(reference, n)
+    state_s = _replicated(state, n)
+    opt_s = state_s.opt_state
+    sampler_args = (params_s, _per_device(prompt_ids, n), _per_device(prompt_ids, n), key)
+    score_args = (state_s, reference_s, _per_device(rollout, n), _per_device(rewards, n))
+    update_args = (state_s, _per_device(scored, n))
+    per_device_axis = True
+
+  param_bytes = _shard_bytes(params_s, per_device_axis)
+  reference_bytes = _shard_bytes(reference_s, per_device_axis)
+  opt_bytes = _shard_bytes(opt_s, per_device_axis)
+  kv = kv_cache_bytes(cfg, rows, prompt_len + length, layout, n)
+  flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
+  weight_bytes = cfg.num_params() * jnp.dtype(cfg.compute_dtype).itemsize
+  # HBM traffic per chip, the dominant terms: decoding reads this chip's weights and its KV
+  # cache (half full on average) at every token; a full-sequence pass reads the gathered
+  # weights once per pass (update: forward, backward, and a recompute with remat) and
+  # writes and reads its temporaries about once.
+  sampler_hbm = length * (param_bytes * jnp.dtype(cfg.compute_dtype).itemsize
+                          / jnp.dtype(config.param_dtype).itemsize + kv / 2)
+  phases = {
+      "sampler": _compile("sampler", step_fn.generate, sampler_args, length - 1,
+                          flops["sampling"] / n, sampler_hbm, param_bytes),
+      "reference": _compile("reference", step_fn.score, score_args, 1,
+                            flops["reference"] / n, 0.0,
+                            param_bytes + reference_bytes + opt_bytes),
+      "update": _compile("update", step_fn.update, update_args, 1, flops["train"] / n, 0.0,
+                         param_bytes + opt_bytes),
+  }
+  passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if config.remat else 2}
+  for phase_name, count in passes.items():
+    phase = phases[phase_name]
+    phase.hbm_bytes_per_chip = count * weight_bytes + 2 * phase.temp_bytes
+  return Plan(cfg, config.parallelism, name, n, param_bytes, opt_bytes, reference_bytes, kv,
+              phases)
+
+
+def vocab_sized(plan: Plan, phase: str = "sampler") -> list[hlo.Collective]:
+  """Collectives of a phase that carry a full-vocabulary dimension (logits between chips)."""
+  vocab = plan.model.vocab_size
+  return [c for c in plan.phases[phase].found if vocab in c.shape]
+
+
+__all__ = ["PHASES", "Phase", "Plan", "build", "compile_plan", "kv_cache_bytes",
+           "abstract_model", "vocab_sized"]

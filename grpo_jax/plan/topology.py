@@ -1,0 +1,100 @@
+"""TPU slices by the names gcloud uses (v4-32, v5litepod-16, v5p-8, v6e-8, or v5e:4x4), the
+chips' published figures, and the slice's devices from libtpu (no TPU needed).
+
+Per chip, from Google Cloud's TPU pages: HBM, bf16 peak, HBM bandwidth, and ICI bandwidth
+(all links, both directions). v4 and v5p run one device per chip (megacore); their gcloud
+names count TensorCores (two per chip), v5e and v6e names count chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from grpo_jax.errors import UserError
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  generation: str  # "v4", "v5e", "v5p", "v6e"
+  hbm_bytes: int
+  bf16_flops: float  # peak, per chip
+  hbm_bandwidth: float  # bytes/s
+  ici_bandwidth: float  # bytes/s, all links of one chip
+  cores_per_chip: int  # TensorCores counted by the gcloud name
+  torus_dims: int  # 3: v4 / v5p cubes, 2: v5e / v6e
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 1228e9, 2400e9 / 8, 2, 3),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 1600e9 / 8, 1, 2),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 4800e9 / 8, 2, 3),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 3584e9 / 8, 1, 2),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str  # as given
+  chip: Chip
+  shape: tuple[int, ...]  # chips along the torus axes
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def libtpu_name(self) -> str:
+    return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
+
+  def devices(self):
+    """The slice's devices (one per chip), from libtpu; raises UserError without it."""
+    try:
+      from jax.experimental import topologies
+      kwargs = {"chip_config_name": "megacore"} if self.chip.cores_per_chip == 2 else {}
+      return topologies.get_topology_desc(topology_name=self.libtpu_name, platform="tpu",
+                                          **kwargs).devices
+    except Exception as e:  # no libtpu: jax raises RuntimeError / ImportError / ValueError
+      if "libtpu" in str(e).lower() or isinstance(e, ImportError) or "tpu" in str(e).lower():
+        raise UserError(
+            f"cannot compile for {self.name}: libtpu is not installed (pip install -e "
+            "\".[tpu]\", or pip install \"jax[tpu]\" for this jax version); it runs on a CPU "
+            f"machine, no TPU needed ({' '.join(str(e).split())[:160]})") from None
+      raise
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+  """The usual slice shape for `chips` chips: powers of two, as even as possible, the
+  larger axes last (v5e-8 is 2x4, v4-32 with 16 chips is 2x2x4)."""
+  if chips < 4 or chips & (chips - 1):
+    raise UserError(f"{chips} chips: slices of 4, 8, 16, ... chips are supported")
+  shape = [1] * dims
+  for i in range(int(math.log2(chips))):
+    shape[i % dims] *= 2
+  return tuple(sorted(shape))
+
+
+def parse(name: str) -> Slice:
+  """'v5e-8', 'v5litepod-16', 'v4-32', 'v5p-8', 'v6e-8', or libtpu's 'v5e:2x4'."""
+  text = name.strip().lower()
+  m = re.fullmatch(r"(v\d+[a-z]*)[:](\d+(?:x\d+)+)", text)
+  if m:
+    generation = _ALIASES.get(m.group(1), m.group(1))
+    if generation not in CHIPS:
+      raise UserError(f"--topology={name!r}: unknown TPU generation; known: "
+                      f"{', '.join(CHIPS)}")
+    return Slice(name, CHIPS[generation], tuple(int(x) for x in m.group(2).split("x")))
+  m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", text)
+  if not m or _ALIASES.get(m.group(1), m.group(1)) not in CHIPS:
+    raise UserError(f"--topology={name!r}; allowed: gcloud accelerator types such as v4-32, "
+                    "v5litepod-16 (or v5e-16), v5p-8, v6e-8, or libtpu's v5e:2x4")
+  chip = CHIPS[_ALIASES.get(m.group(1), m.group(1))]
+  cores = int(m.group(2))
+  if cores % chip.cores_per_chip:
+    raise UserError(f"--topology={name!r}: {chip.generation} counts {chip.cores_per_chip} "
+                    "TensorCores per chip; give an even number")
+  return Slice(name, chip, _torus(cores // chip.cores_per_chip, chip.torus_dims))
