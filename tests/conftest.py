@@ -5,6 +5,9 @@ import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# With libtpu installed (the [tpu] extra) JAX would first look for a TPU; the tests run on
+# the CPU and reach TPU topologies through jax.experimental.topologies.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402

@@ -49,8 +49,12 @@ def test_checkpoints_restore_across_topologies(summary):
 def test_partition_rules():
   layout = mesh.make_mesh(1, 2, 2, devices=__import__("jax").devices()[:4])
   spec = lambda name, shape: tuple(mesh.partition_spec(name, shape, layout))
-  assert spec("blocks/self_attn/q_proj/kernel", (2, 32, 64)) == (None, "fsdp", "tensor")
-  assert spec("blocks/mlp/down_proj/kernel", (2, 64, 32)) == (None, "tensor", "fsdp")
+  # column-parallel kernels split their output, row-parallel ones their input, over
+  # tensor x fsdp (tensor-major); axes that do not divide are dropped one by one
+  assert spec("blocks/self_attn/q_proj/kernel", (2, 32, 64)) == (None, None, ("tensor", "fsdp"))
+  assert spec("blocks/mlp/down_proj/kernel", (2, 64, 32)) == (None, ("tensor", "fsdp"), None)
+  assert spec("blocks/self_attn/k_proj/kernel", (2, 32, 6)) == (None, None, "tensor")
+  assert spec("blocks/self_attn/k_proj/bias", (2, 6)) == (None, "tensor")
   assert spec("embed_tokens", (100, 32)) == ("tensor", "fsdp")
   assert spec("embed_tokens", (101, 32)) == (None, "fsdp")  # 101 does not split in 2
   assert spec("blocks/input_layernorm/weight", (2, 32)) == ()

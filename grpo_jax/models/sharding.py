@@ -56,6 +56,18 @@ def rows(x: jax.Array, axes: Axes = BATCH_AXES) -> jax.Array:
   return constrain(x, axes, *([None] * (x.ndim - 1)))
 
 
+def rows_per_device(rows: int, axes: Axes = BATCH_AXES) -> int:
+  """How many of `rows` (split over `axes` on the current mesh) one device holds."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return rows
+  kept = fit_axes(axes, rows, mesh)
+  kept = () if kept is None else (kept,) if isinstance(kept, str) else kept
+  for axis in kept:
+    rows //= mesh.shape[axis]
+  return rows
+
+
 def replicated(x: jax.Array) -> jax.Array:
   return constrain(x, *([None] * x.ndim))
 

@@ -210,6 +210,34 @@ class Attention(nnx.Module):
     return self.o_proj(out.reshape(b * t, cfg.num_heads * hd)), cache
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, with a backward pass that keeps only `gate` and `up`.
+
+  Autodiff of the expression holds silu(gate), its derivative's pieces and each gradient
+  as separate [tokens, intermediate] buffers; here the two gradients come from one fused
+  pass over the saved inputs. On a TPU chip that is 4 fewer of the update's largest
+  temporaries (Qwen2.5-0.5B, 10k tokens per chip: 380 MiB).
+  """
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, d_out):
+  gate, up = residuals
+  g = gate.astype(jnp.float32)
+  sig = jax.nn.sigmoid(g)
+  d = d_out.astype(jnp.float32)
+  d_gate = d * up.astype(jnp.float32) * sig * (1.0 + g * (1.0 - sig))
+  return d_gate.astype(gate.dtype), (d * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -218,7 +246,38 @@ class MLP(nnx.Module):
     self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+MLP_CHUNK_BYTES = 32 * 2**20  # one [tokens, intermediate] activation per chunk, per device
+
+
+def mlp_chunks(tokens_per_row: int, rows_per_device: int, intermediate: int, itemsize: int
+               ) -> int:
+  """Chunks a full-sequence MLP runs in: the fewest that divide the sequence length and
+  keep one [tokens, intermediate] activation of a device within MLP_CHUNK_BYTES.
+
+  The MLP's backward pass holds about ten such activations (gate, up, their product and
+  gradients, and the collective matmuls' buffers): on a TPU chip with 10k tokens of
+  Qwen2.5-0.5B, 0.9 GiB of the update's 2.4 GiB of temporaries. Chunks cut that to the
+  chunk's share; on CPU micro-batches already keep them small (one chunk).
+  """
+  need = rows_per_device * tokens_per_row * intermediate * itemsize / MLP_CHUNK_BYTES
+  return next(k for k in range(1, tokens_per_row + 1)
+              if tokens_per_row % k == 0 and k >= need) if need > 1 else 1
+
+
+def _in_row_chunks(fn, x, chunks: int, axes, remat: bool):
+  """fn over [N, D] rows, `chunks` at a time (lax.map); chunk j holds rows j, j + chunks,
+  ...: with N = rows * tokens and `chunks` dividing tokens, each chunk is spread evenly
+  over the devices the rows are split over. With `remat` each chunk is recomputed in the
+  backward pass rather than saving its activations (one more MLP forward pass: on a TPU
+  chip with Qwen2.5-0.5B, 0.2 GiB less in the update)."""
+  n, d = x.shape
+  xs = sharding.constrain(x.reshape(n // chunks, chunks, d).swapaxes(0, 1), None, axes, None)
+  one = lambda part: fn(sharding.rows(part, axes))
+  out = jax.lax.map(jax.checkpoint(one) if remat else one, xs)
+  return out.swapaxes(0, 1).reshape(n, -1)
 
 
 class Block(nnx.Module):
@@ -241,7 +300,13 @@ class Block(nnx.Module):
     attn, cache = self.self_attn(
         self.input_layernorm(x), positions, inv_freq, key_mask, query_slots, cache)
     x = sharding.rows(x + attn, axes)
-    x = sharding.rows(x + self.mlp(self.post_attention_layernorm(x)), axes)
+    mlp = lambda h: self.mlp(self.post_attention_layernorm(h))
+    chunks = 1 if cache is not None else mlp_chunks(
+        shape[1], sharding.rows_per_device(shape[0], axes), self.mlp.up_proj.out_features,
+        jnp.dtype(x.dtype).itemsize)
+    remat = self.self_attn.cfg.remat
+    x = sharding.rows(
+        x + (mlp(x) if chunks == 1 else _in_row_chunks(mlp, x, chunks, axes, remat)), axes)
     return x.reshape(shape), cache
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -41,16 +42,19 @@ class Phase:
   alias_bytes: int
   temp_bytes: int
   code_bytes: int
-  resident_passed: int  # bytes of the resident state among the arguments
+  batch_bytes: int  # per chip: the arguments that are not resident state (prompts, rollout)
   collectives: dict[str, dict[str, float]]  # per kind: count, buffer and moved bytes
   found: list[hlo.Collective]
   flops_per_chip: float
   hbm_bytes_per_chip: float
+  out_of_memory: str = ""  # XLA refused to compile it: what it said
 
   def total(self, resident: int) -> int:
-    """Peak HBM per chip while this phase runs."""
-    return (resident + self.argument_bytes - self.resident_passed + self.output_bytes
-            - self.alias_bytes + self.temp_bytes + self.code_bytes)
+    """Peak HBM per chip while this phase runs: the resident state (in HBM whether this
+    program reads it or not), its batch arguments, outputs that reuse no donated buffer,
+    temporaries and code."""
+    return (resident + self.batch_bytes + self.output_bytes - self.alias_bytes
+            + self.temp_bytes + self.code_bytes)
 
   @property
   def largest_collectives(self) -> list[hlo.Collective]:
@@ -143,10 +147,33 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
   return step_fn, cfg, params, grpo_cfg
 
 
+_USED = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+
+
+def _out_of_memory(name, error: Exception, seconds: float, flops: float, hbm: float,
+                   batch_bytes: int, resident_passed: int) -> Phase:
+  """A phase the TPU compiler refused for want of HBM, sized by what it says it used."""
+  message = " ".join(str(error).split())
+  m = _USED.search(message)
+  scale = lambda unit: {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(unit, 1)
+  used = int(float(m.group(1)) * scale(m.group(2))) if m else 0
+  summary = m.group(0) if m else message[:200]
+  # XLA's figure covers the whole program: its arguments (resident ones among them) too.
+  return Phase(name, seconds, resident_passed + batch_bytes, 0, 0,
+               max(used - resident_passed - batch_bytes, 0), 0, batch_bytes, {}, [], flops, hbm,
+               out_of_memory=summary)
+
+
 def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
-             resident_passed: int) -> Phase:
+             batch_bytes: int, resident_passed: int) -> Phase:
   started = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  try:
+    compiled = fn.lower(*args).compile()
+  except Exception as e:  # XlaRuntimeError has no stable import path across jax versions
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      return _out_of_memory(name, e, time.perf_counter() - started, flops, hbm,
+                            batch_bytes, resident_passed)
+    raise
   if DUMP_DIR:
     with open(f"{DUMP_DIR}/{name}.hlo.txt", "w") as f:
       f.write(compiled.as_text())
@@ -155,7 +182,7 @@ def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
   found = hlo.collectives(compiled.as_text(), unknown_trips)
   return Phase(name, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                mem.alias_size_in_bytes, mem.temp_size_in_bytes,
-               mem.generated_code_size_in_bytes, resident_passed, hlo.summarize(found),
+               mem.generated_code_size_in_bytes, batch_bytes, hlo.summarize(found),
                found, flops, hbm)
 
 
@@ -217,14 +244,16 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None) -> Plan:
   # writes and reads its temporaries about once.
   sampler_hbm = length * (param_bytes * jnp.dtype(cfg.compute_dtype).itemsize
                           / jnp.dtype(config.param_dtype).itemsize + kv / 2)
+  batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
+  resident = param_bytes + opt_bytes + reference_bytes
   phases = {
       "sampler": _compile("sampler", step_fn.generate, sampler_args, length - 1,
-                          flops["sampling"] / n, sampler_hbm, param_bytes),
+                          flops["sampling"] / n, sampler_hbm,
+                          batch_bytes(sampler_args[1:3]), param_bytes),
       "reference": _compile("reference", step_fn.score, score_args, 1,
-                            flops["reference"] / n, 0.0,
-                            param_bytes + reference_bytes + opt_bytes),
+                            flops["reference"] / n, 0.0, batch_bytes(score_args[2:]), resident),
       "update": _compile("update", step_fn.update, update_args, 1, flops["train"] / n, 0.0,
-                         param_bytes + opt_bytes),
+                         batch_bytes(update_args[1:]), param_bytes + opt_bytes),
   }
   passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if config.remat else 2}
   for phase_name, count in passes.items():

@@ -67,15 +67,19 @@ class Slice:
       raise
 
 
+_SHAPES = {  # gcloud's slice shapes by chip count
+    2: {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+        256: (16, 16)},
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+        128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8)},
+}
+
+
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
-  """The usual slice shape for `chips` chips: powers of two, as even as possible, the
-  larger axes last (v5e-8 is 2x4, v4-32 with 16 chips is 2x2x4)."""
-  if chips < 4 or chips & (chips - 1):
-    raise UserError(f"{chips} chips: slices of 4, 8, 16, ... chips are supported")
-  shape = [1] * dims
-  for i in range(int(math.log2(chips))):
-    shape[i % dims] *= 2
-  return tuple(sorted(shape))
+  if chips not in _SHAPES[dims]:
+    raise UserError(f"{chips} chips: supported slices have {', '.join(map(str, _SHAPES[dims]))}"
+                    " chips (or give the shape, e.g. v5e:2x4)")
+  return _SHAPES[dims][chips]
 
 
 def parse(name: str) -> Slice:

@@ -1,0 +1,89 @@
+"""A compiled plan as a table (what `python -m grpo_jax.plan` prints) and as a dict (JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpo_jax.plan import programs, roofline, topology
+
+GiB = topology.GiB
+
+
+def phase_figures(plan: programs.Plan, phase: programs.Phase, chip: topology.Chip
+                  ) -> dict[str, Any]:
+  total = phase.total(plan.resident)
+  seconds, bound = roofline.estimate(phase.flops_per_chip, phase.hbm_bytes_per_chip,
+                                     phase.ici_bytes, chip)
+  return {
+      "params_bytes": plan.params, "optimizer_bytes": plan.optimizer,
+      "reference_bytes": plan.reference,
+      "kv_cache_bytes": plan.kv_cache if phase.name == "sampler" else 0,
+      "temp_bytes": phase.temp_bytes,
+      "other_bytes": total - plan.resident - phase.temp_bytes,
+      "total_bytes": total, "fits": total <= chip.hbm_bytes,
+      "collectives": phase.collectives, "ici_bytes": phase.ici_bytes,
+      "estimated_seconds": seconds, "bound": bound, "flops_per_chip": phase.flops_per_chip,
+      "compile_seconds": phase.compile_seconds, "out_of_memory": phase.out_of_memory,
+  }
+
+
+def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, Any]:
+  phases = {name: phase_figures(plan, p, slice_.chip) for name, p in plan.phases.items()}
+  peak = max(p["total_bytes"] for p in phases.values())
+  return {
+      "topology": slice_.name, "chips": slice_.num_chips, "generation": slice_.chip.generation,
+      "hbm_bytes": slice_.chip.hbm_bytes, "layout": plan.layout,
+      "model_path": config.model_path or "demo", "num_params": plan.model.num_params(),
+      "dtype": config.dtype, "param_dtype": config.param_dtype, "remat": bool(config.remat),
+      "prompts_per_step": config.prompts_per_step, "num_generations": config.num_generations,
+      "max_prompt_length": config.max_prompt_length,
+      "max_completion_length": config.max_completion_length,
+      "phases": phases, "peak_bytes": peak, "fits": peak <= slice_.chip.hbm_bytes,
+      "estimated_step_seconds": sum(p["estimated_seconds"] for p in phases.values()),
+  }
+
+
+def _gib(x: float) -> str:
+  return f"{x / GiB:.2f}"
+
+
+def _collectives(collectives: dict[str, dict[str, float]]) -> str:
+  short = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS",
+           "all-to-all": "A2A", "collective-permute": "CP"}
+  parts = [f"{short[k]} {v['moved_bytes'] / 1e9:.2f}" for k, v in collectives.items()
+           if v["moved_bytes"] >= 1e6]
+  return ", ".join(parts) or "-"
+
+
+def format_plan(d: dict[str, Any]) -> str:
+  chip = topology.CHIPS[d["generation"]]
+  lines = [
+      f"model {d['model_path']}: {d['num_params'] / 1e9:.3f}B parameters, {d['dtype']} "
+      f"compute, {d['param_dtype']} parameters, remat {'on' if d['remat'] else 'off'}",
+      f"slice {d['topology']}: {d['chips']} x {d['generation']} chips, "
+      f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+      f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, {chip.ici_bandwidth / 1e9:.0f} GB/s ICI each",
+      f"layout {d['layout']}; batch {d['prompts_per_step']} prompts x G={d['num_generations']},"
+      f" {d['max_prompt_length']} + {d['max_completion_length']} tokens",
+      "",
+      "per chip, GiB   | params | AdamW | reference | KV cache | temporaries | other | total"
+      " | fits | collectives sent, GB | est. time | bound | compile",
+      "----------------|--------|-------|-----------|----------|-------------|-------|------"
+      "-|------|----------------------|-----------|-------|--------",
+  ]
+  for name, p in d["phases"].items():
+    lines.append(
+        f"{name:<15} | {_gib(p['params_bytes']):>6} | {_gib(p['optimizer_bytes']):>5} | "
+        f"{_gib(p['reference_bytes']):>9} | {_gib(p['kv_cache_bytes']):>8} | "
+        f"{_gib(p['temp_bytes']):>11} | {_gib(p['other_bytes']):>5} | "
+        f"{_gib(p['total_bytes']):>5} | {'yes' if p['fits'] else 'NO':<4} | "
+        f"{_collectives(p['collectives']):<20} | {p['estimated_seconds']:>8.3f}s | "
+        f"{p['bound']:<5} | {p['compile_seconds']:.0f}s")
+    if p["out_of_memory"]:
+      lines.append(f"{'':<15}   XLA: {p['out_of_memory']}")
+  verdict = "FITS" if d["fits"] else "DOES NOT FIT"
+  lines += ["", f"{verdict}: peak {_gib(d['peak_bytes'])} GiB of "
+            f"{chip.hbm_bytes / GiB:.0f} GiB per chip; estimated step "
+            f"{d['estimated_step_seconds']:.2f} s (roofline: analytic FLOPs, HBM and ICI bytes "
+            "against the chip's peaks; the KV cache is part of the sampler's temporaries)"]
+  return "\n".join(lines)
