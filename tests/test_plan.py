@@ -1,6 +1,7 @@
 """grpo_jax.plan: slices by name, collectives read from HLO, analytic FLOPs, model presets,
 and the trainer's programs compiled for TPU slices through libtpu (no TPU needed)."""
 
+import importlib.util
 import json
 import math
 import pathlib
@@ -17,15 +18,9 @@ from grpo_jax.plan import hlo, programs, report, roofline, topology
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _has_libtpu() -> bool:
-  try:
-    topology.parse("v5e:2x2").devices()
-    return True
-  except UserError:
-    return False
-
-
-needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed ([tpu] extra)")
+# CI installs the [tpu] extra; without it (a plain `.[test]` install) these are skipped.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (the [tpu] extra)")
 
 
 @pytest.mark.parametrize("name, chips, libtpu_name", [
@@ -176,7 +171,8 @@ def test_demo_programs_compile_for_v5e_2x2(parallelism):
   d = report.plan_dict(programs.compile_plan(config, s.devices()), s, config)
   assert d["layout"] == ("mesh data=1 fsdp=4 tensor=1" if parallelism == "mesh" else "pmap x4")
   for name, p in d["phases"].items():
-    assert p["total_bytes"] > 0 and p["temp_bytes"] > 0 and p["params_bytes"] > 0, name
+    assert p["total_bytes"] > 0 and p["temp_bytes"] >= 0 and p["params_bytes"] > 0, name
+    # (a tiny model's temporaries may fit the chip's on-core memory: 0 bytes of HBM)
     parts = (p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"] + p["temp_bytes"]
              + p["other_bytes"])
     assert parts == p["total_bytes"], name

@@ -20,7 +20,9 @@ import sys
 
 # libtpu looks for the TPU it runs on (hostnames, accelerator type, the GCE metadata
 # server); on a machine without one that only costs time and warnings.
-for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TF_CPP_MIN_LOG_LEVEL", "3")):
+# JAX itself runs on the CPU: planning never takes the chips of a TPU VM it runs on.
+for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TF_CPP_MIN_LOG_LEVEL", "3"),
+                     ("JAX_PLATFORMS", "cpu")):
   os.environ.setdefault(_key, _value)
 
 from absl import app, flags  # noqa: E402

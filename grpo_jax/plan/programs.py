@@ -194,7 +194,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None) -> Plan:
   prompts, group = config.prompts_per_step, config.num_generations
   prompt_len, length = config.max_prompt_length, config.max_completion_length
   rows = prompts * group
-  step = step_fn.step
+  step = dataclasses.replace(step_fn.step, axis_name=None)  # for shapes: no device axis
   tx = step.tx
   key = jax.eval_shape(lambda: jax.random.key(0))
   prompt_ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
@@ -263,11 +263,5 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None) -> Plan:
               phases)
 
 
-def vocab_sized(plan: Plan, phase: str = "sampler") -> list[hlo.Collective]:
-  """Collectives of a phase that carry a full-vocabulary dimension (logits between chips)."""
-  vocab = plan.model.vocab_size
-  return [c for c in plan.phases[phase].found if vocab in c.shape]
-
-
 __all__ = ["PHASES", "Phase", "Plan", "build", "compile_plan", "kv_cache_bytes",
-           "abstract_model", "vocab_sized"]
+           "abstract_model"]

@@ -24,6 +24,9 @@ def phase_figures(plan: programs.Plan, phase: programs.Phase, chip: topology.Chi
       "collectives": phase.collectives, "ici_bytes": phase.ici_bytes,
       "estimated_seconds": seconds, "bound": bound, "flops_per_chip": phase.flops_per_chip,
       "compile_seconds": phase.compile_seconds, "out_of_memory": phase.out_of_memory,
+      # collectives whose buffer has a vocabulary-sized dimension (logits or the LM head)
+      "vocab_collectives": [{"kind": c.kind, "shape": list(c.shape), "count": c.count}
+                            for c in phase.found if plan.model.vocab_size in c.shape],
   }
 
 

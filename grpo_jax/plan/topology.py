@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 from grpo_jax.errors import UserError
@@ -53,6 +54,9 @@ class Slice:
 
   def devices(self):
     """The slice's devices (one per chip), from libtpu; raises UserError without it."""
+    # Compiling touches no TPU: let several planning processes load libtpu at once (its
+    # lockfile otherwise refuses every process but the first).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       from jax.experimental import topologies
       kwargs = {"chip_config_name": "megacore"} if self.chip.cores_per_chip == 2 else {}
