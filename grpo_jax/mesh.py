@@ -144,9 +144,9 @@ class MeshStep:
 
     def pick(path, leaf):
       name = _path_name(path)
-      for param_name, (shape, sharding) in by_name.items():
+      for param_name, (shape, layout) in by_name.items():
         if name.endswith(param_name) and leaf.shape == shape:
-          return sharding
+          return layout
       return self.replicated
 
     abstract = jax.eval_shape(self.step.tx.init, params)

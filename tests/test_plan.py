@@ -154,7 +154,6 @@ def test_train_says_a_preset_has_no_weights(tmp_path):
 
 
 def _demo_config(**changes):
-  from grpo_jax.config import base_config
   sys.path.insert(0, str(ROOT / "configs"))
   import default
   c = default.get_config()

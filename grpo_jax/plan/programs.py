@@ -16,17 +16,15 @@ import math
 import os
 import re
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import grpo, mesh as mesh_lib
 from grpo_jax import config as config_lib
-from grpo_jax.models import ModelConfig, Transformer, sharding
+from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.plan import hlo, roofline
 
 PHASES = ("sampler", "reference", "update")

@@ -1,0 +1,104 @@
+"""GRPO's static settings (`GRPOConfig`), the train state, and the device-axis sum."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import optax
+from flax import nnx
+
+from grpo_jax.sampling import SamplingConfig
+from grpo_jax.errors import ConfigError
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Static hyperparameters of one GRPO step. Validated on construction."""
+
+  sampling: SamplingConfig
+  beta: float = 0.04
+  epsilon: float = 0.2
+  epsilon_high: float | None = None  # None: same as epsilon
+  loss_type: str = "grpo"
+  scale_rewards: str = "group"
+  reward_weights: tuple[float, ...] | None = None  # None: every reward function weighs 1
+  num_reward_funcs: int = 1
+  num_iterations: int = 1  # optimizer updates per sampled batch (GRPO's mu)
+  logprob_chunk_size: int = 0  # vocabulary entries per log-prob chunk; 0: auto
+  # Completions per forward/backward pass of the train step on each device (gradients
+  # are accumulated over the micro-batches); 0: auto, about MICRO_BATCH_TOKENS tokens.
+  micro_batch_size: int = 0
+  # The platform the step is compiled for ("cpu", "tpu", "gpu"; None: the default backend
+  # when this config is built). Auto micro-batching depends on it; a step compiled on a CPU
+  # host for a TPU slice (grpo_jax.plan) must not decide from the host.
+  platform: str | None = None
+  # How many ways the token rows of a batch are split over devices inside one program:
+  # 1 under pmap and on one device (each program sees its own rows), data x fsdp in mesh
+  # mode (the program sees the global batch). Per-device sizes (log-prob chunks,
+  # micro-batches) are taken from one shard's rows.
+  token_shards: int = 1
+
+  def __post_init__(self):
+    if self.platform is None:
+      object.__setattr__(self, "platform", jax.default_backend())
+    if self.sampling.num_generations < 2:
+      raise ConfigError(
+          f"num_generations={self.sampling.num_generations}; must be >= 2 (GRPO compares "
+          "each answer with its siblings)")
+    if self.loss_type not in LOSS_TYPES:
+      raise ConfigError(f"loss_type={self.loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+    if self.scale_rewards not in SCALE_REWARDS:
+      raise ConfigError(
+          f"scale_rewards={self.scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
+    if self.epsilon <= 0:
+      raise ConfigError(f"epsilon={self.epsilon}; must be > 0")
+    if self.epsilon_high is not None and self.epsilon_high <= 0:
+      raise ConfigError(f"epsilon_high={self.epsilon_high}; must be > 0 (or None)")
+    if self.beta < 0:
+      raise ConfigError(f"beta={self.beta}; must be >= 0")
+    if self.num_iterations < 1:
+      raise ConfigError(f"num_iterations={self.num_iterations}; must be >= 1")
+    if self.num_reward_funcs < 1:
+      raise ConfigError(f"num_reward_funcs={self.num_reward_funcs}; must be >= 1")
+    if self.reward_weights is not None and len(self.reward_weights) != self.num_reward_funcs:
+      raise ConfigError(
+          f"reward_weights has {len(self.reward_weights)} entries but there are "
+          f"{self.num_reward_funcs} reward functions; give one weight per function")
+    if self.micro_batch_size < 0:
+      raise ConfigError(f"micro_batch_size={self.micro_batch_size}; must be >= 0 (0: auto)")
+    if self.logprob_chunk_size < 0:
+      raise ConfigError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 0 "
+                        "(0: sized from the vocabulary)")
+
+  @property
+  def num_generations(self) -> int:
+    return self.sampling.num_generations
+
+  @property
+  def temperature(self) -> float:
+    return self.sampling.logprob_temperature
+
+  @property
+  def clip_range(self) -> tuple[float, float]:
+    high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+    return 1.0 - self.epsilon, 1.0 + high
+
+  @property
+  def weights(self) -> tuple[float, ...]:
+    return self.reward_weights or (1.0,) * self.num_reward_funcs
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
