@@ -1,0 +1,99 @@
+"""grpo_jax's GRPO step on whatever accelerator JAX finds: step time, completion tokens per
+second, peak device memory and MFU, for random models (no weights are downloaded).
+
+  python benchmarks/gpu_step.py [--models small,long,big-vocab,qwen2.5-0.5b]
+      [--dtypes bfloat16,float32] [--steps 4] [--peak-tflops 989] [--quick]
+
+Every completion runs to full length (the EOS id is outside what the model samples), as in
+benchmarks/compare.py. One step is sample -> (random) rewards -> reference pass -> update,
+the three programs the trainer runs; the first step (compilation) is reported apart.
+MFU: the analytic model FLOPs (`grpo_jax.plan.roofline.step_flops`) per second against
+`--peak-tflops` (H200 / H100 SXM dense bf16: 989; float32 runs are compared with it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from grpo_jax import grpo, parallel, sampling
+from grpo_jax.models import ModelConfig, Transformer, hf, presets
+from grpo_jax.plan import roofline
+
+# (model, prompts per step, G, prompt tokens, completion tokens)
+SHAPES = {
+    "small": (ModelConfig(vocab_size=4096, hidden_size=512, num_layers=4, num_heads=8,
+                          num_kv_heads=4, intermediate_size=1408, qkv_bias=True), 8, 8, 32, 64),
+    "long": (ModelConfig(vocab_size=4096, hidden_size=512, num_layers=4, num_heads=8,
+                         num_kv_heads=4, intermediate_size=1408, qkv_bias=True), 8, 8, 32, 512),
+    "big-vocab": (ModelConfig(vocab_size=151936, hidden_size=512, num_layers=4, num_heads=8,
+                              num_kv_heads=4, intermediate_size=1408, qkv_bias=True),
+                  8, 8, 32, 64),
+    "qwen2.5-0.5b": (hf.config_from_hf(presets.hf_config("preset:qwen2.5-0.5b")), 8, 8, 64, 512),
+}
+
+
+def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool) -> dict:
+  cfg, prompts, group, prompt_len, length = SHAPES[name]
+  if quick:  # a smoke run of the script itself (e.g. on a CPU)
+    cfg, prompts, length = cfg.replace(num_layers=1), 2, 8
+  cfg = dataclasses.replace(cfg, dtype=dtype, scan_layers=cfg.num_layers > 8)
+  graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+  scfg = sampling.SamplingConfig(length, (cfg.vocab_size + 1,), num_generations=group)
+  gcfg = grpo.GRPOConfig(sampling=scfg, beta=0.04, loss_type="dapo")
+  tx, schedule = grpo.make_optimizer(1e-6, 100)
+  step_fn = parallel.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg), jax.devices()[:1])
+  state = step_fn.init_state(step_fn.place_params(params))
+  reference = step_fn.place_params(grpo.as_reference(params, cfg.compute_dtype))
+  del params
+  rng = np.random.default_rng(0)
+  batch = step_fn.place_batch((rng.integers(0, cfg.vocab_size, (prompts, prompt_len), np.int32),
+                               np.ones((prompts, prompt_len), np.int32)))
+  times = []
+  for step in range(steps + 1):
+    started = time.perf_counter()
+    rollout = step_fn.generate(state.params, *batch, jax.random.key(step))
+    rewards = step_fn.place_batch(rng.random((prompts * group, 1), np.float32))
+    scored, _ = step_fn.score(state, reference, rollout, rewards)
+    state, metrics = step_fn.update(state, scored)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - started)
+  flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, 0.04)["step"]
+  steady = float(np.median(times[1:]))
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"model": name, "dtype": dtype, "params_m": round(cfg.num_params() / 1e6, 1),
+          "first_step_s": round(times[0], 2), "step_s": round(steady, 3),
+          "completion_tokens_per_s": round(prompts * group * length / steady),
+          "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+          "mfu_percent": round(100 * flops / steady / (peak_tflops * 1e12), 1)}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--models", default=",".join(SHAPES))
+  p.add_argument("--dtypes", default="bfloat16,float32")
+  p.add_argument("--steps", type=int, default=4)
+  p.add_argument("--peak-tflops", type=float, default=989.0)
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args()
+  device = jax.devices()[0]
+  print(f"# {device.platform}: {device.device_kind}, jax {jax.__version__}")
+  print("| model | dtype | params | first step | step | completion tok/s | peak memory | MFU |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name in args.models.split(","):
+    for dtype in args.dtypes.split(","):
+      r = run(name, dtype, args.steps, args.peak_tflops, args.quick)
+      print(f"| {r['model']} | {r['dtype']} | {r['params_m']}M | {r['first_step_s']} s | "
+            f"{r['step_s']} s | {r['completion_tokens_per_s']} | {r['peak_memory_gib']} GiB | "
+            f"{r['mfu_percent']}% |", flush=True)
+      print("json:", json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+  main()
