@@ -41,14 +41,15 @@ def gsm8k_config(preset: str, chips: int, **changes):
   return c
 
 
-def plan(preset: str, topo: str, **changes) -> dict:
+def plan(preset: str, topo: str, reuse=None, keep=None, **changes) -> dict:
+  """The plan as a dict; `reuse` / `keep`: compiled phases to take / a dict to fill."""
   s = topology.parse(topo)
   config = gsm8k_config(preset, s.num_chips, **changes)
-  mesh = changes.pop("mesh", None)
-  if mesh:
-    config.mesh.update(mesh)
   started = time.perf_counter()
-  d = report.plan_dict(programs.compile_plan(config, s.devices()), s, config)
+  compiled = programs.compile_plan(config, s.devices(), reuse=reuse)
+  if keep is not None:
+    keep.update(compiled.phases)
+  d = report.plan_dict(compiled, s, config)
   d["wall_seconds"] = time.perf_counter() - started
   return d
 
@@ -95,10 +96,13 @@ def table(out: str, presets, slices, combos) -> None:
       done.add((r["preset"], r["topology"], r["param_dtype"], r["remat"]))
   for preset in presets:
     for topo in slices:
+      compiled = {}  # per parameter dtype: the sampler and reference do not depend on remat
       for param_dtype, remat in combos:
         if (preset, topo, param_dtype, remat) in done:
           continue
-        d = plan(preset, topo, param_dtype=param_dtype, remat=remat)
+        kept = compiled.setdefault(param_dtype, {})
+        reuse = {k: v for k, v in kept.items() if k != "update"}
+        d = plan(preset, topo, reuse=reuse, keep=kept, param_dtype=param_dtype, remat=remat)
         row = {"preset": preset, "topology": topo, "param_dtype": param_dtype, "remat": remat,
                "peak_gib": d["peak_bytes"] / GiB, "fits": d["fits"],
                "step_seconds": d["estimated_step_seconds"],

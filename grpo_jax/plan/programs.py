@@ -184,9 +184,12 @@ def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
                found, flops, hbm)
 
 
-def compile_plan(config, devices, model_cfg: ModelConfig | None = None) -> Plan:
+def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
+                 reuse: dict[str, Phase] | None = None) -> Plan:
   """Compiles the sampler, reference pass and update of `config` for `devices`
-  (`model_cfg`: instead of the config's model, e.g. a smaller copy for a quick look)."""
+  (`model_cfg`: instead of the config's model, e.g. a smaller copy for a quick look;
+  `reuse`: phases already compiled for a config that differs only where they do not
+  depend on it, e.g. the sampler and reference pass across `remat`)."""
   step_fn, cfg, params, grpo_cfg = build(config, devices, model_cfg)
   n = len(devices)
   prompts, group = config.prompts_per_step, config.num_generations
@@ -244,15 +247,19 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None) -> Plan:
                           / jnp.dtype(config.param_dtype).itemsize + kv / 2)
   batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
-  phases = {
-      "sampler": _compile("sampler", step_fn.generate, sampler_args, length - 1,
-                          flops["sampling"] / n, sampler_hbm,
-                          batch_bytes(sampler_args[1:3]), param_bytes),
-      "reference": _compile("reference", step_fn.score, score_args, 1,
-                            flops["reference"] / n, 0.0, batch_bytes(score_args[2:]), resident),
-      "update": _compile("update", step_fn.update, update_args, 1, flops["train"] / n, 0.0,
-                         batch_bytes(update_args[1:]), param_bytes + opt_bytes),
+  programs = {
+      "sampler": lambda: _compile("sampler", step_fn.generate, sampler_args, length - 1,
+                                  flops["sampling"] / n, sampler_hbm,
+                                  batch_bytes(sampler_args[1:3]), param_bytes),
+      "reference": lambda: _compile("reference", step_fn.score, score_args, 1,
+                                    flops["reference"] / n, 0.0, batch_bytes(score_args[2:]),
+                                    resident),
+      "update": lambda: _compile("update", step_fn.update, update_args, 1, flops["train"] / n,
+                                 0.0, batch_bytes(update_args[1:]), param_bytes + opt_bytes),
   }
+  reuse = reuse or {}
+  phases = {name: reuse[name] if name in reuse else build_phase()
+            for name, build_phase in programs.items()}
   passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if config.remat else 2}
   for phase_name, count in passes.items():
     phase = phases[phase_name]
