@@ -6,6 +6,11 @@
 The dataset is `openai/gsm8k` (config "main") by hub name when online; offline, point
 `dataset` at a local file in the same format (columns `question`, `answer` ending in
 "#### N"), e.g. --config.dataset=json:/data/gsm8k_train.jsonl --config.eval_size=200.
+
+Whether a model fits a TPU slice, compiled here without one (pip install -e ".[tpu]"):
+
+  python -m grpo_jax.plan --topology=v5e-16 --config=configs/gsm8k.py \
+      --config.model_path=preset:qwen2.5-7b --config.parallelism=mesh --config.mesh.fsdp=16
 """
 
 from grpo_jax.config import base_config

@@ -212,3 +212,29 @@ def test_plan_command_prints_its_table(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
       "grpo_jax.plan: error: ")
+
+
+@needs_libtpu
+def test_suggest_names_the_fastest_layout_that_fits():
+  from grpo_jax.plan import suggest
+  config = _demo_config(parallelism="mesh")
+  best, tried = suggest.suggest(config, topology.parse("v5e:2x2"))
+  assert len(tried) >= 3 and best in tried and best["fits"]
+  assert best["estimated_step_seconds"] == min(d["estimated_step_seconds"] for d in tried
+                                               if d["fits"])
+  layouts = {d["layout"] for d in tried}
+  assert {"mesh data=1 fsdp=4 tensor=1", "mesh data=2 fsdp=2 tensor=1", "pmap x4"} <= layouts
+  assert best["flags"] in suggest.format_suggestion(best, tried)
+
+
+@pytest.mark.parametrize("message, temp_gib", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (20.02G) exceeds available HBM (15.75G).", 20.02),
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+     "hbm. Used 45.50G of 15.75G hbm. Exceeded hbm capacity by 29.75G.", 45.50 - 3.0)])
+def test_a_refused_program_is_sized_from_what_xla_says(message, temp_gib):
+  resident, batch = 2 * 2**30, 2**30  # 3 GiB of the "Used" figure are the arguments
+  phase = programs._out_of_memory("update", RuntimeError(message), 1.0, 0.0, 0.0, batch,
+                                  resident)
+  assert phase.out_of_memory and abs(phase.temp_bytes / 2**30 - temp_gib) < 0.01
+  assert phase.total(resident) == resident + batch + phase.temp_bytes

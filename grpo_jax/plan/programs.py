@@ -145,21 +145,27 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
   return step_fn, cfg, params, grpo_cfg
 
 
+# The TPU compiler's two ways of saying a program does not fit (libtpu 0.0.4x).
 _USED = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+_TEMPORARIES = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])?\)")
 
 
 def _out_of_memory(name, error: Exception, seconds: float, flops: float, hbm: float,
                    batch_bytes: int, resident_passed: int) -> Phase:
   """A phase the TPU compiler refused for want of HBM, sized by what it says it used."""
   message = " ".join(str(error).split())
-  m = _USED.search(message)
   scale = lambda unit: {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(unit, 1)
-  used = int(float(m.group(1)) * scale(m.group(2))) if m else 0
-  summary = m.group(0) if m else message[:200]
-  # XLA's figure covers the whole program: its arguments (resident ones among them) too.
-  return Phase(name, seconds, resident_passed + batch_bytes, 0, 0,
-               max(used - resident_passed - batch_bytes, 0), 0, batch_bytes, {}, [], flops, hbm,
-               out_of_memory=summary)
+  size = lambda m: int(float(m.group(1)) * scale(m.group(2)))
+  temps = _TEMPORARIES.search(message)
+  used = _USED.search(message)
+  if temps:  # temporaries alone
+    temp_bytes, summary = size(temps), temps.group(0)
+  elif used:  # the whole program: its arguments (resident ones among them) too
+    temp_bytes, summary = max(size(used) - resident_passed - batch_bytes, 0), used.group(0)
+  else:
+    temp_bytes, summary = 0, message[:200]
+  return Phase(name, seconds, resident_passed + batch_bytes, 0, 0, temp_bytes, 0, batch_bytes,
+               {}, [], flops, hbm, out_of_memory=summary)
 
 
 def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
@@ -254,7 +260,9 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
       "reference": lambda: _compile("reference", step_fn.score, score_args, 1,
                                     flops["reference"] / n, 0.0, batch_bytes(score_args[2:]),
                                     resident),
-      "update": lambda: _compile("update", step_fn.update, update_args, 1, flops["train"] / n,
+      # remat recomputes the forward pass in the backward one: 4 forward passes, not 3
+      "update": lambda: _compile("update", step_fn.update, update_args, 1,
+                                 flops["train"] * (4 / 3 if config.remat else 1) / n,
                                  0.0, batch_bytes(update_args[1:]), param_bytes + opt_bytes),
   }
   reuse = reuse or {}

@@ -20,7 +20,8 @@ def phase_figures(plan: programs.Plan, phase: programs.Phase, chip: topology.Chi
       "kv_cache_bytes": plan.kv_cache if phase.name == "sampler" else 0,
       "temp_bytes": phase.temp_bytes,
       "other_bytes": total - plan.resident - phase.temp_bytes,
-      "total_bytes": total, "fits": total <= chip.hbm_bytes,
+      # a program the compiler refused does not fit, whatever its parsed size
+      "total_bytes": total, "fits": total <= chip.hbm_bytes and not phase.out_of_memory,
       "collectives": phase.collectives, "ici_bytes": phase.ici_bytes,
       "estimated_seconds": seconds, "bound": bound, "flops_per_chip": phase.flops_per_chip,
       "compile_seconds": phase.compile_seconds, "out_of_memory": phase.out_of_memory,
