@@ -244,13 +244,15 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   opt_bytes = _shard_bytes(opt_s, per_device_axis)
   kv = kv_cache_bytes(cfg, rows, prompt_len + length, layout, n)
   flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
-  weight_bytes = cfg.num_params() * jnp.dtype(cfg.compute_dtype).itemsize
-  # HBM traffic per chip, the dominant terms: decoding reads this chip's weights and its KV
-  # cache (half full on average) at every token; a full-sequence pass reads the gathered
-  # weights once per pass (update: forward, backward, and a recompute with remat) and
-  # writes and reads its temporaries about once.
-  sampler_hbm = length * (param_bytes * jnp.dtype(cfg.compute_dtype).itemsize
-                          / jnp.dtype(config.param_dtype).itemsize + kv / 2)
+  # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its KV
+  # cache (half full on average) and, on a mesh, the whole LM head gathered for decoding at
+  # every token; a full-sequence pass reads the gathered weights once per pass (update:
+  # forward, backward, and a recompute with remat) and writes and reads its temporaries
+  # about once.
+  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+  head_bytes = cfg.vocab_size * cfg.hidden_size * itemsize if layout else 0
+  sampler_hbm = length * (param_bytes * itemsize / jnp.dtype(config.param_dtype).itemsize
+                          + head_bytes + kv / 2)
   batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
   programs = {
@@ -266,12 +268,12 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                                  0.0, batch_bytes(update_args[1:]), param_bytes + opt_bytes),
   }
   reuse = reuse or {}
-  phases = {name: reuse[name] if name in reuse else build_phase()
-            for name, build_phase in programs.items()}
+  phases = {phase: reuse[phase] if phase in reuse else build_phase()
+            for phase, build_phase in programs.items()}
   passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if config.remat else 2}
   for phase_name, count in passes.items():
     phase = phases[phase_name]
-    phase.hbm_bytes_per_chip = count * weight_bytes + 2 * phase.temp_bytes
+    phase.hbm_bytes_per_chip = count * cfg.num_params() * itemsize + 2 * phase.temp_bytes
   return Plan(cfg, config.parallelism, name, n, param_bytes, opt_bytes, reference_bytes, kv,
               phases)
 
