@@ -120,8 +120,8 @@ class MeshStep:
 
   @property
   def batch_divisor(self) -> int:
-    """Rows of a batch must split evenly over this many shards."""
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    """Rows of a batch must split evenly over this many shards (data x fsdp)."""
+    return self.step.cfg.token_shards
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -182,27 +182,30 @@ class MeshStep:
   def sampler(self, cfg: sampling.SamplingConfig):
     """A jitted sampler with other settings (e.g. greedy evaluation)."""
     fn = functools.partial(sampling.generate, self.step.model_def, cfg=cfg)
-    return OnMesh(jax.jit(lambda *a: self._rows_sharded(fn(*a))), self.mesh)
+    return self._jit(lambda *a: self._rows_sharded(fn(*a)))
+
+  def _jit(self, fn, **jit_kwargs) -> "OnMesh":
+    return OnMesh(jax.jit(fn, **jit_kwargs), self.mesh)
 
   @functools.cached_property
   def generate(self):
-    return OnMesh(jax.jit(lambda *a: self._rows_sharded(self.step.generate(*a))), self.mesh)
+    return self._jit(lambda *a: self._rows_sharded(self.step.generate(*a)))
 
   @functools.cached_property
   def score(self):
-    return OnMesh(jax.jit(self.step.score), self.mesh)
+    return self._jit(self.step.score)
 
   @functools.cached_property
   def update(self):
-    return OnMesh(jax.jit(self.step.update, donate_argnums=(0,)), self.mesh)
+    return self._jit(self.step.update, donate_argnums=(0,))
 
   @functools.cached_property
   def learn(self):
-    return OnMesh(jax.jit(self.step.learn, donate_argnums=(0,)), self.mesh)
+    return self._jit(self.step.learn, donate_argnums=(0,))
 
   def train_step(self, reward_fn: grpo.RewardFn):
-    return OnMesh(jax.jit(functools.partial(self.step.train_step, reward_fn=reward_fn),
-                          donate_argnums=(0,)), self.mesh)
+    return self._jit(functools.partial(self.step.train_step, reward_fn=reward_fn),
+                     donate_argnums=(0,))
 
 
 @dataclasses.dataclass(frozen=True)

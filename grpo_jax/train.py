@@ -85,7 +85,9 @@ def build_model(config):
     model = Transformer(model_config(config), nnx.Rngs(config.seed))
     eos_ids = (tokenizer.eos_token_id,)
   graphdef, params = nnx.split(model)
-  params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+  if param_dtype != jnp.float32:  # a checkpoint is read in param_dtype already
+    params = jax.tree.map(lambda x: x if x.dtype == param_dtype else x.astype(param_dtype),
+                          params)
   return tokenizer, eos_ids, model.cfg, graphdef, params
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grpo_jax import grpo, mesh as mesh_lib
+from grpo_jax import grpo, mesh as mesh_lib, parallel
 from grpo_jax import config as config_lib
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.plan import hlo, roofline
@@ -135,6 +135,8 @@ def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, layout: dict[str, in
 def build(config, devices, model_cfg: ModelConfig | None = None):
   """(step_fn, graphdef, abstract params, grpo config) for `config` on `devices`."""
   from grpo_jax import train  # the trainer's own wiring (a sibling room, not numeric code)
+  parallel.check_batch(config.prompts_per_step, config.num_generations,
+                       train.batch_divisor(config, devices))
   cfg = model_cfg or train.model_config(config)
   graphdef, params = abstract_model(cfg, config.param_dtype)
   grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0,
