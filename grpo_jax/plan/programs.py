@@ -27,7 +27,6 @@ from grpo_jax import config as config_lib
 from grpo_jax.models import ModelConfig, Transformer
 from grpo_jax.plan import hlo, roofline
 
-PHASES = ("sampler", "reference", "update")
 DUMP_DIR = os.environ.get("GRPO_JAX_PLAN_DUMP", "")  # a folder: write each program's HLO there
 
 
@@ -55,10 +54,6 @@ class Phase:
             + self.temp_bytes + self.code_bytes)
 
   @property
-  def largest_collectives(self) -> list[hlo.Collective]:
-    return sorted(self.found, key=lambda c: -c.buffer_bytes * c.count)[:5]
-
-  @property
   def ici_bytes(self) -> float:
     return sum(v["moved_bytes"] for v in self.collectives.values())
 
@@ -66,9 +61,7 @@ class Phase:
 @dataclasses.dataclass
 class Plan:
   model: ModelConfig
-  parallelism: str
   layout: str  # e.g. "mesh data=1 fsdp=8 tensor=1" or "pmap x8"
-  num_chips: int
   params: int  # bytes per chip of the actor
   optimizer: int
   reference: int
@@ -276,9 +269,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   for phase_name, count in passes.items():
     phase = phases[phase_name]
     phase.hbm_bytes_per_chip = count * cfg.num_params() * itemsize + 2 * phase.temp_bytes
-  return Plan(cfg, config.parallelism, name, n, param_bytes, opt_bytes, reference_bytes, kv,
-              phases)
+  return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases)
 
 
-__all__ = ["PHASES", "Phase", "Plan", "build", "compile_plan", "kv_cache_bytes",
+__all__ = ["Phase", "Plan", "build", "compile_plan", "kv_cache_bytes",
            "abstract_model"]

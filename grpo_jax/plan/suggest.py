@@ -46,6 +46,7 @@ def _describe(changes: dict[str, Any]) -> str:
 def suggest(config, slice_: topology.Slice) -> tuple[dict | None, list[dict]]:
   """(the fastest plan that fits, or None; every plan tried), each with its `flags`."""
   devices = slice_.devices()
+  layouts = _layouts(slice_.num_chips)
   tried = []
 
   def attempt(changes):
@@ -59,16 +60,16 @@ def suggest(config, slice_: topology.Slice) -> tuple[dict | None, list[dict]]:
     tried.append(d)
     return d
 
-  fitting = [d for d in (attempt(ch) for ch in _layouts(slice_.num_chips)) if d and d["fits"]]
+  fitting = [d for d in (attempt(ch) for ch in layouts) if d and d["fits"]]
   if not fitting:
-    for layout in _layouts(slice_.num_chips)[:2]:
+    for layout in layouts[:2]:
       d = attempt({**layout, "param_dtype": "bfloat16", "remat": True})
       if d and d["fits"]:
         fitting.append(d)
   if fitting:
     best = min(fitting, key=lambda d: d["estimated_step_seconds"])
     if best["remat"]:
-      layout = next(ch for ch in _layouts(slice_.num_chips) if _describe(ch) in best["flags"])
+      layout = next(ch for ch in layouts if _describe(ch) in best["flags"])
       d = attempt({**layout, "remat": False, "param_dtype": best["param_dtype"]})
       if d and d["fits"]:
         fitting.append(d)
