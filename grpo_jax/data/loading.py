@@ -2,6 +2,7 @@
 
 Spec forms (the `dataset` config field):
   demo:arithmetic              the embedded demo; eval = its held-out split
+  demo:word_problems           arithmetic word problems for chat models (SmolLM2 recipe)
   json:PATH  jsonl:PATH        JSON lines or a JSON array/object file
   parquet:PATH  csv:PATH       via `datasets.load_dataset(<format>, data_files=PATH)`
   PATH.json|.jsonl|.parquet|.csv   a local file, format inferred from the extension
@@ -20,11 +21,11 @@ import re
 import datasets
 import numpy as np
 
-from grpo_jax.data import demo
+from grpo_jax.data import demo, word_problems
 from grpo_jax.errors import UserError
 
 FILE_FORMATS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
-DEMOS = ("arithmetic",)
+DEMOS = ("arithmetic", "word_problems")
 PREFIXES = ("demo", *FILE_FORMATS, "hf")
 _PREFIX_RE = re.compile(r"[A-Za-z][\w-]*")  # "word:" (not "owner/name:", not "./path:")
 
@@ -57,6 +58,9 @@ def _load_demo(name: str, eval_size: int, seed: int
   if name not in DEMOS:
     raise UserError(f"dataset 'demo:{name}' is unknown; demos: "
                     + ", ".join(f"demo:{d}" for d in DEMOS))
+  if name == "word_problems":
+    return word_problems.make_word_problem_splits(
+        seed=seed, num_eval=eval_size or word_problems.DEFAULT_NUM_EVAL)
   return demo.make_arithmetic_splits(seed=seed, num_eval=eval_size or demo.DEFAULT_NUM_EVAL)
 
 

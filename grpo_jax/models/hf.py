@@ -1,5 +1,8 @@
 """Hugging Face checkpoints (Llama 3.x, Qwen2/2.5, Qwen3) in and out of our Transformer.
 
+`path` may also be a `.gguf` file (llama.cpp's format, see `gguf.py`), or `pkg:PACKAGE/FILE`
+for one shipped inside an installed Python package; `save_pretrained` writes safetensors.
+
 A checkpoint directory is `config.json` + safetensors (one file, or shards listed in
 `model.safetensors.index.json`) + optional tokenizer files. Loading needs no torch: tensors
 are read as NumPy arrays, `[out, in]` linear weights are transposed to our `[in, out]`
@@ -30,6 +33,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from grpo_jax.errors import UserError
+from grpo_jax.models import gguf
 from grpo_jax.models.transformer import ModelConfig, Transformer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -306,6 +310,10 @@ def _load_param(ckpt: _SafetensorsCheckpoint, path: tuple[str, ...], shape: tupl
 # --- public API --------------------------------------------------------------------------
 
 def read_config(path: Path) -> dict[str, Any]:
+  """config.json of a checkpoint directory, or the same dict from a GGUF file's metadata."""
+  path = gguf.resolve_path(path)
+  if gguf.is_gguf(path):
+    return gguf.hf_config(path)
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise UserError(f"model_path {os.fspath(path)!r}: no config.json there (expected a local "
@@ -322,7 +330,9 @@ def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float
   dtype: compute dtype of activations ("float32", "bfloat16", "float16").
   param_dtype: dtype the parameters are stored in (checkpoint tensors are cast to it).
   The tokenizer is None when the directory has no tokenizer files.
+  `path`: a checkpoint directory, a `.gguf` file, or `pkg:PACKAGE/FILE` (see gguf.py).
   """
+  path = gguf.resolve_path(path)
   cfg = config_from_hf(read_config(path)).replace(dtype=dtype, remat=remat,
                                                   scan_layers=scan_layers)
   model, _ = _load(path, cfg, param_dtype, extra_tensors=())
@@ -350,7 +360,8 @@ def _load(path, cfg: ModelConfig, param_dtype, extra_tensors: tuple[str, ...]):
   flat = list(nnx.to_flat_state(abstract_state))
   target = np.dtype(jnp.dtype(param_dtype))
   with ExitStack() as stack:
-    ckpt = _SafetensorsCheckpoint(path, stack)
+    ckpt = (gguf.GGUFCheckpoint(path, read_config(path)) if gguf.is_gguf(path)
+            else _SafetensorsCheckpoint(path, stack))
     expected = {_hf_name(p, layer) for p, _ in flat for layer in _layers_of(p, cfg.num_layers)}
     _check_tensor_names(ckpt, expected | set(extra_tensors), cfg.tie_word_embeddings, path)
     loaded = [(p, var.replace(_load_param(ckpt, p, var.shape, cfg.num_layers, target)))
@@ -363,10 +374,15 @@ def eos_token_ids(path: Path, tokenizer) -> tuple[int, ...]:
   """Every id that ends a completion: generation_config.json's eos ids and the tokenizer's.
 
   Chat models stop on an end-of-turn token (Qwen's <|im_end|>, Llama 3's <|eot_id|>) that
-  generation_config.json lists beside the plain end-of-text token.
+  generation_config.json lists beside the plain end-of-text token. A GGUF file declares
+  one in its metadata.
   """
-  declared = _read_json_or_empty(os.path.join(path, "generation_config.json")).get(
-      "eos_token_id")
+  path = gguf.resolve_path(path)
+  if gguf.is_gguf(path):
+    declared = list(gguf.eos_token_ids(path))
+  else:
+    declared = _read_json_or_empty(os.path.join(path, "generation_config.json")).get(
+        "eos_token_id")
   ids = list(declared) if isinstance(declared, list) else [declared]
   ids.append(getattr(tokenizer, "eos_token_id", None))
   ids = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
@@ -381,7 +397,11 @@ def load_tokenizer(path: Path):
   A tokenizer saved as a generic fast tokenizer is loaded as one: transformers 5's
   AutoTokenizer would otherwise swap in the model family's class for some families
   (qwen2), which rebuilds the pre-tokenizer and changes the ids of a custom tokenizer.
+  A GGUF file's tokenizer is built by transformers from the file.
   """
+  path = gguf.resolve_path(path)
+  if gguf.is_gguf(path):
+    return gguf.load_tokenizer(path)
   if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     return None
   import transformers  # heavy import, only needed when there is a tokenizer
