@@ -176,9 +176,12 @@ class GGUFCheckpoint:
 
 
 def load_tokenizer(path):
-  """transformers' tokenizer built from the file's vocabulary, merges and chat template."""
+  """transformers' tokenizer built from the file's vocabulary, merges and chat template;
+  None for a file that carries no tokenizer."""
   import transformers
   path = os.fspath(path)
+  if _field(_reader(path), "tokenizer.ggml.model") is None:
+    return None
   return transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                                     gguf_file=os.path.basename(path))
 
