@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_iterations = 1
   c.logprob_chunk_size = 0  # vocabulary entries per log-prob chunk; 0: ~16 MiB of logits
   c.micro_batch_size = 0  # completions per train forward/backward on a device; 0: auto
+  # Score and update passes run on the batch's longest completion (+1) rounded up to a
+  # multiple of this many tokens, so early EOS stops make them cheaper (0: always the full
+  # max_completion_length). At most ceil(max_completion_length / this) compiled shapes.
+  c.train_length_bucket = 64
 
   # Supervised warm-up on demonstrations before GRPO (the demo task's; 0 = none).
   c.sft_steps = 0
@@ -146,6 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
   _require(config.micro_batch_size >= 0, "micro_batch_size", config.micro_batch_size,
            "an integer >= 0 (0: auto, about 1k tokens per micro-batch on CPU)")
+  _require(config.train_length_bucket >= 0, "train_length_bucket", config.train_length_bucket,
+           "an integer >= 0 (0: the passes always run on max_completion_length)")
   _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
            "an integer >= 0 (0: sized from the vocabulary)")
   if config.sft_steps and config.dataset != DEMO_DATASET:

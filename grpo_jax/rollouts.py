@@ -7,14 +7,18 @@ pmapped sampler and the pmapped update. Also the held-out greedy evaluation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from grpo_jax import sampling
 from grpo_jax.data import batching, chat
 from grpo_jax.rewards import compute_rewards
+
+log = logging.getLogger("grpo_jax")
 
 
 def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
@@ -72,6 +76,33 @@ class HostRollouts:
       else:
         out[prefix + key] = float(value)
     return out
+
+
+class TrainWidths:
+  """How many completion positions the score and update passes of a batch run on.
+
+  The sampler stops when every row has emitted EOS, but its output is always
+  max_completion_length wide; the train passes only need the batch's longest completion
+  (rounded up to `bucket`, see `sampling.trimmed_width`). Each new width is a new compiled
+  shape of those passes, logged once.
+  """
+
+  def __init__(self, bucket: int, max_completion_length: int):
+    self.bucket, self.max_completion_length = bucket, max_completion_length
+    self.seen: set[int] = set()
+
+  def __call__(self, host_rollout: sampling.Rollout) -> int:
+    longest = int(np.max(np.sum(host_rollout.completion_mask, axis=-1)))
+    if jax.process_count() > 1:  # every host must compile the same shape
+      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    width = sampling.trimmed_width(longest, self.bucket, self.max_completion_length)
+    if width not in self.seen:
+      self.seen.add(width)
+      limit = -(-self.max_completion_length // self.bucket) if self.bucket else 1
+      log.info("Score and update passes on %d completion positions (longest completion: %d "
+               "tokens); compiled widths so far: %s of at most %d", width, longest,
+               sorted(self.seen), limit)
+    return width
 
 
 def throughput(rollout: sampling.Rollout, seconds: float) -> dict[str, float]:

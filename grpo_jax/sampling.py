@@ -66,8 +66,32 @@ class Rollout(NamedTuple):
 
   @property
   def eos_terminated(self) -> jax.Array:
-    """[N] bool: the completion ended with EOS rather than at max length."""
+    """[N] bool: the completion ended with EOS rather than at max length.
+
+    (A trimmed rollout, `trim_completions`, is always wider than its longest completion,
+    so this holds for it too.)
+    """
     return self.completion_mask.sum(-1) < self.completion_mask.shape[-1]
+
+
+def trimmed_width(longest: int, bucket: int, max_completion_length: int) -> int:
+  """Positions the train passes need for a batch whose longest completion has `longest`
+  tokens: one more (so a completion that stopped at EOS stays shorter than the width),
+  rounded up to a multiple of `bucket`, at most max_completion_length (bucket 0: always
+  that). A batch therefore compiles at most ceil(max_completion_length / bucket) shapes.
+  """
+  if not bucket:
+    return max_completion_length
+  return min(max_completion_length, -(-(longest + 1) // bucket) * bucket)
+
+
+def trim_completions(rollout: Rollout, width: int) -> Rollout:
+  """The rollout's completions cut to their first `width` positions (only padding beyond:
+  `width` from trimmed_width). NumPy or JAX arrays."""
+  cut = lambda x: x[..., :width]
+  return rollout._replace(completion_ids=cut(rollout.completion_ids),
+                          completion_mask=cut(rollout.completion_mask),
+                          sampling_logprobs=cut(rollout.sampling_logprobs))
 
 
 def filter_logits(scaled_logits: jax.Array, top_k: int, top_p: float) -> jax.Array:

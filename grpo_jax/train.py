@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, warmup
+from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, sampling, warmup
 from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax.data import batching, demo, loading
@@ -247,6 +247,8 @@ class TrainLoop:
                                                         s.grpo_config))
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
                                       config.num_generations)
+    self.train_width = rollouts.TrainWidths(config.train_length_bucket,
+                                            config.max_completion_length)
     # Each host feeds its own devices: a disjoint share of every global batch.
     self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
                                         seed=config.seed, process_index=jax.process_index(),
@@ -296,6 +298,9 @@ class TrainLoop:
       rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
                                  jax.random.fold_in(base_key, step))
       host_rollout = step_fn.to_host(rollout)  # waits for the sampler
+      width = self.train_width(host_rollout)
+      if width < config.max_completion_length:  # every completion stopped well before it
+        rollout = step_fn.place_batch(sampling.trim_completions(host_rollout, width))
       sampled = time.perf_counter()
       rewards, _ = self.host.score(rows, host_rollout)
       scored = time.perf_counter()

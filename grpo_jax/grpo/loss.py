@@ -35,15 +35,20 @@ class LossNormalizers(NamedTuple):
   global_rows: jax.Array
   global_tokens: jax.Array
   device_tokens: jax.Array  # this device's completion tokens (bnpo's per-device mean)
+  completion_length: jax.Array  # max_completion_length (dr_grpo), not the passes' width
 
 
-def loss_normalizers(completion_mask, axis_name) -> LossNormalizers:
+def loss_normalizers(completion_mask, axis_name, max_completion_length: int | None = None
+                     ) -> LossNormalizers:
+  """max_completion_length: the configured one, when the passes run on fewer positions
+  (a batch whose completions all stopped early); None: the mask's width."""
   mask = completion_mask.astype(jnp.float32)
   return LossNormalizers(
       num_devices=_psum(jnp.float32(1.0), axis_name),
       global_rows=_psum(jnp.float32(mask.shape[0]), axis_name),
       global_tokens=_psum(mask.sum(), axis_name),
-      device_tokens=mask.sum())
+      device_tokens=mask.sum(),
+      completion_length=jnp.float32(max_completion_length or mask.shape[1]))
 
 
 def aggregate_loss(token_loss, completion_mask, loss_type: str, norms: LossNormalizers):
@@ -57,7 +62,7 @@ def aggregate_loss(token_loss, completion_mask, loss_type: str, norms: LossNorma
   if loss_type == "bnpo":
     return masked_sum / jnp.maximum(norms.device_tokens, 1.0) / norms.num_devices
   if loss_type == "dr_grpo":
-    return masked_sum / (norms.global_rows * mask.shape[1])
+    return masked_sum / (norms.global_rows * norms.completion_length)
   if loss_type == "dapo":
     return masked_sum / jnp.maximum(norms.global_tokens, 1.0)
   raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")

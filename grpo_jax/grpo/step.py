@@ -154,7 +154,8 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
 def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
            cfg: GRPOConfig, axis_name=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """`cfg.num_iterations` optimizer updates on one scored rollout (lax.scan)."""
-  norms = loss_normalizers(scored.rollout.completion_mask, axis_name)
+  norms = loss_normalizers(scored.rollout.completion_mask, axis_name,
+                           cfg.sampling.max_completion_length)
 
   def one_update(state: TrainState, _):
     (loss, token_sums), grads = loss_and_grads(state.params, model_def, scored, norms, cfg,
