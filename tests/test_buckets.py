@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from grpo_jax import grpo, rollouts, sampling, train
+from grpo_jax import grpo, sampling, train
 from test_train import tiny_config
 
 PROMPTS, G, LENGTH, PROMPT_LEN = 3, 4, 24, 5

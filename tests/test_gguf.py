@@ -21,7 +21,7 @@ from grpo_jax.data import chat
 from grpo_jax.errors import UserError
 from grpo_jax.models import gguf as gguf_lib
 from grpo_jax.models import hf
-from test_hf import MASK, REAL, build_hf_model, hf_logits, our_logits
+from test_hf import REAL, build_hf_model, hf_logits, our_logits
 
 Q = gguf.GGMLQuantizationType
 # Cycled over the 2-D weights, so each type loads at least one projection.

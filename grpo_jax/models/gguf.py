@@ -16,6 +16,7 @@ apply as in transformers. Qwen2 / Qwen3 files are written unpermuted.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -70,9 +71,19 @@ def resolve_path(path) -> str:
 
 
 def _reader(path):
-  import gguf  # only needed for GGUF files
+  """The file's reader, opened once per file version: parsing the metadata (a 49k-token
+  vocabulary and its merges) takes ~3 s, and config, weights, tokenizer and EOS id are
+  each asked for separately."""
   if not os.path.isfile(path):
     raise UserError(f"model_path {os.fspath(path)!r}: no such GGUF file")
+  stat = os.stat(path)
+  return _open_reader(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_reader(path: str, mtime_ns: int, size: int):
+  del mtime_ns, size  # cache key only: a rewritten file is read again
+  import gguf  # only needed for GGUF files
   try:
     return gguf.GGUFReader(path)
   except (ValueError, OSError) as e:
