@@ -5,14 +5,33 @@ Layout under `<workdir>/checkpoints/`:
   <step>/meta        RNG key, data position, model fingerprint (JSON)   Orbax JsonSave
   reference/         frozen reference params, written once              Orbax StandardCheckpointer
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so a run killed mid-save leaves the previous checkpoint as the latest one.
+Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp`)
+and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
+the latest one. What Orbax cannot guard against (a truncated file, a deleted or damaged
+piece of a finished checkpoint) `restore_latest` handles: it resumes from the newest
+checkpoint that restores completely and moves the damaged newer ones to
+`<workdir>/corrupt_checkpoints/<step>`, one warning line each.
+
+Orbax saves asynchronously: a full or read-only disk surfaces in a background thread and
+then at the next `save`/`wait`/`close`, as a chain of Orbax/TensorStore exceptions and
+error logs with tracebacks. Those become one UserError line here: "cannot write checkpoint
+<dir>/<step>: No space left on device (the last complete checkpoint is step N; ...)".
+Orbax's own logs of that failure (absl ERROR records with tracebacks, from several threads)
+and the "Exception ignored" debris of its abandoned coroutines are dropped; nothing else is.
+A full or read-only disk at the time of `save` fails at once, in a one-byte write probe.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
-from typing import Any
+import os
+import re
+import sys
+import tempfile
+import threading
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,9 +41,31 @@ from grpo_jax.errors import UserError
 
 log = logging.getLogger("grpo_jax")
 
+CORRUPT_DIRNAME = "corrupt_checkpoints"  # a sibling of the checkpoints directory
+# The errors of a disk that cannot take the checkpoint: full, over quota, read-only, not
+# ours, failing. Anything else raised while saving is left as it is (a bug, not the disk).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EIO, errno.EFBIG})
+# TensorStore reports OS errors inside ValueError messages: "... [os_error_code='28'] ...".
+_TS_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_REASON_CHARS = 200
+
 
 class IncompatibleCheckpointError(UserError):
   """The workdir holds checkpoints of a different model."""
+
+
+class Restored(NamedTuple):
+  """The newest checkpoint that restored completely.
+
+  `meta` is the saved JSON dict (what the caller passed to `save`, with "fingerprint"
+  added); `reference` is None when the reference params were missing or unreadable: the
+  caller rebuilds them from its starting params and calls `save_reference`.
+  """
+  step: int
+  state: Any
+  meta: dict[str, Any]
+  reference: Any | None
 
 
 def _serializable(tree):
@@ -45,6 +86,140 @@ def _describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
   return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
 
 
+def _exception_chain(exc: BaseException | None):
+  """`exc`, its causes and contexts (and the members of exception groups), each once."""
+  seen, todo = set(), [exc]
+  while todo:
+    e = todo.pop(0)
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
+
+
+def _write_errno(exc: BaseException | None) -> int | None:
+  """The errno of a disk that refused a write somewhere in `exc`'s chain, else None."""
+  for e in _exception_chain(exc):
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+      return e.errno
+    code = _TS_OS_ERROR.search(str(e))
+    if code and int(code.group(1)) in WRITE_ERRNOS:
+      return int(code.group(1))
+  return None
+
+
+def _one_line(text: str, limit: int = _REASON_CHARS) -> str:
+  lines = str(text).strip().splitlines()
+  line = lines[0].strip() if lines else ""
+  return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
+def _describe_exception(exc: BaseException) -> str:
+  """"Type: first line of the message" of the innermost explicit cause (Orbax wraps the
+  TensorStore error that says what is wrong in a generic "error while reading")."""
+  while exc.__cause__ is not None:
+    exc = exc.__cause__
+  message = _one_line(str(exc))
+  return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(f"grpo_jax_checkpoint:{name}")
+
+
+# Set once the disk refused one of Orbax's writes, or a restore failed, in this process: from
+# then on the debris of that operation is not printed (see _quiet_unraisable).
+_ORBAX_OPERATION_FAILED = threading.Event()
+
+
+def _refused_write(record: logging.LogRecord) -> bool:
+  exc = record.exc_info[1] if record.exc_info else None
+  if exc is not None and _write_errno(exc) is not None:
+    return True
+  try:
+    message = record.getMessage()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  code = _TS_OS_ERROR.search(message)
+  if code and int(code.group(1)) in WRITE_ERRNOS:
+    return True
+  return any(os.strerror(n) in message for n in WRITE_ERRNOS)
+
+
+_OPERATION_ID = re.compile(r"\[operation_id=(\d+)\]")  # one Orbax save, in its logs
+
+
+class _QuietOrbaxWriteErrors(logging.Filter):
+  """Drops Orbax's own error logs (each with a long traceback, from several background
+  threads) about a write the disk refused, and asyncio's "Task exception was never
+  retrieved" for Orbax's abandoned write tasks: Checkpointer turns that failure into a
+  one-line UserError instead, and the later errors of the same save (same Orbax
+  operation_id). Every other log passes."""
+
+  def __init__(self):
+    super().__init__()
+    self.failed_operations: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.WARNING:
+      return True
+    if record.name != "asyncio" and f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    try:
+      operation = _OPERATION_ID.search(record.getMessage())
+    except Exception:  # pylint: disable=broad-except
+      operation = None
+    if _refused_write(record):
+      _ORBAX_OPERATION_FAILED.set()
+      if operation:
+        self.failed_operations.add(operation.group(1))
+      return False
+    # The rest of a refused save: its other threads fail in turn, e.g. at interpreter exit.
+    return not (operation and operation.group(1) in self.failed_operations)
+
+
+def _in_orbax(obj) -> bool:
+  code = getattr(obj, "cr_code", None) or getattr(obj, "gi_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Drops the "Exception ignored in ..." tracebacks that are the debris of an Orbax save
+  or restore that already failed (and was reported): TensorStore reads/writes still in
+  flight complete into the closed event loop of the failed operation ("RuntimeError:
+  Event loop is closed"), and its coroutines are closed unfinished (their error chains
+  end in GeneratorExit), at the latest at interpreter exit."""
+  exc = unraisable.exc_value
+  if (_ORBAX_OPERATION_FAILED.is_set() and isinstance(exc, RuntimeError)
+      and str(exc) == "Event loop is closed"):
+    return
+  if _in_orbax(unraisable.object) and (_ORBAX_OPERATION_FAILED.is_set() or any(
+      isinstance(e, GeneratorExit) for e in _exception_chain(exc))):
+    return
+  _previous_unraisablehook(unraisable)
+
+
+_LOG_FILTER = _QuietOrbaxWriteErrors()
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _install_quieting() -> None:
+  global _previous_unraisablehook
+  for name in ("absl", "asyncio"):  # Orbax logs through absl.logging
+    logger = logging.getLogger(name)
+    if _LOG_FILTER not in logger.filters:
+      logger.addFilter(_LOG_FILTER)
+  if sys.unraisablehook is not _quiet_unraisable:
+    _previous_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable
+
+
 class Checkpointer:
   """Saves and restores the actor train state (+ JSON metadata) and the reference params.
 
@@ -57,6 +232,10 @@ class Checkpointer:
     self.fingerprint = fingerprint
     self._max_to_keep = max_to_keep
     self._manager = None
+    self._pending_step: int | None = None  # saved asynchronously, not yet known complete
+    self._reported_write_error = False  # a write failure already raised as a UserError
+    self._reference_unreadable = False  # restore_latest found reference/ missing or broken
+    _install_quieting()
 
   @property
   def manager(self) -> ocp.CheckpointManager:
@@ -68,58 +247,315 @@ class Checkpointer:
           item_names=("state", "meta"))
     return self._manager
 
+  @property
+  def corrupt_directory(self) -> epath.Path:
+    """Where restore_latest moves checkpoints that cannot be restored: beside the
+    checkpoints directory (in the workdir), out of Orbax's sight."""
+    return self.directory.parent / CORRUPT_DIRNAME
+
+  def step_path(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
   def latest_step(self) -> int | None:
     if not self.directory.exists():
       return None
     return self.manager.latest_step()
 
-  def check_compatible(self) -> None:
-    """Raises if the workdir's latest checkpoint was written for another model."""
-    step = self.latest_step()
-    if step is None:
-      return
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    saved = meta.get("fingerprint", {})
-    if saved != self.fingerprint:
-      raise IncompatibleCheckpointError(
-          f"workdir {self.directory.parent} holds checkpoints of an incompatible model "
-          f"({_describe_difference(saved, self.fingerprint)}); use another --workdir or "
-          "remove its checkpoints")
+  def _steps_newest_first(self) -> list[int]:
+    if not self.directory.exists():
+      return []
+    self.manager.reload()  # what is on disk now, not what the manager saw when created
+    return sorted(self.manager.all_steps(), reverse=True)
 
-  def save(self, step: int, state, meta: dict[str, Any]) -> None:
-    """Saves asynchronously; `state` must be a single (unreplicated) copy."""
-    meta = {**meta, "fingerprint": self.fingerprint}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_serializable(state)), meta=ocp.args.JsonSave(meta)))
+  # --- reading ---------------------------------------------------------------------------
+
+  def _read_meta(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(meta, None), or (None, why it cannot be read)."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # pylint: disable=broad-except  # any failure: unreadable
+      return None, self._reason(step, "meta", e)
+    if not isinstance(meta, dict):
+      return None, f"meta holds {type(meta).__name__}, not a JSON object"
+    return meta, None
+
+  def read_meta(self, step: int) -> dict[str, Any] | None:
+    """The JSON metadata saved with `step` (the dict given to `save`, plus "fingerprint"),
+    or None if it cannot be read."""
+    return self._read_meta(step)[0]
+
+  def saved_config(self, step: int) -> Any | None:
+    """meta["config"] of `step` as saved (None if absent or unreadable)."""
+    meta = self.read_meta(step)
+    return None if meta is None else meta.get("config")
+
+  def _reason(self, step: int, item: str, exc: BaseException) -> str:
+    """Why `step` could not be restored: a missing piece if one is plainly missing, and
+    the exception (type + first line of its message)."""
+    path = self.step_path(step)
+    missing = None
+    for part in (item, f"{item}/_METADATA" if item == "state" else f"{item}/metadata"):
+      if not (path / part).exists():
+        missing = f"{part}{'/' if part == item else ''} is missing"
+        break
+    described = _describe_exception(exc)
+    return _one_line(f"{missing}: {described}" if missing else described)
+
+  def _incompatible(self, saved: dict[str, Any]) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(
+        f"workdir {self.directory.parent} holds checkpoints of an incompatible model "
+        f"({_describe_difference(saved, self.fingerprint)}); use another --workdir or "
+        "remove its checkpoints")
+
+  def check_compatible(self) -> None:
+    """Raises if the workdir's newest readable checkpoint was written for another model.
+
+    A checkpoint whose metadata cannot be read is passed over here (restore_latest reports
+    and moves it); so is a workdir without checkpoints.
+    """
+    for step in self._steps_newest_first():
+      meta, _ = self._read_meta(step)
+      if meta is not None and isinstance(meta.get("fingerprint"), dict):
+        if meta["fingerprint"] != self.fingerprint:
+          raise self._incompatible(meta["fingerprint"])
+        return
 
   def restore(self, step: int, like_state) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of `step` exactly, raising whatever Orbax raises (see restore_latest)."""
     self.check_compatible()
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_tree(like_state)),
         meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def restore_latest(self, like_state, like_reference) -> Restored | None:
+    """The newest checkpoint that restores completely, with the reference params.
+
+    Newest first, a step whose metadata cannot be read, lacks the model fingerprint, or
+    whose state fails to restore (for any reason) is passed over; once an older step
+    restores, each passed-over one is moved to `<workdir>/corrupt_checkpoints/<step>`
+    (so that Orbax no longer counts it as the latest, and saving its step number again
+    works) with one warning line naming it, the reason and where it went.
+
+    None if there are no checkpoints. UserError (one line) if there are but none restores:
+    then nothing is moved. IncompatibleCheckpointError if the newest step with readable
+    metadata was written for another model: that is not damage, so nothing is moved.
+    `like_state` / `like_reference` are pytrees of the shapes and dtypes to restore into.
+    """
+    steps = self._steps_newest_first()
+    if not steps:
+      return None
+    passed_over: list[tuple[int, str]] = []
+    for step in steps:
+      meta, reason = self._read_meta(step)
+      if reason is None:
+        saved = meta.get("fingerprint")
+        if not isinstance(saved, dict):
+          reason = "its meta holds no model fingerprint"
+        elif saved != self.fingerprint:
+          raise self._incompatible(saved)
+      if reason is None:
+        try:
+          state = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_tree(like_state)))).state
+        except Exception as e:  # pylint: disable=broad-except  # any failure: unusable
+          _ORBAX_OPERATION_FAILED.set()
+          reason = self._reason(step, "state", e)
+      if reason is not None:
+        passed_over.append((step, reason))
+        continue
+      self._move_corrupt(passed_over, resumed_from=step)
+      return Restored(step, state, meta, self._restore_reference_or_none(like_reference))
+
+    for step, reason in passed_over:
+      log.warning("checkpoint %s cannot be restored (%s)", self.step_path(step), reason)
+    raise UserError(
+        f"no checkpoint in {self.directory} can be restored (steps "
+        f"{', '.join(str(s) for s, _ in passed_over)}: see the warnings above); remove "
+        f"{self.directory} to start afresh")
+
+  def _corrupt_destination(self, step: int) -> epath.Path:
+    base = self.corrupt_directory
+    for suffix in itertools.chain([""], (f".{i}" for i in itertools.count(1))):
+      destination = base / f"{step}{suffix}"
+      if not destination.exists():
+        return destination
+    raise AssertionError("unreachable")
+
+  def _move_corrupt(self, passed_over: list[tuple[int, str]], resumed_from: int) -> None:
+    if not passed_over:
+      return
+    for step, reason in passed_over:
+      source, destination = self.step_path(step), self._corrupt_destination(step)
+      if _is_primary():
+        try:
+          destination.parent.mkdir(parents=True, exist_ok=True)
+          source.rename(destination)
+        except OSError as e:
+          raise UserError(
+              f"checkpoint {source} cannot be restored ({reason}) nor moved to "
+              f"{destination} ({e.strerror or e}); remove it to resume from step "
+              f"{resumed_from}") from None
+      log.warning("checkpoint %s cannot be restored (%s); moved it to %s and resuming from "
+                  "step %d", source, reason, destination, resumed_from)
+    _sync("moved_corrupt")
+    self.manager.reload()
+
+  # --- the reference params --------------------------------------------------------------
+
   @property
   def reference_path(self) -> epath.Path:
     return self.directory / "reference"
 
-  def save_reference(self, params) -> None:
-    """Writes the frozen reference params once; later calls leave them alone."""
-    if self.reference_path.exists():
-      return
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(self.reference_path, _serializable(params))
-    log.info("Saved the frozen reference params to %s", self.reference_path)
+  def _restore_reference_or_none(self, like_params):
+    path = self.reference_path
+    if not path.exists():
+      problem = "are missing"
+    else:
+      try:
+        return self.restore_reference(like_params)
+      except Exception as e:  # pylint: disable=broad-except  # any failure: rebuild them
+        _ORBAX_OPERATION_FAILED.set()
+        problem = f"cannot be restored ({_one_line(_describe_exception(e))})"
+    self._reference_unreadable = True
+    log.warning("the frozen reference params %s %s; they will be rebuilt from the starting "
+                "params", path, problem)
+    return None
 
   def restore_reference(self, like_params):
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(self.reference_path, abstract_tree(like_params))
 
+  def save_reference(self, params) -> None:
+    """Writes the frozen reference params; a complete earlier copy is left alone, unless
+    restore_latest found it unreadable. Atomic: written beside as `reference.new`, then
+    renamed over the old one (a crash leaves either the old or the new, never half)."""
+    path = self.reference_path
+    if (path.exists() and not self._reference_unreadable
+        and (path / "_CHECKPOINT_METADATA").exists()):
+      return
+    new, old = path.parent / f"{path.name}.new", path.parent / f"{path.name}.old"
+    if _is_primary():
+      for stale in (new, old):
+        if stale.exists():
+          stale.rmtree()
+    _sync("reference_start")
+    try:
+      self._check_writable(path.parent)
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(new, _serializable(params))
+    except Exception as e:  # pylint: disable=broad-except  # only the disk's are translated
+      code = _write_errno(e)
+      if code is None:
+        raise
+      log.debug("writing %s failed", new, exc_info=True)
+      self._reported_write_error = True
+      raise UserError(f"cannot write the reference params {path}: {os.strerror(code)}"
+                      ) from None
+    if _is_primary():
+      if path.exists():
+        path.rename(old)
+      new.rename(path)
+      if old.exists():
+        old.rmtree()
+    _sync("reference_done")
+    self._reference_unreadable = False
+    log.info("Saved the frozen reference params to %s", path)
+
+  # --- writing ---------------------------------------------------------------------------
+
+  def _check_writable(self, directory: epath.Path) -> None:
+    """Writes and removes a one-byte file in `directory` (local paths only): a full or
+    read-only disk then fails here, at once, instead of in Orbax's background threads
+    (which on a read-only disk leave threads waiting minutes for a signal)."""
+    if "://" in str(directory) or not os.path.isdir(directory):
+      return
+    fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=os.fspath(directory))
+    try:
+      os.write(fd, b"\0")
+    finally:
+      os.close(fd)
+      os.unlink(probe)
+
+  def _last_complete_step(self, failed: int | None) -> int | None:
+    """The newest finished step directory on disk other than `failed`."""
+    try:
+      steps = [int(p.name) for p in self.directory.iterdir()
+               if p.name.isdigit() and int(p.name) != failed]
+    except OSError:
+      return None
+    return max(steps, default=None)
+
+  def _write_error(self, step: int | None, exc: BaseException) -> UserError | None:
+    """The one-line UserError for a write the disk refused (None for any other error)."""
+    code = _write_errno(exc)
+    if code is None:
+      return None
+    _ORBAX_OPERATION_FAILED.set()
+    log.debug("writing checkpoint %s failed", step, exc_info=exc)
+    where = self.step_path(step) if step is not None else self.directory
+    last = self._last_complete_step(step)
+    # The partial `<step>.orbax-checkpoint-tmp` stays: other threads of the failed save may
+    # still be writing into it. Orbax ignores it, and removes it before saving `step` again.
+    self._reported_write_error = True
+    return UserError(
+        f"cannot write checkpoint {where}: {os.strerror(code)} ("
+        + (f"the last complete checkpoint is step {last}; a rerun resumes from it)"
+           if last is not None else "no complete checkpoint yet)"))
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    """Saves asynchronously; `state` must be a single (unreplicated) copy.
+
+    A disk that refuses the write (full, read-only, ...) raises a one-line UserError here
+    or at the next save/wait/close (the previous checkpoint stays as it was)."""
+    self.wait()  # the previous save's failure is the previous step's
+    meta = {**meta, "fingerprint": self.fingerprint}
+    try:
+      manager = self.manager  # creates the directory on first use
+      self._check_writable(self.directory)
+      saved = manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_serializable(state)), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except  # only the disk's are translated
+      error = self._write_error(step, e)
+      if error is None:
+        raise
+      raise error from None
+    if saved:
+      self._pending_step = step
+
   def wait(self) -> None:
-    if self._manager is not None:
+    """Blocks until the pending save is complete (raises its write failure, if any)."""
+    if self._manager is None:
+      return
+    try:
       self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # only the disk's are translated
+      step, self._pending_step = self._pending_step, None
+      error = self._write_error(step, e)
+      if error is None:
+        raise
+      raise error from None
+    self._pending_step = None
 
   def close(self) -> None:
-    if self._manager is not None:
-      self._manager.close()
-      self._manager = None
+    """Waits for the pending save and closes. A write failure already raised as a
+    UserError is not raised again (train.py closes in a `finally`)."""
+    if self._manager is None:
+      return
+    manager, self._manager = self._manager, None
+    try:
+      manager.close()
+    except Exception as e:  # pylint: disable=broad-except  # only the disk's are translated
+      try:  # Orbax's close stops at the failed wait: close the rest too
+        manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      already_reported = self._reported_write_error
+      step, self._pending_step = self._pending_step, None
+      error = self._write_error(step, e)
+      if error is None:
+        raise
+      if not already_reported:
+        raise error from None
+    self._pending_step = None

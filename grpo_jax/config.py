@@ -6,6 +6,9 @@ Field names follow TRL's GRPOConfig where TRL has one. `configs/*.py` start from
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -88,11 +91,56 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 50
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
+  # On SIGTERM / SIGINT (a spot slice's preemption notice): finish or abandon the current
+  # step, checkpoint and exit within this many seconds (then exit regardless).
+  c.preemption_grace_seconds = 25.0
+  # Steps in a row whose update was skipped (non-finite loss or gradient norm, or no reward
+  # at all) before the run stops with an error.
+  c.max_nonfinite_steps = 10
+  # A resume whose config differs from the checkpoint's in a field that changes the
+  # trajectory is an error; True: a warning per difference, and the new values apply.
+  c.allow_config_change = False
   c.num_sample_texts = 4  # completions written as text summaries at each eval
   c.parallelism = "pmap"  # pmap: data parallel, replicated; mesh: sharded (jit + Mesh)
   c.distributed = "auto"  # jax.distributed.initialize(): auto (multi-host detected), yes, no
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   return c
+
+
+# Fields that change how a run is logged, checkpointed, evaluated or laid out on devices,
+# not the trajectory it follows (layout fields change results only at float rounding):
+# a resume may change them. Every other field must match the checkpoint's.
+RESUME_FREE_FIELDS = frozenset({
+    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_sample_texts",
+    "accuracy_reward", "export_hf", "distributed", "parallelism", "mesh", "remat",
+    "scan_layers", "micro_batch_size", "logprob_chunk_size", "train_length_bucket",
+    "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change"})
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (tuples become lists), as a checkpoint stores it."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """'field: saved -> now' for each field outside RESUME_FREE_FIELDS that differs between
+  a checkpoint's config and this run's (both as `as_json` gives them). A field one side
+  lacks (written by another version) counts as its default."""
+  defaults = _flatten(as_json(base_config()))
+  old, new = ({**defaults, **_flatten(c)} for c in (saved, current))
+  return [f"{field}: {old.get(field)!r} -> {new.get(field)!r}"
+          for field in sorted(set(old) | set(new))
+          if field.split(".")[0] not in RESUME_FREE_FIELDS and old.get(field) != new.get(field)]
 
 
 def _require(ok: bool, field: str, value, allowed: str):
@@ -141,10 +189,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field once, before anything is built; errors name the field."""
   check_known_fields(config)
   positive = ("num_generations", "prompts_per_step", "max_prompt_length",
-              "max_completion_length", "max_steps", "log_every", "eval_every",
-              "checkpoint_every", "keep_checkpoints", "num_iterations", "sft_batch_size")
+              "max_completion_length", "max_steps", "log_every", "keep_checkpoints",
+              "num_iterations", "sft_batch_size", "max_nonfinite_steps")
   for field in positive:
     _require(int(config[field]) >= 1, field, config[field], "an integer >= 1")
+  for field in ("eval_every", "checkpoint_every"):
+    _require(int(config[field]) >= 0, field, config[field], "an integer >= 0 (0: never)")
   _require(config.num_generations >= 2, "num_generations", config.num_generations,
            "an integer >= 2 (GRPO compares each answer with its siblings)")
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
@@ -154,14 +204,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "an integer >= 0 (0: the passes always run on max_completion_length)")
   _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
            "an integer >= 0 (0: sized from the vocabulary)")
-  if config.sft_steps and config.dataset != DEMO_DATASET:
-    raise ConfigError(
-        f"config.sft_steps={config.sft_steps} runs the demo's supervised warm-up, whose "
-        f"demonstrations exist only for dataset={DEMO_DATASET!r}; set --config.sft_steps=0 "
-        f"for dataset={config.dataset!r}")
   _require(config.eval_size >= 0, "eval_size", config.eval_size, "an integer >= 0")
   _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
   _require(0 <= config.warmup_ratio < 1, "warmup_ratio", config.warmup_ratio, "0 <= x < 1")
+  # optax accepts all of these out of range: a negative clip norm flips the update.
+  _require(config.max_grad_norm >= 0, "max_grad_norm", config.max_grad_norm,
+           "a number >= 0 (0: no clipping)")
+  _require(config.weight_decay >= 0, "weight_decay", config.weight_decay, "a number >= 0")
+  for field in ("adam_beta1", "adam_beta2"):
+    _require(0 <= config[field] < 1, field, config[field], "0 <= x < 1")
+  _require(config.preemption_grace_seconds > 0, "preemption_grace_seconds",
+           config.preemption_grace_seconds, "a number of seconds > 0")
+  if not config.model_path:  # the fresh model's shape (a checkpoint's is checked on load)
+    heads, kv_heads = config.model.num_heads, config.model.num_kv_heads
+    _require(kv_heads >= 1 and heads % kv_heads == 0, "model.num_kv_heads", kv_heads,
+             f"a divisor of model.num_heads={heads}")
+    _require(config.model.hidden_size % heads == 0, "model.num_heads", heads,
+             f"a divisor of model.hidden_size={config.model.hidden_size}")
   _require(config.lr_scheduler_type in LR_SCHEDULES, "lr_scheduler_type",
            config.lr_scheduler_type, ", ".join(LR_SCHEDULES))
   _require(config.distributed in ("auto", "yes", "no"), "distributed", config.distributed,

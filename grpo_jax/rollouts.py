@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +35,56 @@ def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
   return {k: [v for v in values for _ in range(times)] for k, values in rows.items()}
 
 
+class AbstentionWarnings:
+  """Warns when reward functions return None (not applicable) for a whole batch.
+
+  A function that abstains on every completion of a batch is warned about once per run
+  (the first time); a batch where no function applies to any completion (every total
+  reward NaN: nothing to learn from) on its 1st, 10th, 100th, ... occurrence, with the
+  count, so that a run that keeps hitting it says so without a line per step.
+  """
+
+  def __init__(self, names: list[str], where: str, unit: str, completions: str,
+               consequence: str):
+    self.names, self.where, self.unit = names, where, unit
+    self.completions, self.consequence = completions, consequence
+    self.warned: set[str] = set()
+    self.batches = 0  # checked so far
+    self.empty_batches = 0  # of which had no applicable reward at all
+
+  def __call__(self, rewards: np.ndarray) -> None:
+    """rewards: [N, F] with NaN for None, one batch (or one whole evaluation)."""
+    self.batches += 1
+    rewards = np.asarray(rewards)
+    n = rewards.shape[0]
+    if n == 0:
+      return
+    abstained = np.all(np.isnan(rewards), axis=0)
+    host = " on this host" if jax.process_count() > 1 else ""
+    for name, all_none in zip(self.names, abstained):
+      if all_none and name not in self.warned:
+        self.warned.add(name)
+        log.warning("%s: reward function %r returned None (not applicable) for all %d %s%s "
+                    "(%s %d of this run), so it contributes nothing there; warned once "
+                    "per function", self.where, name, n, self.completions, host, self.unit,
+                    self.batches)
+    if np.all(abstained):
+      self.empty_batches += 1
+      if _is_power_of_ten(self.empty_batches):
+        units = self.unit + ("es" if self.unit.endswith("h") else "s")
+        so_far = (f" ({self.empty_batches} such {units} so far, of {self.batches})"
+                  if self.empty_batches > 1 else "")
+        log.warning("%s: no reward function applied to any completion (all %d %s%s got None "
+                    "from every function); %s%s", self.where, n, self.completions, host,
+                    self.consequence, so_far)
+
+
+def _is_power_of_ten(count: int) -> bool:
+  while count % 10 == 0:
+    count //= 10
+  return count == 1
+
+
 class HostRollouts:
   """Encodes prompts and scores completions with the configured reward functions."""
 
@@ -47,6 +98,11 @@ class HostRollouts:
     self.system_prompt = config.system_prompt
     self.chat_template = config.chat_template
     self.num_generations = num_generations
+    self.reward_weights = getattr(config, "reward_weights", None)  # None: all 1
+    self.abstentions = AbstentionWarnings(
+        self.names, "step rewards", "batch", "completions of the batch",
+        "the update is skipped" if jax.process_count() == 1
+        else "the update is skipped if every host has none")
 
   def encode(self, rows: dict[str, list]):
     texts, add_special_tokens = chat.render_prompts(
@@ -55,14 +111,23 @@ class HostRollouts:
     return batching.encode_prompts(self.tokenizer, texts, self.max_prompt_length,
                                    truncate=self.truncate, add_special_tokens=add_special_tokens)
 
-  def score(self, rows: dict[str, list], rollout: sampling.Rollout):
-    """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout."""
+  def score(self, rows: dict[str, list], rollout: sampling.Rollout,
+            warn_abstentions: bool = True):
+    """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout.
+
+    Rewards are finite or NaN (inf, or a weighted total beyond float32, is a UserError).
+    `warn_abstentions`: warn (see AbstentionWarnings) when functions return None for the
+    whole batch; the evaluator checks its whole evaluation at once instead.
+    """
     completions = decode_completions(self.tokenizer, rollout.completion_ids,
                                      rollout.completion_mask)
     columns = repeat_columns(rows, self.num_generations)
     prompts = columns.pop(self.prompt_column)
     rewards = compute_rewards(self.reward_funcs, prompts,
-                              chat.completions_for_rewards(prompts, completions), columns)
+                              chat.completions_for_rewards(prompts, completions), columns,
+                              self.reward_weights)
+    if warn_abstentions:
+      self.abstentions(rewards)
     return rewards, completions
 
   def named_metrics(self, step_metrics: dict[str, np.ndarray], prefix: str = "") -> dict:
@@ -131,6 +196,9 @@ class Evaluator:
     self.accuracy_index = (names.index(config.accuracy_reward)
                            if config.accuracy_reward in names else 0)
     self.num_samples = config.num_sample_texts
+    self.abstentions = AbstentionWarnings(names, "evaluation rewards", "evaluation",
+                                          "held-out completions",
+                                          "the eval/ reward metrics are NaN")
 
   def __call__(self, placed_params) -> EvalResult:
     rewards, texts, prompts, lengths = [], [], [], []
@@ -141,13 +209,16 @@ class Evaluator:
       ids, mask = self.host.encode(padded)
       rollout = self.step_fn.to_host(self.generate(
           placed_params, *self.step_fn.place_batch((ids, mask)), jax.random.key(0)))
-      batch_rewards, completions = self.host.score(padded, rollout)
+      batch_rewards, completions = self.host.score(padded, rollout, warn_abstentions=False)
       rewards.append(batch_rewards[:count])
       texts += completions[:count]
       prompts += padded[self.host.prompt_column][:count]
       lengths.append(np.asarray(rollout.completion_mask)[:count].sum(-1))
     rewards = np.concatenate(rewards)
-    means = np.nanmean(rewards, axis=0)
+    self.abstentions(rewards)
+    with warnings.catch_warnings():  # an all-None column: NaN mean, warned about just above
+      warnings.simplefilter("ignore", RuntimeWarning)
+      means = np.nanmean(rewards, axis=0)
     result = {f"eval/rewards/{name}/mean": float(m) for name, m in zip(self.host.names, means)}
     result["eval/accuracy"] = float(means[self.accuracy_index])
     result["eval/completions/mean_length"] = float(np.mean(np.concatenate(lengths)))

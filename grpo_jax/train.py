@@ -11,6 +11,7 @@ with the same workdir resumes from the latest checkpoint and follows the same tr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import pathlib
@@ -21,6 +22,7 @@ from typing import Any
 import datasets
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from clu import periodic_actions
@@ -28,9 +30,11 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from grpo_jax import checkpoint, grpo, metrics, parallel, rollouts, sampling, warmup
+from grpo_jax import (checkpoint, grpo, metrics, parallel, preemption, rollouts, sampling,
+                      warmup)
 from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
+from grpo_jax import workdir as workdir_lib
 from grpo_jax.data import batching, demo, loading
 from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, Transformer, hf, presets
@@ -173,6 +177,20 @@ def fingerprint(s: Setup) -> dict[str, Any]:
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
 
 
+def uses_warmup(config) -> bool:
+  """The supervised warm-up exists for the demo task only (its demonstrations); with other
+  data `sft_steps` is ignored, so a custom dataset needs no `--config.sft_steps=0`."""
+  return config.sft_steps > 0 and config.dataset == config_lib.DEMO_DATASET
+
+
+def warmup_key(config, s: Setup) -> dict[str, Any]:
+  """What produced a cached warm-up: a cache made under other values is rebuilt."""
+  fields = ("sft_steps", "sft_batch_size", "sft_learning_rate", "sft_reasoning_prob",
+            "dataset", "prompt_column", "max_prompt_length", "max_completion_length", "seed",
+            "param_dtype")
+  return {**{f: config[f] for f in fields}, "model": fingerprint(s)}
+
+
 def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   """The demo's supervised warm-up on imperfect demonstrations (cached in the workdir)."""
   prompts = list(s.train_data[config.prompt_column])
@@ -190,7 +208,8 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
         max_completion_length=config.max_completion_length, seed=config.seed)
     return params, {"loss": loss, "steps": config.sft_steps}
 
-  params, stats = warmup.cached_warmup(workdir / "warmup", s.init_params, run)
+  params, stats = warmup.cached_warmup(workdir / "warmup", s.init_params, run,
+                                       key=warmup_key(config, s))
   if writer is not None:
     writer.write_scalars(0, {"warmup/loss": stats["loss"], "warmup/seconds": stats["seconds"]})
   log.info("Warm-up: loss %.4f, %.1f s%s", stats["loss"], stats["seconds"],
@@ -198,43 +217,102 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   return params
 
 
+def restore_checkpoint(config, s: Setup, ckpt: checkpoint.Checkpointer):
+  """The newest intact checkpoint (`checkpoint.Restored`, host arrays) or None; refuses
+  one whose config differs in a field that changes the trajectory."""
+  like_state = grpo.TrainState(jnp.zeros((), jnp.int32), s.init_params,
+                               jax.eval_shape(make_optimizer(config)[0].init, s.init_params))
+  restored = ckpt.restore_latest(like_state, s.init_params)
+  if restored is None:
+    return None
+  saved = restored.meta.get("config")
+  if saved is None:
+    log.warning("The checkpoint of step %d holds no config (an older grpo_jax wrote it): "
+                "not compared with this run's", restored.step)
+    return restored
+  changes = config_lib.trajectory_changes(saved, config_lib.as_json(config))
+  if changes and not config.allow_config_change:
+    raise UserError(f"the config differs from the one the checkpoint of step {restored.step} "
+                    f"was trained with: {'; '.join(changes)}; rerun with the checkpoint's "
+                    "values, or pass --config.allow_config_change=True to continue with the "
+                    "new ones")
+  for change in changes:
+    log.warning("Resuming with a changed config (allow_config_change): %s", change)
+  return restored
+
+
 def train_and_evaluate(config, workdir) -> dict[str, float]:
   """Runs GRPO per `config`, writing metrics and checkpoints under `workdir`.
 
-  Returns the metrics of the last logged step (eval included) as floats.
+  Returns the metrics of the last logged step (eval included) as floats. A SIGTERM or
+  SIGINT ends it with `preemption.Preempted` after a checkpoint.
   """
   maybe_initialize_distributed(config.distributed)
+  config_lib.validate(config)
+  workdir = workdir_lib.resolve(workdir)
+  workdir_lib.check_writable(workdir)
   s = setup(config)
-  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", fingerprint(s),
                                  max_to_keep=config.keep_checkpoints)
-  ckpt.check_compatible()
   logdir = workdir / "grpo_metrics"
   created = [p for p in (workdir, logdir, ckpt.directory) if not p.exists()]
-  start_step = ckpt.latest_step() or 0
-  if start_step and is_primary():  # before a writer opens the files: drop later records
-    metrics.truncate_after(str(logdir), start_step)
-  loop = None
+  loop = writer = None
+  stop = preemption.StopRequests(config.preemption_grace_seconds,
+                                 lambda: "nothing was checkpointed yet: a rerun starts over")
   try:
-    writer = metrics.create_writer(str(logdir), enabled=is_primary())
-    writer.write_hparams(config.to_dict())
-    if config.sft_steps:
-      s.init_params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
-    loop = TrainLoop(config, s, ckpt, writer, logdir)
-    loop.run(start_step)
+    with stop:
+      restored = restore_checkpoint(config, s, ckpt)
+      start_step = restored.step if restored else 0
+      if start_step and is_primary():  # before a writer opens the files: drop later records
+        metrics.truncate_after(str(logdir), start_step)
+      writer = metrics.create_writer(str(logdir), enabled=is_primary())
+      writer.write_hparams(config.to_dict())
+      if uses_warmup(config) and (restored is None or restored.reference is None):
+        s.init_params = run_warmup(config, s, workdir, writer if start_step == 0 else None)
+      elif config.sft_steps and not uses_warmup(config):
+        log.info("sft_steps=%d is the demo's warm-up (dataset %r only); dataset %r: skipped",
+                 config.sft_steps, config_lib.DEMO_DATASET, config.dataset)
+      loop = TrainLoop(config, s, ckpt, writer, logdir)
+      stop.resume_hint = loop.resume_hint
+      loop.run(restored, stop)
     if not is_primary():
       return {}
     return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()
             if v is not None}
-  except BaseException:
-    if loop is None or not loop.saved_any:  # leave nothing half-written behind
-      ckpt.close()
+  except BaseException as e:
+    if (loop is None or not loop.saved_any) and not isinstance(e, preemption.Preempted):
+      ckpt.close()  # leave nothing half-written behind
       for path in reversed(created):
         if is_primary() and path.exists():
           path.rmtree()
     raise
   finally:
     ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+class NonFiniteWatch:
+  """Counts updates the step skipped (non-finite loss or gradient norm, or no reward at
+  all): a warning per such step, an error after `limit` in a row."""
+
+  def __init__(self, limit: int):
+    self.limit, self.in_a_row = limit, 0
+
+  def __call__(self, step: int, step_metrics: dict[str, float], last_checkpoint: str) -> None:
+    if not step_metrics.get("nonfinite_skipped"):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    if np.isnan(step_metrics.get("reward", 0.0)):
+      why = "no reward function scored any completion"
+    else:
+      why = (f"loss {step_metrics.get('loss')}, grad_norm {step_metrics.get('grad_norm')}")
+    log.warning("Step %d: update skipped, params and optimizer state unchanged (%s)", step, why)
+    if self.in_a_row >= self.limit:
+      raise UserError(f"{self.in_a_row} updates in a row were skipped (steps "
+                      f"{step - self.in_a_row + 1}-{step}; last: {why}); stopped at "
+                      f"max_nonfinite_steps={self.limit}; {last_checkpoint}")
 
 
 class TrainLoop:
@@ -254,84 +332,150 @@ class TrainLoop:
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
     self.evaluate = (rollouts.Evaluator(s, config, self.step_fn)
-                     if s.eval_data is not None else None)
+                     if s.eval_data is not None and config.eval_every else None)
+    self.nonfinite = NonFiniteWatch(config.max_nonfinite_steps)
     self.saved_any = False
+    self.saved_step = 0  # the newest step handed to the checkpointer (or resumed from)
 
-  def restore_or_init(self, params, start_step):
-    """(placed train state, placed reference params), restored or fresh.
+  def resume_hint(self) -> str:
+    if not self.config.checkpoint_every:
+      return "no checkpoint is written (checkpoint_every=0): a rerun starts over"
+    where = self.ckpt.directory
+    if not self.saved_step:
+      return f"no checkpoint yet in {where}: a rerun starts over"
+    return (f"the newest complete checkpoint in {where} (step {self.saved_step} or earlier) "
+            "is where the same command resumes")
+
+  def restore_or_init(self, params, restored):
+    """(placed train state, placed reference params, base key), restored or fresh.
 
     The optimizer state is created on the devices, and no host copy of the params is
     kept beyond this call: at 0.5B parameters every extra copy costs 2 GB.
     """
-    step_fn = self.step_fn
-    if start_step:
-      like = grpo.TrainState(jnp.zeros((), jnp.int32), params,
-                             jax.eval_shape(self.tx.init, params))
-      state, meta = self.ckpt.restore(start_step, like)
-      reference = self.ckpt.restore_reference(params)
-      self.stream.restore(meta["data"])
-      log.info("Resumed from the checkpoint of step %d", start_step)
-      return step_fn.place_state(state), self.place_reference(reference)
-    self.ckpt.save_reference(params)
+    step_fn, config = self.step_fn, self.config
+    fresh_key = jax.random.key(config.seed)
+    if restored is not None:
+      self.stream.restore(restored.meta["data"])
+      reference = restored.reference
+      if reference is None:  # unreadable: the starting params are the same weights
+        reference = params
+        self.save_reference(params)
+      saved_key = restored.meta.get("rng")
+      same_seed = restored.meta.get("config", {}).get("seed", config.seed) == config.seed
+      key = (jax.random.wrap_key_data(jnp.asarray(saved_key, jnp.uint32))
+             if saved_key is not None and same_seed else fresh_key)
+      self.saved_step = restored.step
+      log.info("Resumed from the checkpoint of step %d", restored.step)
+      return step_fn.place_state(restored.state), self.place_reference(reference), key
+    self.save_reference(params)
     actor, reference = step_fn.place_params(params), self.place_reference(params)
-    return step_fn.init_state(actor), reference
+    return step_fn.init_state(actor), reference, fresh_key
+
+  def save_reference(self, params) -> None:
+    if self.config.checkpoint_every:
+      self.ckpt.save_reference(params)
 
   def place_reference(self, params):
     return self.step_fn.place_params(grpo.as_reference(params,
                                                        self.s.model_config.compute_dtype))
 
-  def run(self, start_step: int) -> None:
-    config, step_fn = self.config, self.step_fn
+  def is_due(self, every: int, step: int) -> bool:
+    """Periodic actions (eval, checkpoint): every `every` steps and at the last; 0: never."""
+    return bool(every) and (step % every == 0 or step == self.config.max_steps)
+
+  def run(self, restored, stop: preemption.StopRequests) -> None:
+    config = self.config
     params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
-    state, reference = self.restore_or_init(params, start_step)
+    state, reference, base_key = self.restore_or_init(params, restored)
     del params
-    base_key = jax.random.key(config.seed)
+    start_step = restored.step if restored else 0
+    if stop.requested():  # during setup or the warm-up
+      raise preemption.Preempted(stop.signum, (
+          f"stopped by {preemption.signal_name(stop.signum)} before training step "
+          f"{start_step + 1}; {self.resume_hint()}"))
     progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
     report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
                                              writer=self.writer)
-    if self.evaluate and start_step == 0:
-      self.log_eval(state, 0, progress)
+    if self.evaluate and (start_step == 0 or restored.meta.get("pending_eval")):
+      self.log_eval(state, start_step, progress)
+    done = start_step
     for step in range(start_step + 1, config.max_steps + 1):
-      started = time.perf_counter()
-      rows = self.stream.next_batch()
-      prompt_ids, prompt_mask = self.host.encode(rows)
-      rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
-                                 jax.random.fold_in(base_key, step))
-      host_rollout = step_fn.to_host(rollout)  # waits for the sampler
-      width = self.train_width(host_rollout)
-      if width < config.max_completion_length:  # every completion stopped well before it
-        rollout = step_fn.place_batch(sampling.trim_completions(host_rollout, width))
-      sampled = time.perf_counter()
-      rewards, _ = self.host.score(rows, host_rollout)
-      scored = time.perf_counter()
-      scored_rollout, reward_metrics = step_fn.score(state, reference, rollout,
-                                                     step_fn.place_batch(rewards))
-      state, step_metrics = step_fn.update(state, scored_rollout)
-      step_metrics = {**reward_metrics, **step_metrics}
-      step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
-      done = time.perf_counter()
-      step_metrics.update(rollouts.throughput(host_rollout, done - started))
-      # Where the step went: prompts + sampling, host reward functions, reference + update.
-      step_metrics.update({"time/sampling": sampled - started, "time/rewards": scored - sampled,
-                           "time/update": done - scored})
+      if stop.requested():
+        break
+      position = self.stream.state()
+      outcome = self.train_step(state, reference, jax.random.fold_in(base_key, step), stop)
+      if outcome is None:  # stopped before its update: the resumed run samples it again
+        self.stream.restore(position)
+        break
+      state, step_metrics = outcome
+      done = step
       report(step)
-      last = step == config.max_steps
-      if step % config.log_every == 0 or last:
+      if step % config.log_every == 0 or step == config.max_steps:
         self.writer.write_scalars(step, step_metrics)
       progress.update(step, step_metrics)
-      if self.evaluate and (step % config.eval_every == 0 or last):
+      self.nonfinite(step, step_metrics, self.resume_hint())
+      eval_due = self.evaluate is not None and self.is_due(config.eval_every, step)
+      if stop.requested():  # an evaluation can take minutes: the resumed run does it
+        self.save(step, state, base_key, pending_eval=eval_due)
+        break
+      if eval_due:
         self.log_eval(state, step, progress)
-      if step % config.checkpoint_every == 0 or last:
-        self.ckpt.save(step, step_fn.single_copy(state), {
-            "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist()})
-        self.saved_any = True
+      if self.is_due(config.checkpoint_every, step):
+        self.save(step, state, base_key)
     progress.close()
+    if stop.signum is not None and config.checkpoint_every and done > self.saved_step:
+      self.save(done, state, base_key)
     self.ckpt.wait()
     self.writer.flush()
+    if stop.signum is not None:
+      raise preemption.Preempted(stop.signum, (
+          f"stopped by {preemption.signal_name(stop.signum)} after step {done} of "
+          f"{config.max_steps}; {self.resume_hint()}"))
     if is_primary():
       metrics.plot_curves(str(self.logdir))
     if config.export_hf and is_primary():
       self.export(state)
+
+  def train_step(self, state, reference, key, stop):
+    """One GRPO step: prompts -> samples -> rewards -> score -> update. (state, metrics),
+    or None when a stop was requested before the update began (state untouched)."""
+    config, step_fn = self.config, self.step_fn
+    started = time.perf_counter()
+    rows = self.stream.next_batch()
+    prompt_ids, prompt_mask = self.host.encode(rows)
+    rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
+                               key)
+    host_rollout = step_fn.to_host(rollout)  # waits for the sampler
+    if stop.requested():
+      return None
+    width = self.train_width(host_rollout)
+    if width < config.max_completion_length:  # every completion stopped well before it
+      rollout = step_fn.place_batch(sampling.trim_completions(host_rollout, width))
+    sampled = time.perf_counter()
+    rewards, _ = self.host.score(rows, host_rollout)
+    if stop.requested():
+      return None
+    scored = time.perf_counter()
+    scored_rollout, reward_metrics = step_fn.score(state, reference, rollout,
+                                                   step_fn.place_batch(rewards))
+    state, step_metrics = step_fn.update(state, scored_rollout)
+    step_metrics = {**reward_metrics, **step_metrics}
+    step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
+    finished = time.perf_counter()
+    step_metrics.update(rollouts.throughput(host_rollout, finished - started))
+    # Where the step went: prompts + sampling, host reward functions, reference + update.
+    step_metrics.update({"time/sampling": sampled - started, "time/rewards": scored - sampled,
+                         "time/update": finished - scored})
+    return state, step_metrics
+
+  def save(self, step: int, state, base_key, pending_eval: bool = False) -> None:
+    """Checkpoints `state` as of `step` (asynchronously), with what a resume needs."""
+    if not self.config.checkpoint_every:
+      return
+    self.ckpt.save(step, self.step_fn.single_copy(state), {
+        "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist(),
+        "config": config_lib.as_json(self.config), "pending_eval": pending_eval})
+    self.saved_any, self.saved_step = True, step
 
   def export(self, state) -> None:
     """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it)."""
@@ -351,6 +495,8 @@ class TrainLoop:
 
 
 FLAGS = flags.FLAGS
+# Errors of the disk, not of the program: reported in one line naming the path.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def _command_line_errors_in_one_line(parse):
@@ -383,6 +529,16 @@ def main(argv):
     result = train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
     sys.exit(f"grpo_jax: error: {e}")
+  except preemption.Preempted as e:
+    print(f"grpo_jax: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # before the loop's handlers were installed
+    print("grpo_jax: interrupted (SIGINT) before training began", file=sys.stderr)
+    sys.exit(130)
+  except OSError as e:
+    if e.errno not in WRITE_ERRNOS:
+      raise
+    sys.exit(f"grpo_jax: error: cannot write {e.filename or FLAGS.workdir}: {e.strerror}")
   summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval/")}
   print(f"done: {FLAGS.workdir}/grpo_metrics (curves.png, metrics.jsonl) {summary}")
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import secrets
 import time
+from collections.abc import Mapping
 from typing import Callable
 
 import jax
@@ -22,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from grpo_jax import grpo, sampling
 from grpo_jax.data import batching
@@ -89,21 +93,220 @@ def supervised_warmup(model_def: nnx.GraphDef, params: nnx.State, tokenizer, pro
   return params, float(np.mean(jax.device_get(losses[-20:])))
 
 
-def cached_warmup(cache_dir, like_params, run: Callable[[], tuple[nnx.State, dict]]):
-  """Returns the warmed-up params from `cache_dir`, or runs `run()` and caches its result."""
+# The cache, `<workdir>/warmup/`:
+#   params/      the warmed-up params (an Orbax StandardCheckpointer checkpoint)
+#   key.json     what produced them (sft settings, data, lengths, seed, model fingerprint)
+#   stats.json   {"loss", "seconds", ...} of the run that made them, written last
+# It is built whole in a sibling `warmup.tmp-<pid>-<random>/` and then swapped in by renames
+# (`warmup/` -> `warmup.old-<pid>-<random>/`, the new one -> `warmup/`, then the old one is
+# deleted), so a kill at any moment leaves the old complete cache, no cache, or the new complete
+# cache, plus leftovers that the next call deletes. On a POSIX local disk renaming a directory
+# is atomic; on gs:// (and other object stores) a "rename" is a copy and a delete, not atomic,
+# so there a kill during the swap can leave a partial `warmup/`: loading validates everything
+# and rebuilds, with a warning, whatever it cannot use.
+# One run owns a workdir: leftovers of another run's unfinished swap are deleted. Under
+# jax.distributed every process calls cached_warmup: all save into one temporary directory
+# (its name comes from process 0), the primary alone writes the JSON files and renames, between
+# barriers, and the processes reuse the cache only if all of them could load it.
+_PARAMS, _KEY, _STATS = "params", "key.json", "stats.json"
+_TMP, _OLD = ".tmp-", ".old-"
+
+
+def cached_warmup(cache_dir, like_params, run: Callable[[], tuple[nnx.State, dict]],
+                  key: dict | None = None):
+  """Returns the warmed-up params from `cache_dir`, or runs `run()` and caches its result.
+
+  `key` (a JSON-able dict: the settings and model that `run()` depends on) is stored with the
+  cache; a cache made with another key, or one that is partial or unreadable or whose params do
+  not fit `like_params`, is rebuilt after a warning naming why. `None` means `{}`.
+  Returns `(params, stats)`: stats has `run()`'s stats plus "seconds" (of the run that made the
+  params) and "cached" (whether they came from the cache).
+  """
   cache_dir = epath.Path(cache_dir)
-  params_dir, stats_file = cache_dir / "params", cache_dir / "stats.json"
-  if stats_file.exists():
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(params_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                      like_params))
-    stats = json.loads(stats_file.read_text())
+  key = _canonical_key(key)  # before run(): a bad key must not cost a warm-up
+  if _is_primary():
+    _remove_leftovers(cache_dir)
+  _barrier("grpo_jax.warmup.cleaned")
+  loaded, why = _load(cache_dir, like_params, key) if cache_dir.exists() else (None, None)
+  if _all_processes(loaded is not None):
+    params, stats = loaded
     log.info("Loaded the supervised warm-up from %s (%s)", cache_dir, stats)
     return params, {**stats, "cached": True}
+  if why is not None:
+    log.warning("Not reusing the supervised warm-up cached in %s: %s. Running it again.",
+                cache_dir, why)
+  elif loaded is not None:
+    log.warning("Not reusing the supervised warm-up cached in %s: another process could not "
+                "load it. Running it again.", cache_dir)
   start = time.perf_counter()
   params, stats = run()
   stats = {**stats, "seconds": round(time.perf_counter() - start, 2)}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(params_dir, params)
-  stats_file.write_text(json.dumps(stats))  # written last: its presence marks a complete cache
+  _write(cache_dir, params, stats, key)
   return params, {**stats, "cached": False}
+
+
+def _reached(point: str) -> None:
+  """Marks a step of `_write`; tests/test_warmup.py replaces it to SIGKILL the process there."""
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _canonical_key(key) -> dict:
+  if key is None:
+    return {}
+  if not isinstance(key, Mapping):
+    raise TypeError(f"cached_warmup: key must be a dict, got {type(key).__name__}")
+  try:
+    return json.loads(json.dumps(key, sort_keys=True))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"cached_warmup: key must be JSON-able ({e}): {key!r}") from e
+
+
+def _same(a, b) -> bool:  # on the JSON text: NaN equals NaN, 1 differs from True
+  return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+_ABSENT = object()
+
+
+def _key_differences(cached, now, prefix: str = "") -> list[str]:
+  """`field: cached (cached) vs now (now)` for each field of two keys that differs."""
+  def show(value):
+    text = "<absent>" if value is _ABSENT else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+  out = []
+  for field in sorted(set(cached) | set(now)):
+    a, b = cached.get(field, _ABSENT), now.get(field, _ABSENT)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _key_differences(a, b, f"{prefix}{field}.")
+    elif a is _ABSENT or b is _ABSENT or not _same(a, b):
+      out.append(f"{prefix}{field}: {show(a)} (cached) vs {show(b)} (now)")
+  return out
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_names(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _shape_differences(cached: dict, now: dict) -> list[str]:
+  return [f"{'/'.join(path)}: {cached[path]} (cached) vs {now[path]} (now)"
+          for path in sorted(set(cached) & set(now)) if cached[path] != now[path]]
+
+
+def _first_line(e: BaseException) -> str:
+  text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _load(cache_dir: epath.Path, like_params, key: dict):
+  """Returns ((params, stats), None) for a usable cache, else (None, why it is not usable)."""
+  if not cache_dir.is_dir():
+    return None, "it is not a directory"
+  stats_file, key_file, params_dir = cache_dir / _STATS, cache_dir / _KEY, cache_dir / _PARAMS
+  if not stats_file.exists():
+    return None, (f"it is incomplete: no {_STATS} (a run was interrupted while writing it, or "
+                  "an older version of grpo_jax wrote it)")
+  if not key_file.exists():
+    return None, (f"it has no {_KEY}, so what produced it is unknown (an older version of "
+                  "grpo_jax wrote it)")
+  try:
+    stats, cached_key = json.loads(stats_file.read_text()), json.loads(key_file.read_text())
+  except (OSError, ValueError) as e:
+    return None, f"its {_STATS} or {_KEY} is unreadable ({_first_line(e)})"
+  if not (isinstance(stats, dict) and isinstance(cached_key, dict)
+          and all(isinstance(stats.get(k), (int, float)) for k in ("loss", "seconds"))):
+    return None, f"its {_STATS} or {_KEY} is malformed"
+  if not _same(cached_key, key):
+    return None, ("it was made with other settings: "
+                  + "; ".join(_key_differences(cached_key, key) or ["(the keys differ)"]))
+  if not params_dir.is_dir():
+    return None, f"it has no {_PARAMS}/"
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      try:  # names the leaves whose shape differs, which Orbax's error does not
+        metadata = ckptr.metadata(params_dir)
+        metadata = getattr(metadata, "item_metadata", metadata)
+        differences = _shape_differences(_shapes(getattr(metadata, "tree", metadata)),
+                                         _shapes(target))
+      except Exception:  # pylint: disable=broad-except  # the restore below will say
+        differences = []
+      if differences:
+        return None, ("its params have other shapes than the model's: "
+                      + "; ".join(differences[:5])
+                      + (f" (and {len(differences) - 5} more)" if len(differences) > 5 else ""))
+      params = ckptr.restore(params_dir, target)
+  except Exception as e:  # pylint: disable=broad-except  # partial or not this model's
+    return None, f"its params could not be restored ({_first_line(e)})"
+  differences = _shape_differences(_shapes(params), _shapes(target))
+  if differences or _shapes(params).keys() != _shapes(target).keys():
+    return None, "its params do not fit the model: " + "; ".join(differences or ["structure"])
+  return (params, stats), None
+
+
+def _write_json(path: epath.Path, value) -> None:
+  path.write_text(json.dumps(value, sort_keys=True, indent=1))
+
+
+def _sibling(cache_dir: epath.Path, kind: str, tag: str) -> epath.Path:
+  return cache_dir.parent / f"{cache_dir.name}{kind}{tag}"
+
+
+def _remove_leftovers(cache_dir: epath.Path) -> None:
+  """Deletes the temporary and old directories of swaps that a kill interrupted."""
+  if not cache_dir.parent.exists():
+    return
+  for kind in (_TMP, _OLD):
+    for leftover in cache_dir.parent.glob(f"{cache_dir.name}{kind}*"):
+      log.info("Deleting %s, left over by an interrupted warm-up cache write", leftover)
+      leftover.rmtree()
+
+
+def _write(cache_dir: epath.Path, params, stats: dict, key: dict) -> None:
+  """Builds the cache in a temporary sibling directory, then swaps it in by renames."""
+  tag = np.asarray([os.getpid(), secrets.randbits(31)], np.int32)
+  if jax.process_count() > 1:  # all processes save into the same directory
+    tag = multihost_utils.broadcast_one_to_all(tag)
+  tag = f"{int(tag[0])}-{int(tag[1]):08x}"
+  tmp, old = _sibling(cache_dir, _TMP, tag), _sibling(cache_dir, _OLD, tag)
+  if _is_primary():
+    tmp.mkdir(parents=True)
+  _barrier("grpo_jax.warmup.tmp_created")
+  if jax.process_count() > 1:  # Orbax cannot save host-local arrays there; NumPy it can
+    params = jax.device_get(params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp / _PARAMS, params)
+    ckptr.wait_until_finished()
+  _barrier("grpo_jax.warmup.saved")
+  _reached("params_saved")
+  if _is_primary():
+    _write_json(tmp / _KEY, key)
+    _write_json(tmp / _STATS, stats)  # last: a directory with it is complete
+    _reached("marker_written")
+    if cache_dir.exists():
+      cache_dir.rename(old)
+      _reached("old_moved")
+    tmp.rename(cache_dir)
+    _reached("new_moved")
+    if old.exists():
+      old.rmtree()
+  _barrier("grpo_jax.warmup.swapped")

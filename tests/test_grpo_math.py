@@ -27,6 +27,7 @@ from flax import nnx
 
 from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
+from grpo_jax.grpo.advantages import _nan_mean_std
 from grpo_jax.models import ModelConfig, Transformer
 
 RTOL = 1e-5
@@ -301,6 +302,207 @@ def test_all_equal_group_has_exactly_zero_advantage(g, scale):
       f"(G={g}, scale_rewards={scale!r}, weight 0.3). Failing reward values -> "
       f"(max |advantage|, group_std): {bad}. The float32 group mean of identical values is "
       "not exact, and with scale_rewards='group' the residual is divided by std + 1e-4.")
+
+
+# ------------------------------------- huge rewards: overflow-free mean / std, bitwise
+
+
+def unscaled_nan_mean_std(x, axis, axis_name=None):
+  """The group statistics as written before the power-of-two scaling (kept verbatim)."""
+  valid = ~jnp.isnan(x)
+  shift = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
+  if axis_name is not None:
+    shift = jax.lax.pmax(shift, axis_name)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  dev = jnp.where(valid, x - shift, 0.0)
+  psum = (lambda v: v) if axis_name is None else (lambda v: jax.lax.psum(v, axis_name))
+  count = psum(jnp.sum(valid, axis=axis, keepdims=True))
+  mean_dev = psum(jnp.sum(dev, axis=axis, keepdims=True)) / jnp.maximum(count, 1)
+  sq_dev = psum(jnp.sum(jnp.where(valid, (dev - mean_dev) ** 2, 0.0), axis=axis,
+                        keepdims=True))
+  std = jnp.sqrt(sq_dev / jnp.maximum(count - 1, 1))
+  return shift + mean_dev, jnp.where(count > 1, std, 0.0)
+
+
+def unscaled_group_advantages(rewards, weights, g, scale, axis_name=None):
+  """group_advantages as written before the scaling: (advantages, totals, group std)."""
+  if rewards.ndim == 1:
+    rewards = rewards[:, None]
+  total = grpo.combine_rewards(rewards.astype(jnp.float32), weights)
+  grouped = total.reshape(-1, g)
+  mean, std = unscaled_nan_mean_std(grouped, axis=1)
+  centered = grouped - mean
+  if scale == "group":
+    centered = centered / (std + grpo.STD_EPS)
+  elif scale == "batch":
+    _, batch_std = unscaled_nan_mean_std(total, axis=0, axis_name=axis_name)
+    centered = centered / (batch_std + grpo.STD_EPS)
+  advantages = jnp.nan_to_num(centered.reshape(-1), nan=0.0)
+  return advantages, total, jnp.broadcast_to(std, grouped.shape).reshape(-1)
+
+
+def float_bits(x) -> np.ndarray:
+  """The float32 bit patterns: exact equality, telling -0.0 from 0.0 and NaN from NaN."""
+  return np.asarray(x, np.float32).view(np.uint32)
+
+
+def assert_same_bits(got, want, what):
+  got, want = float_bits(got), float_bits(want)
+  differ = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+  assert differ.size == 0, (
+      f"{what}: {differ.size} of {got.size} values differ from the unscaled formula, first at "
+      f"{differ[:5]}: {got.reshape(-1)[differ[:5]].view(np.float32)} vs "
+      f"{want.reshape(-1)[differ[:5]].view(np.float32)}")
+
+
+def ordinary_rewards(seed, g=4, groups=16, funcs=3):
+  """[groups * G, F] rewards of assorted magnitudes with every kind of gap.
+
+  Per group: a magnitude from 1e-6 to 1e16 (the unscaled formula is exact-safe up to
+  ~1e19), normal / binary / all-equal values, NaNs at random, ragged validity, groups
+  with a single valid row and groups with none.
+  """
+  rng = np.random.default_rng(seed)
+  r = rng.normal(size=(groups, g, funcs))
+  r *= 10.0 ** rng.integers(-6, 17, size=(groups, 1, 1))
+  kinds = rng.integers(0, 6, size=groups)
+  for i, kind in enumerate(kinds):
+    if kind == 1:  # binary rewards
+      r[i] = rng.integers(0, 2, size=(g, funcs))
+    elif kind == 2:  # all equal (non-dyadic) values
+      r[i] = rng.choice([0.1, 1.0 / 3.0, 2.9, -1.3, 100.3])
+    elif kind == 3:  # a single valid row
+      r[i, 1:] = np.nan
+    elif kind == 4:  # no valid row at all
+      r[i] = np.nan
+  r[rng.random(r.shape) < 0.25] = np.nan  # ragged: rows with some functions abstaining
+  r[0] = [[1.0, np.nan, np.nan]] * g  # an all-equal group with NaN functions
+  r[1, :, :] = np.nan
+  r[1, 2, 0] = 0.7  # one valid reward in the whole group
+  return r.reshape(groups * g, funcs).astype(np.float32), tuple(rng.normal(size=funcs))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("scale", grpo.SCALE_REWARDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_ordinary_rewards_give_bitwise_the_unscaled_results(seed, scale, jit):
+  """The power-of-two scaling is exact: wherever the old formula did not overflow, every
+  output bit is the same (advantages, totals, group std)."""
+  r, w = ordinary_rewards(seed)
+  new = lambda x: tuple(grpo.group_advantages(x, w, 4, scale))
+  old = lambda x: unscaled_group_advantages(x, w, 4, scale)
+  if jit:
+    new, old = jax.jit(new), jax.jit(old)
+  got, want = new(jnp.asarray(r)), old(jnp.asarray(r))
+  for name, a, b in zip(("advantages", "rewards", "group_std"), got, want):
+    assert_same_bits(a, b, f"{name} (seed {seed}, {scale}, jit={jit})")
+  assert np.count_nonzero(np.asarray(got[0])) > 16  # not a degenerate batch
+  assert np.isnan(np.asarray(got[1])).any() and (np.asarray(got[2]) == 0).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nan_mean_std_is_bitwise_the_unscaled_formula(seed):
+  r, _ = ordinary_rewards(seed)
+  x = jnp.asarray(r)
+  for axis in (0, 1):
+    for got, want, name in zip(_nan_mean_std(x, axis), unscaled_nan_mean_std(x, axis),
+                               ("mean", "std")):
+      assert_same_bits(got, want, f"{name} along axis {axis}")
+  grouped = x[:, 0].reshape(-1, 4)
+  for got, want, name in zip(jax.jit(_nan_mean_std, static_argnums=1)(grouped, 1),
+                             unscaled_nan_mean_std(grouped, 1), ("mean", "std")):
+    assert_same_bits(got, want, f"jit {name}")
+
+
+def _pmapped(fn, *arrays):
+  """fn(*per-device shards) over 4 devices with axis name 'devices' -> stacked outputs."""
+  if jax.local_device_count() < 4:
+    pytest.skip("needs 4 (fake) devices")
+  shards = [jnp.asarray(a).reshape((4, -1) + a.shape[1:]) for a in arrays]
+  return jax.pmap(fn, axis_name="devices", devices=jax.local_devices()[:4])(*shards)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_ordinary_rewards_bitwise_under_pmap(seed):
+  r, w = ordinary_rewards(seed)  # 16 groups: 4 per device
+  got = _pmapped(lambda x: (tuple(grpo.group_advantages(x, w, 4, "batch", "devices"))
+                            + _nan_mean_std(x, 0, "devices")), r)
+  want = _pmapped(lambda x: (unscaled_group_advantages(x, w, 4, "batch", "devices")
+                             + unscaled_nan_mean_std(x, 0, "devices")), r)
+  for name, a, b in zip(("advantages", "rewards", "group_std", "mean", "std"), got, want):
+    assert_same_bits(a, b, f"pmap {name}")
+  # the cross-device statistics really are global: the same on every device
+  assert np.all(np.asarray(got[4]) == np.asarray(got[4])[:1])
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+# Groups of G=4: huge, tiny and ordinary values side by side in one batch.
+HUGE_GROUPS = [
+    [1e30, 0.0, 0.0, 0.0],  # the probe: std overflowed, every advantage was 0
+    [3e38, 0.0, 0.0, 0.0],
+    [F32_MAX, -F32_MAX, 0.0, 0.0],  # the largest finite values, both signs
+    [-3e38, 1.0, 2.0, np.nan],
+    [1e30, np.nan, -1e30, 5e29],
+    [1e30, 1e30, 1e30, 1e30],  # all equal: advantage exactly 0
+    [1e-3, 2e-3, 0.0, 5e-4],
+    [1.0, 0.0, 1.0, 1.0],
+]
+# Batch scaling: 1e30 groups next to 1e-3 groups (the batch std is ~1e30).
+MIXED_GROUPS = [[1e30, 0.0, 0.0, 0.0], [1e-3, 2e-3, 0.0, 5e-4], [2e30, -1e30, np.nan, 0.0],
+                [0.0, 1e-3, 1e-3, 1e-3], [3e29, 3e29, 3e29, 3e29], [1e30, 1e30, 0.0, 0.0],
+                [-1e-3, 0.0, np.nan, 1e-3], [5.0, 1e30, 2e30, 3e30]]
+
+
+@pytest.mark.parametrize("scale", grpo.SCALE_REWARDS)
+@pytest.mark.parametrize("groups", [HUGE_GROUPS, MIXED_GROUPS], ids=["huge", "mixed"])
+def test_huge_rewards_give_finite_advantages_matching_float64(groups, scale):
+  r = np.array(groups, np.float64).reshape(-1, 1)
+  assert np.all(np.isfinite(np.float32(r)[~np.isnan(r)]))  # every input is a finite float32
+  r = np.float32(r).astype(np.float64)  # the reference sees exactly what the code sees
+  out = grpo.group_advantages(jnp.asarray(r, jnp.float32), (1.0,), 4, scale)
+  want_adv, want_total, want_gstd = ref_advantages(r, (1.0,), 4, scale)
+  adv = np.asarray(out.advantages, np.float64)
+  assert np.all(np.isfinite(adv))
+  # float32 tolerance, relative to each advantage's own scale
+  np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(want_adv).max())
+                             if scale == "none" else 1e-6)
+  np.testing.assert_allclose(np.asarray(out.group_std, np.float64), want_gstd, rtol=1e-5)
+  assert np.all(np.isfinite(np.asarray(out.group_std)))
+  if scale == "group" and groups is HUGE_GROUPS:
+    np.testing.assert_allclose(adv[:4], [1.5, -0.5, -0.5, -0.5], rtol=1e-5)
+    np.testing.assert_allclose(adv[8:12], [1.2247449, -1.2247449, 0.0, 0.0], rtol=1e-5)
+    assert np.all(adv[20:24] == 0.0)  # all-equal 1e30 group
+  if scale != "none":
+    assert np.abs(adv).max() > 0.5  # huge groups are really scored, not zeroed
+
+
+def test_huge_statistics_match_float64():
+  x = np.float32(np.array(HUGE_GROUPS + MIXED_GROUPS))
+  mean, std = _nan_mean_std(jnp.asarray(x), axis=1)
+  for i, row in enumerate(x.astype(np.float64)):
+    assert float(mean[i, 0]) == pytest.approx(ref_nanmean(row), rel=1e-6, abs=1e-9)
+    assert float(std[i, 0]) == pytest.approx(ref_nanstd(row), rel=1e-5, abs=1e-9)
+  flat_mean, flat_std = _nan_mean_std(jnp.asarray(x.reshape(-1)), axis=0)
+  # +-F32_MAX nearly cancel: float32 resolves the mean to ~1e-7 of the largest value.
+  assert float(flat_mean[0]) == pytest.approx(ref_nanmean(x.reshape(-1)), abs=1e-6 * F32_MAX)
+  assert float(flat_std[0]) == pytest.approx(ref_nanstd(x.reshape(-1)), rel=1e-5)
+
+
+def test_huge_rewards_under_pmap_share_one_scale():
+  """Batch std over 4 devices where only one device holds 1e30 rewards."""
+  small = [[1e-3, 2e-3, 0.0, 5e-4], [0.0, 1e-3, 1e-3, 1e-3], [-1e-3, 0.0, np.nan, 1e-3]]
+  # 8 groups, 2 per device: device 0 holds a 1e30 group, devices 1..3 only small ones.
+  groups = np.float32(np.array([[1e30, 0.0, 0.0, 0.0]] + small * 2 + [[2e-3, 0.0, 0.0, 0.0]]))
+  groups = groups.reshape(-1, 1)
+  got = _pmapped(lambda x: (grpo.group_advantages(x, (1.0,), 4, "batch", "devices").advantages,
+                            *_nan_mean_std(x, 0, "devices")), groups)
+  adv = np.asarray(got[0]).reshape(-1)
+  want_adv, _, _ = ref_advantages(groups.astype(np.float64), (1.0,), 4, "batch")
+  np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-6)
+  assert np.abs(adv).max() > 0.5
+  valid = groups[~np.isnan(groups)].astype(np.float64)
+  np.testing.assert_allclose(np.asarray(got[1]).reshape(-1), valid.mean(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[2]).reshape(-1), np.std(valid, ddof=1), rtol=1e-5)
 
 
 # ------------------------------------------------------------------- per-token loss

@@ -11,6 +11,7 @@ import pytest
 from clu import metric_writers
 
 from grpo_jax import metrics
+from tensorboard.util import tensor_util
 
 
 def _raw_lines(path):
@@ -156,6 +157,114 @@ def test_disabled_writer_writes_nothing(tmp_path):
   writer.flush()
   writer.close()
   assert not logdir.exists()
+
+
+def _tensorboard_scalars(logdir):
+  """{tag: [(step, value)]} as TensorBoard shows them: every event file in `logdir`, in
+  file order, nothing sampled away (size guidance 0) and TensorBoard's own purging on."""
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+  accumulator.Reload()
+  return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+                for e in accumulator.Tensors(tag)]
+          for tag in accumulator.Tags()["tensors"]}
+
+
+def _event_steps(path):
+  """Steps of the events of one event file, read record by record with tensorboard's
+  TFRecord reader (the file_version event included, as step 0)."""
+  from tensorboard.backend.event_processing import event_file_loader
+  return [e.step for e in event_file_loader.EventFileLoader(str(path)).Load()]
+
+
+def test_truncate_after_rewrites_tensorboard_event_files(tmp_path):
+  logdir = tmp_path / "grpo_metrics"
+  writer = metrics.create_writer(logdir)  # the first run: steps 1..6, then killed
+  for step in range(1, 7):
+    writer.write_scalars(step, {"reward": step / 10, "kl": step / 100})
+  writer.write_texts(5, {"sample": "old"})
+  writer.close()
+  [old_file] = logdir.glob("events.out.tfevents.*")
+
+  metrics.truncate_after(logdir, 3)  # resumed from the checkpoint of step 3
+  assert _event_steps(old_file) == [0, 1, 1, 2, 2, 3, 3]  # file_version, then 2 tags/step
+  assert sorted(p.name for p in logdir.iterdir()) == sorted(
+      [old_file.name, "metrics.jsonl", "samples.jsonl"])  # no temporary left behind
+
+  writer = metrics.create_writer(logdir)  # the resumed run redoes steps 4..6
+  for step in range(4, 7):
+    writer.write_scalars(step, {"reward": step, "kl": -step})
+  writer.close()
+  assert len(list(logdir.glob("events.out.tfevents.*"))) == 2
+  scalars = _tensorboard_scalars(logdir)
+  assert sorted(scalars) == ["kl", "reward"]  # "sample" (step 5 only) is gone
+  assert scalars["reward"] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)),
+                               (3, pytest.approx(0.3)), (4, 4.0), (5, 5.0), (6, 6.0)]
+  assert scalars["kl"] == [(1, pytest.approx(0.01)), (2, pytest.approx(0.02)),
+                           (3, pytest.approx(0.03)), (4, -4.0), (5, -5.0), (6, -6.0)]
+
+
+def _event_file(logdir, steps):
+  writer = metrics.create_writer(logdir)
+  for step in steps:
+    writer.write_scalars(step, {"reward": float(step)})
+  writer.close()
+  [path] = logdir.glob("events.out.tfevents.*")
+  return path
+
+
+@pytest.mark.parametrize("damage", ["torn_data", "torn_header", "bad_data_crc",
+                                    "bad_length_crc", "zero_tail"])
+def test_truncate_after_keeps_intact_records_before_a_damaged_tail(tmp_path, damage):
+  path = _event_file(tmp_path, range(1, 6))
+  data = path.read_bytes()
+  last = metrics._event_records(data)[0][-1]  # (start, end) of the step-5 record
+  start, end = last
+  if damage == "torn_data":  # killed while writing the last record's payload
+    data = data[:end - 7]
+  elif damage == "torn_header":
+    data = data[:start + 5]
+  elif damage == "bad_data_crc":
+    data = data[:end - 1] + bytes([data[end - 1] ^ 0xFF])
+  elif damage == "bad_length_crc":
+    data = data[:start + 8] + bytes([data[start + 8] ^ 0xFF]) + data[start + 9:]
+  else:  # a crash left the file's last blocks zero-filled
+    data = data[:start] + bytes(end - start + 100)
+  path.write_bytes(data)
+  metrics.truncate_after(tmp_path, 10)  # drops no step: only the damage goes
+  assert path.read_bytes() == data[:start]  # the intact records, byte for byte
+  assert _event_steps(path) == [0, 1, 2, 3, 4]
+  metrics.truncate_after(tmp_path, 2)
+  assert _event_steps(path) == [0, 1, 2]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "metrics.jsonl"]
+
+
+def test_truncate_after_leaves_intact_files_with_nothing_to_drop_alone(tmp_path):
+  path = _event_file(tmp_path, range(1, 4))
+  before = path.stat().st_mtime_ns, path.read_bytes()
+  metrics.truncate_after(tmp_path, 3)
+  assert (path.stat().st_mtime_ns, path.read_bytes()) == before
+  (tmp_path / "events.out.tfevents.0.empty").write_bytes(b"")  # created, nothing written
+  metrics.truncate_after(tmp_path, 1)
+  assert (tmp_path / "events.out.tfevents.0.empty").read_bytes() == b""
+  assert _event_steps(path) == [0, 1]
+
+
+def test_masked_crc32c_matches_tensorboard():
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+  rng = np.random.default_rng(0)
+  chunk = metrics._CRC_CHUNK
+  lengths = [0, 1, 8, 9, 100, chunk - 1, chunk, chunk + 1, 2 * chunk, 3 * chunk + 17, 5]
+  buffers = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
+  data = b"".join(buffers)
+  starts = np.cumsum([0] + lengths[:-1])
+  got = metrics._masked_crc32c(np.frombuffer(data, np.uint8), starts, np.array(lengths))
+  assert [int(c) for c in got] == [masked_crc32c(b) for b in buffers]
+  # The CRC-32C check value, unmasked by hand: crc32c(b"123456789") == 0xE3069283.
+  [masked] = metrics._masked_crc32c(np.frombuffer(b"123456789", np.uint8), np.array([0]),
+                                    np.array([9]))
+  unmasked = (int(masked) - 0xA282EAD8) & 0xFFFFFFFF
+  assert ((unmasked >> 17) | (unmasked << 15)) & 0xFFFFFFFF == 0xE3069283
 
 
 # --------------------------------------------------------------------------- curves

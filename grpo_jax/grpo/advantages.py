@@ -21,14 +21,42 @@ def combine_rewards(rewards: jax.Array, weights) -> jax.Array:
   return jnp.where(any_valid, jnp.nansum(weighted, axis=-1), jnp.nan)
 
 
-def _nan_mean_std(x: jax.Array, axis, axis_name=None):
-  """NaN-aware mean and Bessel-corrected std along `axis` (and over devices).
+# Values of magnitude below 2**UNSCALED_EXPONENT enter the statistics as they are; larger
+# ones are first scaled down by a power of two (exact in IEEE arithmetic), so that squared
+# deviations (< 2**100) and their sum over any realistic batch (< 2**28 rows) stay below
+# float32's 2**128: rewards near 1e30 would otherwise give an infinite std, and every
+# advantage 0.
+UNSCALED_EXPONENT = 48
 
+
+def _power_of_two_scale(x: jax.Array, valid: jax.Array, axis, axis_name=None) -> jax.Array:
+  """2**-k (k >= 0, keepdims shape) bringing the largest valid |x| below 2**UNSCALED_EXPONENT.
+
+  k = 0 (scale exactly 1) for ordinary values and for non-finite ones, so those give
+  bitwise the results of the unscaled formula.
+  """
+  largest = jnp.max(jnp.where(valid, jnp.abs(x), 0.0), axis=axis, keepdims=True)
+  if axis_name is not None:
+    largest = jax.lax.pmax(largest, axis_name)
+  _, exponent = jnp.frexp(largest)  # largest < 2**exponent
+  shrink = jnp.where(jnp.isfinite(largest), jnp.maximum(exponent - UNSCALED_EXPONENT, 0), 0)
+  # 2**-shrink built from its bits (shrink <= 128 - UNSCALED_EXPONENT: a normal float).
+  scale = jax.lax.bitcast_convert_type((127 - shrink.astype(jnp.int32)) << 23, jnp.float32)
+  return scale.astype(x.dtype)
+
+
+def _scaled_mean_std(x: jax.Array, axis, axis_name=None):
+  """(mean, std, scale): NaN-aware mean and Bessel std of `x * scale`, scale a power of two.
+
+  The scale (see `_power_of_two_scale`) keeps every intermediate finite for any finite
+  float32 input; dividing the results by it gives the statistics of `x` itself.
   Computed around a shift (the largest valid value) so that equal values give exactly
   mean = value and std = 0 in float32, whatever their magnitude: an all-equal group must
   get advantage 0, not float noise divided by 1e-4.
   """
   valid = ~jnp.isnan(x)
+  scale = _power_of_two_scale(x, valid, axis, axis_name)
+  x = x * scale
   shift = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
   if axis_name is not None:
     shift = jax.lax.pmax(shift, axis_name)
@@ -39,7 +67,17 @@ def _nan_mean_std(x: jax.Array, axis, axis_name=None):
   sq_dev = _psum(jnp.sum(jnp.where(valid, (dev - mean_dev) ** 2, 0.0), axis=axis,
                          keepdims=True), axis_name)
   std = jnp.sqrt(sq_dev / jnp.maximum(count - 1, 1))
-  return shift + mean_dev, jnp.where(count > 1, std, 0.0)
+  return shift + mean_dev, jnp.where(count > 1, std, 0.0), scale
+
+
+def _nan_mean_std(x: jax.Array, axis, axis_name=None):
+  """NaN-aware mean and Bessel-corrected std along `axis` (and over devices), keepdims.
+
+  Finite for any finite float32 input (the std only overflows when it exceeds float32's
+  range itself); see `_scaled_mean_std`.
+  """
+  mean, std, scale = _scaled_mean_std(x, axis, axis_name)
+  return mean / scale, std / scale
 
 
 class Advantages(NamedTuple):
@@ -63,14 +101,20 @@ def group_advantages(rewards: jax.Array, weights, num_generations: int,
                       f"groups of num_generations={num_generations}")
   total = combine_rewards(rewards.astype(jnp.float32), weights)
   grouped = total.reshape(-1, num_generations)
-  mean, std = _nan_mean_std(grouped, axis=1)
-  centered = grouped - mean
+  # The scaled statistics: (r - mean) / (std + eps) is computed as
+  # (r*s - mean*s) / (std*s + eps*s) with s a power of two (1 for ordinary rewards), so
+  # huge rewards neither overflow the difference nor the std.
+  mean_scaled, std_scaled, scale = _scaled_mean_std(grouped, axis=1)
+  mean, std = mean_scaled / scale, std_scaled / scale
   if scale_rewards == "group":
-    centered = centered / (std + STD_EPS)
+    centered = (grouped * scale - mean_scaled) / (std_scaled + STD_EPS * scale)
   elif scale_rewards == "batch":
-    _, batch_std = _nan_mean_std(total, axis=0, axis_name=axis_name)
-    centered = centered / (batch_std + STD_EPS)
-  elif scale_rewards != "none":
+    _, batch_std, batch_scale = _scaled_mean_std(total, axis=0, axis_name=axis_name)
+    centered = ((grouped * batch_scale - mean * batch_scale)
+                / (batch_std + STD_EPS * batch_scale))
+  elif scale_rewards == "none":
+    centered = grouped - mean
+  else:
     raise ConfigError(f"scale_rewards={scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
   advantages = jnp.nan_to_num(centered.reshape(-1), nan=0.0)
   group_std = jnp.broadcast_to(std, grouped.shape).reshape(-1)

@@ -75,6 +75,9 @@ class ScoredRollout(NamedTuple):
   advantages: jax.Array  # [N]
   old_logprobs: jax.Array | None  # [N, L]; None: num_iterations == 1 (ratio is exactly 1)
   ref_logprobs: jax.Array | None  # [N, L]; None: beta == 0
+  # Completions of the global batch with a valid (non-NaN) total reward; 0: the batch
+  # carries no learning signal and the update is skipped. None: not counted (all valid).
+  rewarded_rows: jax.Array | None = None
 
 
 # Token-level metrics grpo_loss sums over completion tokens (divided by the token count later).

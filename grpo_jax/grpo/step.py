@@ -64,7 +64,8 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
       model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
   old = no_grad_logprobs(state.params) if cfg.num_iterations > 1 else None
   ref = no_grad_logprobs(reference_params) if cfg.beta > 0 else None
-  return ScoredRollout(rollout, adv.advantages, old, ref), reward_metrics(
+  rewarded = _psum(jnp.sum(~jnp.isnan(adv.rewards)).astype(jnp.float32), axis_name)
+  return ScoredRollout(rollout, adv.advantages, old, ref, rewarded), reward_metrics(
       rewards, adv, rollout, cfg.num_generations, axis_name)
 
 
@@ -73,17 +74,23 @@ def reward_metrics(rewards, adv: Advantages, rollout: sampling.Rollout, num_gene
   """Global reward / completion statistics (TRL's names)."""
   if rewards.ndim == 1:
     rewards = rewards[:, None]
-  func_mean, func_std = _nan_mean_std(rewards.astype(jnp.float32), axis=0, axis_name=axis_name)
+  rewards = rewards.astype(jnp.float32)
+  func_mean, func_std = _nan_mean_std(rewards, axis=0, axis_name=axis_name)
   reward_mean, _ = _nan_mean_std(adv.rewards, axis=0, axis_name=axis_name)
+  # A mean over no valid value is NaN, not 0: "no function applied" must not read as a
+  # real zero reward.
+  counted = lambda x: _psum(jnp.sum(~jnp.isnan(x), axis=0), axis_name) > 0
+  func_mean = jnp.where(counted(rewards), func_mean[0], jnp.nan)
+  reward_mean = jnp.where(counted(adv.rewards), reward_mean[0], jnp.nan)
   group_std = adv.group_std.reshape(-1, num_generations)[:, 0]
   num_groups = _psum(jnp.float32(group_std.shape[0]), axis_name)
   lengths = rollout.completion_mask.sum(-1).astype(jnp.float32)
   rows = _psum(jnp.float32(lengths.shape[0]), axis_name)
   return {
-      "reward": reward_mean[0],
+      "reward": reward_mean,
       "reward_std": _psum(group_std.sum(), axis_name) / num_groups,
       "frac_reward_zero_std": _psum(jnp.sum(group_std < 1e-6), axis_name) / num_groups,
-      "rewards_per_func/mean": func_mean[0],
+      "rewards_per_func/mean": func_mean,
       "rewards_per_func/std": func_std[0],
       "completions/mean_length": _psum(lengths.sum(), axis_name) / rows,
       "completions/clipped_ratio":
@@ -138,7 +145,8 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   # rows are split in contiguous blocks over the shards, every micro-batch is then spread
   # evenly over all of them.
   micro = jax.tree.map(
-      lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1), scored)
+      lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1),
+      scored._replace(rewarded_rows=None))
 
   def accumulate(total, part):
     out = grad_fn(params, model_def, part, norms, cfg, axis_name)
@@ -151,26 +159,44 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   return total
 
 
+def skip_unless(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+  """`new` where `ok`, else `old` (params, optimizer state and step all unchanged).
+
+  `ok` is computed from psum-reduced values, so every device takes the same branch.
+  """
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
            cfg: GRPOConfig, axis_name=None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`cfg.num_iterations` optimizer updates on one scored rollout (lax.scan)."""
+  """`cfg.num_iterations` optimizer updates on one scored rollout (lax.scan).
+
+  An update whose loss or gradient norm is not finite, or whose batch has no valid reward
+  at all, is skipped (`nonfinite_skipped` counts it): AdamW would otherwise spread one
+  NaN into every weight and moment, or step on momentum alone.
+  """
   norms = loss_normalizers(scored.rollout.completion_mask, axis_name,
                            cfg.sampling.max_completion_length)
+  has_signal = True if scored.rewarded_rows is None else scored.rewarded_rows > 0
 
   def one_update(state: TrainState, _):
     (loss, token_sums), grads = loss_and_grads(state.params, model_def, scored, norms, cfg,
                                                axis_name)
-    grads = _psum(grads, axis_name)
+    grads, loss = _psum(grads, axis_name), _psum(loss, axis_name)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & has_signal
     metrics = {k: _psum(v, axis_name) / jnp.maximum(norms.global_tokens, 1.0)
                for k, v in token_sums.items()}
-    metrics.update(loss=_psum(loss, axis_name), grad_norm=optax.global_norm(grads),
-                   learning_rate=jnp.asarray(schedule_fn(state.step), jnp.float32))
-    return TrainState(state.step + 1, params, opt_state), metrics
+    metrics.update(loss=loss, grad_norm=grad_norm,
+                   learning_rate=jnp.asarray(schedule_fn(state.step), jnp.float32),
+                   nonfinite_skipped=(~ok).astype(jnp.float32))
+    return skip_unless(ok, TrainState(state.step + 1, params, opt_state), state), metrics
 
   state, metrics = jax.lax.scan(one_update, state, None, length=cfg.num_iterations)
-  return state, jax.tree.map(jnp.mean, metrics)
+  skipped = jnp.sum(metrics.pop("nonfinite_skipped"))  # updates skipped, not their mean
+  return state, {**jax.tree.map(jnp.mean, metrics), "nonfinite_skipped": skipped}
 
 
 RewardFn = Callable[[sampling.Rollout], jax.Array]  # jittable: rollout -> [N] or [N, F]

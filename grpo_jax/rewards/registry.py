@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -113,12 +114,23 @@ def _name(fn: RewardFunc) -> str:
   return type(fn).__name__
 
 
+# The largest finite float32: rewards travel to the train step as float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Several weighted rewards are summed in float32 in whatever order the compiler picks; a
+# row whose |terms| add up to at most this cannot overflow in any order.
+_SUM_LIMIT = FLOAT32_MAX * (1.0 - 2.0**-20)
+
+
 def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Sequence[Any],
-                    completions: Sequence[Any], columns: dict[str, Sequence[Any]]) -> np.ndarray:
+                    completions: Sequence[Any], columns: dict[str, Sequence[Any]],
+                    reward_weights: Sequence[float] | None = None) -> np.ndarray:
   """Rewards float32 [N, F]: column f holds function f's scores, None (n/a) becomes NaN.
 
   `columns` are the dataset's columns aligned with the completions (repeated per
   generation); each function gets them as keyword arguments, TRL-style.
+  Every returned value is finite or NaN: a function returning inf (or a number beyond
+  float32's range) is a UserError, and so is a row whose total weighted by
+  `reward_weights` (None: every function weighs 1) would overflow float32.
   """
   n = len(completions)
   if len(prompts) != n:
@@ -128,9 +140,11 @@ def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Seq
   for key, values in kwargs.items():
     if len(values) != n:
       raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+  prompts = list(prompts)
   rewards = np.empty((n, len(reward_funcs)), np.float32)
   for f, (name, fn) in enumerate(reward_funcs):
-    rewards[:, f] = _call(name, fn, list(prompts), list(completions), kwargs, n)
+    rewards[:, f] = _call(name, fn, prompts, list(completions), kwargs, n)
+  check_weighted_totals(rewards, [name for name, _ in reward_funcs], reward_weights, prompts)
   return rewards
 
 
@@ -149,6 +163,70 @@ def _call(name: str, fn: RewardFunc, prompts: list, completions: list,
     raise UserError(f"reward function {name!r} returned {len(values)} values for {n} "
                     "completions; expected one number (or None) per completion")
   try:
-    return np.array([np.nan if v is None else float(v) for v in values], np.float32)
+    exact = np.array([_as_float(v) for v in values], np.float64)
   except (TypeError, ValueError) as e:
     raise UserError(f"reward function {name!r} returned a non-number: {e}") from e
+  with np.errstate(over="ignore"):
+    rewards = exact.astype(np.float32)
+  bad = np.flatnonzero(np.isinf(rewards))
+  if bad.size:
+    i = int(bad[0])
+    value = (f"{exact[i]:g}" if np.isinf(exact[i]) and not isinstance(values[i], int) else
+             f"{short_repr(values[i], 30)}, beyond float32's range (+-{FLOAT32_MAX:.4g}),")
+    more = f" and for {bad.size - 1} more completion(s)" if bad.size > 1 else ""
+    raise UserError(f"reward function {name!r} returned {value} for completion {i} "
+                    f"(prompt {short_repr(prompts[i])}){more}; rewards must be finite numbers, "
+                    "or None where the function does not apply")
+  return rewards
+
+
+def _as_float(value: Any) -> float:
+  """None (not applicable) -> NaN; an int too large for a float64 -> +-inf."""
+  if value is None:
+    return math.nan
+  try:
+    return float(value)
+  except OverflowError:
+    return math.inf if value > 0 else -math.inf
+
+
+def check_weighted_totals(rewards: np.ndarray, names: Sequence[str],
+                          reward_weights: Sequence[float] | None, prompts: Sequence[Any]) -> None:
+  """UserError if a row's weighted sum of rewards [N, F] (NaN skipped) may overflow float32.
+
+  The train step computes `sum_f weight_f * reward_f` in float32 (combine_rewards); an
+  infinite total would silently zero the group's advantages.
+  """
+  num_funcs = rewards.shape[1]
+  weights = np.ones(num_funcs) if reward_weights is None else np.asarray(reward_weights,
+                                                                         np.float64)
+  if weights.shape != (num_funcs,):
+    raise UserError(f"reward_weights={tuple(reward_weights)!r} has {weights.size} entries for "
+                    f"{num_funcs} reward functions; give one weight per function")
+  applies = ~np.isnan(rewards)
+  with np.errstate(over="ignore", invalid="ignore"):
+    terms = rewards * weights.astype(np.float32)  # float32, as on the device
+  terms = np.where(applies, terms, 0.0).astype(np.float64)
+  bound = np.sum(np.abs(terms), axis=1)  # NaN for inf * 0: not finite either
+  several = np.sum(applies, axis=1) > 1
+  bad = ~np.isfinite(bound) | (several & (bound > _SUM_LIMIT))
+  rows = np.flatnonzero(bad)
+  if not rows.size:
+    return
+  i = int(rows[0])
+  involved = [f for f in range(num_funcs) if applies[i, f] and terms[i, f] != 0.0]
+  parts = ", ".join(f"{names[f]!r} ({float(rewards[i, f]):g} x weight {float(weights[f]):g})"
+                    for f in involved)
+  what = "reward functions" if len(involved) > 1 else "reward function"
+  verb = "give" if len(involved) > 1 else "gives"
+  more = f", and {rows.size - 1} more completion(s) too" if rows.size > 1 else ""
+  raise UserError(f"{what} {parts} {verb} completion {i} (prompt {short_repr(prompts[i])}) a "
+                  f"weighted total reward beyond float32's range (sum of |weight x reward| "
+                  f"{float(bound[i]):g} > {FLOAT32_MAX:.4g}){more}; scale these rewards or "
+                  "their reward_weights down")
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+  """A one-line repr of at most `limit` characters (prompts in error messages)."""
+  text = repr(value).replace("\n", "\\n").replace("\r", "\\r")
+  return text if len(text) <= limit else text[:limit - 3] + "..."

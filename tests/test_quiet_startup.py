@@ -1,0 +1,60 @@
+"""A normal run starts without library noise (TensorFlow's oneDNN banner, transformers'
+"PyTorch was not found" advisory), and the user's own settings of those switches win."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWITCHES = ("TF_ENABLE_ONEDNN_OPTS", "TRANSFORMERS_NO_ADVISORY_WARNINGS")
+NOISE = ("oneDNN", "PyTorch was not found", "None of PyTorch")
+
+# Makes torch look absent, as on a JAX-only install (the test extra installs torch, which
+# would hide transformers' advisory), then runs `python -m grpo_jax.train`.
+_RUN_TRAIN_WITHOUT_TORCH = """
+import importlib.util, runpy, sys
+_find_spec = importlib.util.find_spec
+def find_spec(name, package=None):
+  return None if name.split(".")[0] == "torch" else _find_spec(name, package)
+importlib.util.find_spec = find_spec
+sys.argv[0] = "grpo_jax.train"
+runpy.run_module("grpo_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _environment(**changes):
+  """The environment of a plain command line: none of the test session's own settings
+  (conftest's TF_CPP_MIN_LOG_LEVEL, fake devices) nor of the switches under test."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in SWITCHES + ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS", "TRANSFORMERS_VERBOSITY")}
+  env.update(JAX_PLATFORMS="cpu", **changes)
+  return env
+
+
+def _switches_after_import(env):
+  code = f"import json, os, grpo_jax; print(json.dumps({{k: os.environ.get(k) for k in {SWITCHES}}}))"
+  result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=True)
+  return json.loads(result.stdout)
+
+
+def test_importing_grpo_jax_sets_quiet_defaults_the_user_can_override():
+  assert _switches_after_import(_environment()) == {
+      "TF_ENABLE_ONEDNN_OPTS": "0", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+  mine = {"TF_ENABLE_ONEDNN_OPTS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": ""}
+  assert _switches_after_import(_environment(**mine)) == mine
+
+
+def test_tiny_training_run_prints_no_library_noise(tmp_path):
+  command = [sys.executable, "-c", _RUN_TRAIN_WITHOUT_TORCH, f"--workdir={tmp_path / 'run'}",
+             "--config.max_steps=2", "--config.sft_steps=0", "--config.eval_every=1",
+             "--config.checkpoint_every=1"]
+  result = subprocess.run(command, env=_environment(), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-3000:]
+  assert "step 2/2" in result.stderr  # our own progress output still shows
+  for noise in NOISE:
+    assert noise not in output, f"{noise!r} in the output:\n{output[-3000:]}"
+
