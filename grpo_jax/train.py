@@ -427,10 +427,12 @@ class TrainLoop:
       self.save(done, state, base_key)
     self.ckpt.wait()
     self.writer.flush()
-    if stop.signum is not None:
+    if stop.signum is not None:  # the checkpoint is complete now (waited for above)
+      where = (f"checkpoint of step {self.saved_step} saved in {self.ckpt.directory}: rerun "
+               "the same command to resume" if self.saved_step else self.resume_hint())
       raise preemption.Preempted(stop.signum, (
           f"stopped by {preemption.signal_name(stop.signum)} after step {done} of "
-          f"{config.max_steps}; {self.resume_hint()}"))
+          f"{config.max_steps}; {where}"))
     if is_primary():
       metrics.plot_curves(str(self.logdir))
     if config.export_hf and is_primary():

@@ -23,6 +23,12 @@ run the same command at the same time: that is why this always uses --worker=all
 checkpoints must go to storage all hosts share, so use --bucket (or a gs:// --workdir) there;
 the TPU VM's service account needs write access to the bucket.
 
+Spot and preemptible slices: on preemption every worker's trainer gets SIGTERM, writes a
+checkpoint within --config.preemption_grace_seconds (default 25) and exits with 143. Once
+the slice is back (or recreated and set up again), rerun this same command: training
+resumes from the newest complete checkpoint in WORKDIR, on the trajectory it was on. A
+recreated slice has fresh disks, so on spot slices use --bucket (a gs:// workdir).
+
 Training runs in the background (nohup), so this returns once it has started. Each worker
 appends its output to LOG_DIR/train.log and writes the process id to LOG_DIR/train.pid;
 follow it with status_tpu.sh. A worker where training is still running refuses to start

@@ -330,3 +330,71 @@ def test_nan_rewards_skip_updates_then_stop_the_run_in_one_line(fault_files):
   assert int(np.asarray(state["step"])) == 2  # optimizer updates applied: steps 1 and 2
   for leaf in jax.tree.leaves(state["params"]):
     assert np.isfinite(np.asarray(leaf)).all()
+
+
+# -- one-line errors for bad input ---------------------------------------------------------
+
+def workdir_is_a_file(files):
+  (files / "afile").write_text("x")
+  return files / "afile"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.max_grad_norm=-1"], "config.max_grad_norm=-1.0; allowed: a number >= 0"),
+    (["--config.adam_beta1=1.5"], "config.adam_beta1=1.5; allowed: 0 <= x < 1"),
+    (["--config.adam_beta2=-0.1"], "config.adam_beta2=-0.1; allowed: 0 <= x < 1"),
+    (["--config.weight_decay=-1"], "config.weight_decay=-1.0; allowed: a number >= 0"),
+    (["--config.model.num_heads=5", "--config.model.num_kv_heads=2"],
+     "config.model.num_kv_heads=2; allowed: a divisor of model.num_heads=5"),
+    (["--config.eval_every=-1"], "config.eval_every=-1; allowed: an integer >= 0 (0: never)"),
+    (["--config.preemption_grace_seconds=0"], "config.preemption_grace_seconds=0"),
+    ("file", "is a file, not a directory"),
+    ("under_file", "its parent"),
+])
+def test_bad_input_is_exit_1_and_one_line(fault_files, extra, message):
+  if extra == "file":
+    args = fault_args(fault_files, workdir_is_a_file(fault_files))
+  elif extra == "under_file":
+    args = fault_args(fault_files, workdir_is_a_file(fault_files) / "run")
+  else:
+    args = fault_args(fault_files, fault_files / "run") + extra
+  failed = run(fault_files, args)
+  assert failed.returncode == 1
+  assert "Traceback" not in failed.stderr
+  line = last_line(failed)
+  assert line.startswith("grpo_jax: error: ") and message in line, line
+  assert not (fault_files / "run").exists()
+
+
+def test_a_changed_config_is_refused_on_resume_unless_allowed(fault_files):
+  workdir = fault_files / "run"
+  args = fault_args(fault_files, workdir, max_steps=3)
+  assert run(fault_files, args).returncode == 0
+  changed = [*args, "--config.max_steps=5", "--config.learning_rate=0.002",
+             "--config.num_generations=4", "--config.log_every=2"]
+  refused = run(fault_files, changed)
+  assert refused.returncode == 1
+  line = last_line(refused)
+  assert "the config differs from the one the checkpoint of step 3" in line, line
+  for difference in ("learning_rate: 0.001 -> 0.002", "max_steps: 3 -> 5",
+                     "num_generations: 2 -> 4"):
+    assert difference in line
+  assert "log_every" not in line  # a logging field may change freely
+  allowed = run(fault_files, [*changed, "--config.allow_config_change=True"])
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  assert "Resuming with a changed config (allow_config_change): max_steps: 3 -> 5" in \
+      allowed.stderr
+  assert final_params(workdir)[0] == 5
+
+
+def test_never_evaluate_or_checkpoint_and_warm_up_only_the_demo(fault_files):
+  """eval_every=0 / checkpoint_every=0 mean never; sft_steps is ignored for other data."""
+  workdir = fault_files / "run"
+  done = run(fault_files, fault_args(fault_files, workdir, eval_every=0, checkpoint_every=0,
+                                     eval_size=8, sft_steps=50, max_steps=2))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "sft_steps=50 is the demo's warm-up" in done.stderr
+  assert not (workdir / "checkpoints").exists() and not (workdir / "warmup").exists()
+  rows = metrics.read_metrics(workdir / "grpo_metrics")
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+  assert not any(k.startswith("eval/") for r in rows for k in r)

@@ -178,7 +178,6 @@ def test_killed_run_continues_from_its_last_checkpoint(user_files):
     (dict(loss_type="ppo"), "loss_type='ppo'; allowed: grpo, bnpo, dr_grpo, dapo"),
     (dict(reward_weights=(1.0,)), "reward_weights has 1 entries but there are 2"),
     (dict(max_prompt_length=3), "max_prompt_length=3"),
-    (dict(sft_steps=5, dataset="json:/x.jsonl"), "sft_steps=5 runs the demo's supervised warm-up"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(user_files, overrides, message):
   workdir = user_files / "run"
