@@ -11,7 +11,6 @@ with the same workdir resumes from the latest checkpoint and follows the same tr
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import pathlib
@@ -497,8 +496,6 @@ class TrainLoop:
 
 
 FLAGS = flags.FLAGS
-# Errors of the disk, not of the program: reported in one line naming the path.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def _command_line_errors_in_one_line(parse):
@@ -527,8 +524,15 @@ def main(argv):
   datasets.disable_progress_bars()
   config = FLAGS.config
   _command_line_errors_in_one_line(lambda: config.keys())  # a config file that failed to load says so here
+  train_command(config, FLAGS.workdir)
+
+
+def train_command(config, workdir) -> None:
+  """`train_and_evaluate` as the command runs it: what the user or the machine caused (bad
+  input, a signal, a full disk) ends the process with one line and its exit status
+  (SystemExit: 1 with the line, 143 / 130 after a signal)."""
   try:
-    result = train_and_evaluate(config, FLAGS.workdir)
+    result = train_and_evaluate(config, workdir)
   except UserError as e:
     sys.exit(f"grpo_jax: error: {e}")
   except preemption.Preempted as e:
@@ -538,12 +542,11 @@ def main(argv):
     print("grpo_jax: interrupted (SIGINT) before training began", file=sys.stderr)
     sys.exit(130)
   except OSError as e:
-    if e.errno not in WRITE_ERRNOS:
+    if e.errno not in checkpoint.WRITE_ERRNOS:  # the disk's fault: one line, naming the path
       raise
-    sys.exit(f"grpo_jax: error: cannot write {e.filename or FLAGS.workdir}: {e.strerror}")
+    sys.exit(f"grpo_jax: error: cannot write {e.filename or workdir}: {e.strerror}")
   summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval/")}
-  print(f"done: {FLAGS.workdir}/grpo_metrics (curves.png, metrics.jsonl) {summary}")
-
+  print(f"done: {workdir}/grpo_metrics (curves.png, metrics.jsonl) {summary}")
 
 def run():
   define_flags()

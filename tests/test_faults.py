@@ -18,11 +18,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from grpo_jax import grpo, metrics, parallel, sampling, train
-from grpo_jax.errors import UserError
+from grpo_jax import grpo, metrics, parallel, train
 from test_train import TINY, TINY_MODEL, cli_args, final_params, tiny_config
 
 FAULT_REWARDS = '''
@@ -60,18 +58,30 @@ def timing(key: str) -> bool:
   return key in TIMING or key.startswith("time/") or key.endswith("seconds")
 
 
-@pytest.fixture
-def fault_files(tmp_path):
-  (tmp_path / "fault_rewards.py").write_text(FAULT_REWARDS)
+@pytest.fixture(scope="module")
+def fault_files(tmp_path_factory):
+  """The reward module and dataset, shared by the tests (each has its own workdir)."""
+  files = tmp_path_factory.mktemp("fault_files")
+  (files / "fault_rewards.py").write_text(FAULT_REWARDS)
   rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(7) for b in range(5)]
-  (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-  return tmp_path
+  (files / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  return files
+
+
+@pytest.fixture(scope="module")
+def straight(fault_files):
+  """The uninterrupted run the interrupted ones must reproduce (an eval every 3 steps)."""
+  workdir = fault_files / "straight"
+  done = run(fault_files, fault_args(fault_files, workdir))
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
 
 
 def fault_args(files, workdir, **overrides):
   config = {**TINY, "model": TINY_MODEL, "dataset": f"json:{files / 'data.jsonl'}",
             "prompt_column": "question", "reward_funcs": "fault_rewards:faulty",
-            "max_steps": 7, "checkpoint_every": 3, "eval_every": 0, **overrides}
+            "max_steps": 7, "checkpoint_every": 3, "eval_every": 3, "eval_size": 8,
+            **overrides}
   return [f"--workdir={workdir}", *cli_args(config)]
 
 
@@ -112,24 +122,19 @@ def assert_same_run(straight: pathlib.Path, resumed: pathlib.Path, max_steps: in
   assert records["straight"] == records["resumed"]
 
 
-def straight_run(files, **overrides) -> pathlib.Path:
-  workdir = files / "straight"
-  done = run(files, fault_args(files, workdir, **overrides))
-  assert done.returncode == 0, done.stderr[-3000:]
-  return workdir
-
-
 # -- signals -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_during_rewards_checkpoints_and_the_rerun_matches(fault_files, signame, code):
-  """The signal lands in the reward function of step 5 (after the checkpoint of step 3):
-  step 5 is abandoned, step 4 checkpointed, exit 143/130 with one line; the rerun of the
-  same command ends where an uninterrupted run ends, bit for bit."""
-  straight = straight_run(fault_files)
-  workdir = fault_files / "run"
+@pytest.mark.parametrize("signame, code", [
+    ("SIGTERM", 143), pytest.param("SIGINT", 130, marks=pytest.mark.slow)])  # same path
+def test_signal_during_rewards_checkpoints_and_the_rerun_matches(fault_files, straight, tmp_path,
+                                                                signame, code):
+  """The signal lands in the reward function of step 5 (after the checkpoint and the eval
+  of step 3; reward calls: eval 0, steps 1-3, eval 3, steps 4, 5): step 5 is abandoned,
+  step 4 checkpointed, exit 143/130 with one line; the rerun of the same command ends
+  where an uninterrupted run ends, bit for bit."""
+  workdir = tmp_path / "run"
   args = fault_args(fault_files, workdir)
-  stopped = run(fault_files, args, SIGNAL_AT="5", SIGNAL=signame)
+  stopped = run(fault_files, args, SIGNAL_AT="7", SIGNAL=signame)
   assert stopped.returncode == code, stopped.stderr[-3000:]
   line = last_line(stopped)
   assert line.startswith(f"grpo_jax: stopped by {signame} after step 4 of 7"), line
@@ -141,12 +146,11 @@ def test_signal_during_rewards_checkpoints_and_the_rerun_matches(fault_files, si
   assert_same_run(straight, workdir, 7)
 
 
-def test_sigterm_at_a_random_step_loses_no_step(fault_files):
+def test_sigterm_at_a_random_step_loses_no_step(fault_files, straight, tmp_path):
   """SIGTERM from outside, as a preemption notice comes, once a random step is logged."""
   step = random.Random(os.environ.get("GRPO_JAX_FAULT_SEED", "12")).randint(1, 6)
-  straight = straight_run(fault_files, eval_every=3)
-  workdir = fault_files / "run"
-  args = fault_args(fault_files, workdir, eval_every=3)
+  workdir = tmp_path / "run"
+  args = fault_args(fault_files, workdir)
   proc = start(fault_files, args)
   jsonl = workdir / "grpo_metrics" / "metrics.jsonl"
   while proc.poll() is None:
@@ -167,12 +171,13 @@ def test_sigterm_at_a_random_step_loses_no_step(fault_files):
   assert_same_run(straight, workdir, 7)
 
 
-def test_second_signal_and_grace_expiry_exit_at_once_and_stay_resumable(fault_files):
-  workdir = fault_files / "run"
+def test_second_signal_and_grace_expiry_exit_at_once_and_stay_resumable(fault_files, tmp_path):
+  workdir = tmp_path / "run"
   args = fault_args(fault_files, workdir)
-  twice = run(fault_files, args, SIGNAL_AT="5", SIGNAL_TIMES="2", SLEEP_AFTER_SIGNAL="30")
-  assert twice.returncode == 143
-  assert "grpo_jax: second SIGTERM: exiting at once" in last_line(twice)
+  twice = run(fault_files, args, SIGNAL_AT="7", SIGNAL_TIMES="2", SLEEP_AFTER_SIGNAL="30",
+              SIGNAL="SIGINT")  # Ctrl-C twice
+  assert twice.returncode == 130
+  assert "grpo_jax: second SIGINT: exiting at once" in last_line(twice)
   assert final_params(workdir)[0] == 3  # the last periodic checkpoint
   slow = run(fault_files, [*args, "--config.preemption_grace_seconds=1"], SIGNAL_AT="2",
              SLEEP_AFTER_SIGNAL="60")  # a reward function that outlasts the grace period
@@ -203,7 +208,8 @@ def saving(workdir: pathlib.Path) -> bool:
 def kill_moments(count: int, rng: random.Random):
   """`count` moments to kill -9 at: inside the warm-up save, inside checkpoint saves, and
   after random steps, with a random delay, in random order."""
-  moments = ["saving", "saving"] + [f"step:{rng.randint(1, 6)}" for _ in range(count - 2)]
+  saves = max(2, count // 3)
+  moments = ["saving"] * saves + [f"step:{rng.randint(1, 6)}" for _ in range(count - saves)]
   rng.shuffle(moments)
   return [(m, rng.uniform(0.0, 0.05)) for m in moments]
 
@@ -252,7 +258,7 @@ def kill_nine_many_times(tmp_path, count: int):
 
 
 def test_kill_9_at_random_moments_leaves_a_resumable_workdir(tmp_path):
-  kill_nine_many_times(tmp_path, 5)
+  kill_nine_many_times(tmp_path, 3)
 
 
 @pytest.mark.slow
@@ -311,89 +317,123 @@ def test_a_batch_without_any_reward_leaves_the_params_alone():
   assert max(moved) > 1e-4
 
 
-def test_nan_rewards_skip_updates_then_stop_the_run_in_one_line(fault_files):
+@pytest.fixture
+def importable(fault_files, monkeypatch):
+  """The fault reward module importable in this process, with fresh call counters."""
+  monkeypatch.syspath_prepend(str(fault_files))
+  sys.modules.pop("fault_rewards", None)
+  yield fault_files
+  sys.modules.pop("fault_rewards", None)
+
+
+def fault_config(files, **overrides):
+  return tiny_config(**{"dataset": f"json:{files / 'data.jsonl'}", "prompt_column": "question",
+                        "reward_funcs": "fault_rewards:faulty", "max_steps": 7,
+                        "checkpoint_every": 3, "eval_every": 3, "eval_size": 8, **overrides})
+
+
+def exit_line(config, workdir) -> str:
+  """The line `python -m grpo_jax.train` ends with, asserting its exit status is 1."""
+  with pytest.raises(SystemExit) as exited:
+    train.train_command(config, workdir)
+  line = exited.value.code
+  assert isinstance(line, str), line  # SystemExit(str): printed to stderr, exit status 1
+  assert "\n" not in line and line.startswith("grpo_jax: error: "), line
+  return line
+
+
+def test_nan_rewards_skip_updates_then_stop_the_run_in_one_line(importable, tmp_path,
+                                                                monkeypatch, caplog):
   """From step 3 on every reward is NaN: those updates are skipped (a warning each), and
   after max_nonfinite_steps=2 in a row the run stops with exit 1 and one line."""
-  workdir = fault_files / "run"
-  args = fault_args(fault_files, workdir, reward_funcs="fault_rewards:nan_after",
-                    max_nonfinite_steps=2, max_steps=6, checkpoint_every=2)
-  failed = run(fault_files, args, NAN_FROM="3")
-  assert failed.returncode == 1, failed.stderr[-3000:]
-  line = last_line(failed)
+  monkeypatch.setenv("NAN_FROM", "3")
+  workdir = tmp_path / "run"
+  config = fault_config(importable, reward_funcs="fault_rewards:nan_after",
+                        max_nonfinite_steps=2, max_steps=6, checkpoint_every=2, eval_every=0)
+  line = exit_line(config, workdir)
   assert line.startswith("grpo_jax: error: 2 updates in a row were skipped (steps 3-4"), line
-  assert "no reward function scored any completion" in line and "Traceback" not in failed.stderr
-  assert "Step 3: update skipped" in failed.stderr
+  assert "no reward function scored any completion" in line
+  assert "Step 3: update skipped" in caplog.text
   step, state = final_params(workdir)
   assert step == 2  # the last checkpoint before the stop is left as it was
   rows = {r["step"]: r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r}
   assert [rows[s]["nonfinite_skipped"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
-  assert int(np.asarray(state["step"])) == 2  # optimizer updates applied: steps 1 and 2
+  assert np.isnan(rows[3]["reward"])  # no reward is not a reward of 0
   for leaf in jax.tree.leaves(state["params"]):
     assert np.isfinite(np.asarray(leaf)).all()
 
 
 # -- one-line errors for bad input ---------------------------------------------------------
 
-def workdir_is_a_file(files):
-  (files / "afile").write_text("x")
-  return files / "afile"
+def workdir_is_a_file(directory):
+  (directory / "afile").write_text("x")
+  return directory / "afile"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--config.max_grad_norm=-1"], "config.max_grad_norm=-1.0; allowed: a number >= 0"),
-    (["--config.adam_beta1=1.5"], "config.adam_beta1=1.5; allowed: 0 <= x < 1"),
-    (["--config.adam_beta2=-0.1"], "config.adam_beta2=-0.1; allowed: 0 <= x < 1"),
-    (["--config.weight_decay=-1"], "config.weight_decay=-1.0; allowed: a number >= 0"),
-    (["--config.model.num_heads=5", "--config.model.num_kv_heads=2"],
+BAD_INPUT = [
+    (dict(max_grad_norm=-1.0), "config.max_grad_norm=-1.0; allowed: a number >= 0"),
+    (dict(adam_beta1=1.5), "config.adam_beta1=1.5; allowed: 0 <= x < 1"),
+    (dict(adam_beta2=-0.1), "config.adam_beta2=-0.1; allowed: 0 <= x < 1"),
+    (dict(weight_decay=-1.0), "config.weight_decay=-1.0; allowed: a number >= 0"),
+    (dict(model={"num_heads": 5, "num_kv_heads": 2}),
      "config.model.num_kv_heads=2; allowed: a divisor of model.num_heads=5"),
-    (["--config.eval_every=-1"], "config.eval_every=-1; allowed: an integer >= 0 (0: never)"),
-    (["--config.preemption_grace_seconds=0"], "config.preemption_grace_seconds=0"),
+    (dict(eval_every=-1), "config.eval_every=-1; allowed: an integer >= 0 (0: never)"),
+    (dict(preemption_grace_seconds=0.0), "config.preemption_grace_seconds=0.0"),
     ("file", "is a file, not a directory"),
     ("under_file", "its parent"),
-])
-def test_bad_input_is_exit_1_and_one_line(fault_files, extra, message):
-  if extra == "file":
-    args = fault_args(fault_files, workdir_is_a_file(fault_files))
-  elif extra == "under_file":
-    args = fault_args(fault_files, workdir_is_a_file(fault_files) / "run")
-  else:
-    args = fault_args(fault_files, fault_files / "run") + extra
-  failed = run(fault_files, args)
+]
+
+
+def bad_workdir(tmp_path, case):
+  if case == "file":
+    return workdir_is_a_file(tmp_path)
+  if case == "under_file":
+    return workdir_is_a_file(tmp_path) / "run"
+  return tmp_path / "run"
+
+
+@pytest.mark.parametrize("case, message", BAD_INPUT)
+def test_bad_input_is_exit_1_and_one_line(importable, tmp_path, case, message):
+  config = fault_config(importable, **case) if isinstance(case, dict) else fault_config(importable)
+  assert message in exit_line(config, bad_workdir(tmp_path, case))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case, message", [BAD_INPUT[0], BAD_INPUT[4], BAD_INPUT[7]])
+def test_bad_input_on_the_command_line(fault_files, tmp_path, case, message):
+  """The same, through a real process: exit status 1, one line, no traceback."""
+  overrides = case if isinstance(case, dict) else {}
+  failed = run(fault_files, fault_args(fault_files, bad_workdir(tmp_path, case), **overrides))
   assert failed.returncode == 1
   assert "Traceback" not in failed.stderr
   line = last_line(failed)
   assert line.startswith("grpo_jax: error: ") and message in line, line
-  assert not (fault_files / "run").exists()
+  assert not (tmp_path / "run").exists()
 
 
-def test_a_changed_config_is_refused_on_resume_unless_allowed(fault_files):
-  workdir = fault_files / "run"
-  args = fault_args(fault_files, workdir, max_steps=3)
-  assert run(fault_files, args).returncode == 0
-  changed = [*args, "--config.max_steps=5", "--config.learning_rate=0.002",
-             "--config.num_generations=4", "--config.log_every=2"]
-  refused = run(fault_files, changed)
-  assert refused.returncode == 1
-  line = last_line(refused)
+def test_a_changed_config_is_refused_on_resume_unless_allowed(importable, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(fault_config(importable, max_steps=3), workdir)
+  changed = dict(max_steps=5, learning_rate=0.002, num_generations=4, log_every=2)
+  line = exit_line(fault_config(importable, **changed), workdir)
   assert "the config differs from the one the checkpoint of step 3" in line, line
   for difference in ("learning_rate: 0.001 -> 0.002", "max_steps: 3 -> 5",
                      "num_generations: 2 -> 4"):
     assert difference in line
   assert "log_every" not in line  # a logging field may change freely
-  allowed = run(fault_files, [*changed, "--config.allow_config_change=True"])
-  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  train.train_and_evaluate(fault_config(importable, **changed, allow_config_change=True),
+                           workdir)
   assert "Resuming with a changed config (allow_config_change): max_steps: 3 -> 5" in \
-      allowed.stderr
+      caplog.text
   assert final_params(workdir)[0] == 5
 
 
-def test_never_evaluate_or_checkpoint_and_warm_up_only_the_demo(fault_files):
+def test_never_evaluate_or_checkpoint_and_warm_up_only_the_demo(importable, tmp_path, caplog):
   """eval_every=0 / checkpoint_every=0 mean never; sft_steps is ignored for other data."""
-  workdir = fault_files / "run"
-  done = run(fault_files, fault_args(fault_files, workdir, eval_every=0, checkpoint_every=0,
-                                     eval_size=8, sft_steps=50, max_steps=2))
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "sft_steps=50 is the demo's warm-up" in done.stderr
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(fault_config(importable, eval_every=0, checkpoint_every=0,
+                                        sft_steps=50, max_steps=2), workdir)
+  assert "sft_steps=50 is the demo's warm-up" in caplog.text
   assert not (workdir / "checkpoints").exists() and not (workdir / "warmup").exists()
   rows = metrics.read_metrics(workdir / "grpo_metrics")
   assert [r["step"] for r in rows if "loss" in r] == [1, 2]
