@@ -6,6 +6,7 @@ step's metrics identical (timings aside), each step logged exactly once.
 """
 
 import json
+import logging
 import os
 import pathlib
 import random
@@ -358,7 +359,8 @@ def test_nan_rewards_skip_updates_then_stop_the_run_in_one_line(importable, tmp_
   assert step == 2  # the last checkpoint before the stop is left as it was
   rows = {r["step"]: r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r}
   assert [rows[s]["nonfinite_skipped"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
-  assert np.isnan(rows[3]["reward"])  # no reward is not a reward of 0
+  assert rows[2]["reward"] is not None
+  assert rows[3]["reward"] is None  # NaN (no reward, not a reward of 0): JSON null
   for leaf in jax.tree.leaves(state["params"]):
     assert np.isfinite(np.asarray(leaf)).all()
 
@@ -431,6 +433,7 @@ def test_a_changed_config_is_refused_on_resume_unless_allowed(importable, tmp_pa
 def test_never_evaluate_or_checkpoint_and_warm_up_only_the_demo(importable, tmp_path, caplog):
   """eval_every=0 / checkpoint_every=0 mean never; sft_steps is ignored for other data."""
   workdir = tmp_path / "run"
+  caplog.set_level(logging.INFO, logger="grpo_jax")
   train.train_and_evaluate(fault_config(importable, eval_every=0, checkpoint_every=0,
                                         sft_steps=50, max_steps=2), workdir)
   assert "sft_steps=50 is the demo's warm-up" in caplog.text
