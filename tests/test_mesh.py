@@ -72,7 +72,7 @@ def test_train_loop_in_mesh_mode_resumes_under_pmap(user_files):
   sharded = tiny_config(parallelism="mesh", mesh={"data": 2, "fsdp": 2, "tensor": 1},
                         max_steps=2, **common)
   train.train_and_evaluate(sharded, user_files / "run")
-  train.train_and_evaluate(tiny_config(max_steps=4, **common), user_files / "run")
+  train.train_and_evaluate(tiny_config(max_steps=4, allow_config_change=True, **common), user_files / "run")
   train.train_and_evaluate(tiny_config(max_steps=4, **common), user_files / "pmap_only")
   a = metrics.read_metrics(user_files / "run" / "grpo_metrics")
   b = metrics.read_metrics(user_files / "pmap_only" / "grpo_metrics")

@@ -75,8 +75,8 @@ class ScoredRollout(NamedTuple):
   advantages: jax.Array  # [N]
   old_logprobs: jax.Array | None  # [N, L]; None: num_iterations == 1 (ratio is exactly 1)
   ref_logprobs: jax.Array | None  # [N, L]; None: beta == 0
-  # Completions of the global batch with a valid (non-NaN) total reward; 0: the batch
-  # carries no learning signal and the update is skipped. None: not counted (all valid).
+  # [N] 1.0 where the completion has a valid (non-NaN) total reward; none in the global
+  # batch: no learning signal, the update is skipped. None: not tracked (all valid).
   rewarded_rows: jax.Array | None = None
 
 

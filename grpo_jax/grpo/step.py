@@ -64,7 +64,7 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
       model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
   old = no_grad_logprobs(state.params) if cfg.num_iterations > 1 else None
   ref = no_grad_logprobs(reference_params) if cfg.beta > 0 else None
-  rewarded = _psum(jnp.sum(~jnp.isnan(adv.rewards)).astype(jnp.float32), axis_name)
+  rewarded = (~jnp.isnan(adv.rewards)).astype(jnp.float32)
   return ScoredRollout(rollout, adv.advantages, old, ref, rewarded), reward_metrics(
       rewards, adv, rollout, cfg.num_generations, axis_name)
 
@@ -146,7 +146,7 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   # evenly over all of them.
   micro = jax.tree.map(
       lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1),
-      scored._replace(rewarded_rows=None))
+      scored)
 
   def accumulate(total, part):
     out = grad_fn(params, model_def, part, norms, cfg, axis_name)
@@ -177,7 +177,8 @@ def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
   """
   norms = loss_normalizers(scored.rollout.completion_mask, axis_name,
                            cfg.sampling.max_completion_length)
-  has_signal = True if scored.rewarded_rows is None else scored.rewarded_rows > 0
+  has_signal = (True if scored.rewarded_rows is None
+                else _psum(jnp.sum(scored.rewarded_rows), axis_name) > 0)
 
   def one_update(state: TrainState, _):
     (loss, token_sums), grads = loss_and_grads(state.params, model_def, scored, norms, cfg,
