@@ -280,16 +280,6 @@ class Checkpointer:
       return None, f"meta holds {type(meta).__name__}, not a JSON object"
     return meta, None
 
-  def read_meta(self, step: int) -> dict[str, Any] | None:
-    """The JSON metadata saved with `step` (the dict given to `save`, plus "fingerprint"),
-    or None if it cannot be read."""
-    return self._read_meta(step)[0]
-
-  def saved_config(self, step: int) -> Any | None:
-    """meta["config"] of `step` as saved (None if absent or unreadable)."""
-    meta = self.read_meta(step)
-    return None if meta is None else meta.get("config")
-
   def _reason(self, step: int, item: str, exc: BaseException) -> str:
     """Why `step` could not be restored: a missing piece if one is plainly missing, and
     the exception (type + first line of its message)."""

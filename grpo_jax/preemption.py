@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import jax
 import numpy as np
@@ -52,7 +51,6 @@ class StopRequests:
     self.grace_seconds = grace_seconds
     self.resume_hint = resume_hint
     self.signum: int | None = None
-    self.since: float | None = None
     self._previous: dict[int, object] = {}
 
   def __enter__(self) -> StopRequests:
@@ -69,7 +67,7 @@ class StopRequests:
   def _handle(self, signum, frame) -> None:
     if self.signum is not None:
       self._exit_now(signum, f"second {signal_name(signum)}: exiting at once")
-    self.signum, self.since = signum, time.monotonic()
+    self.signum = signum
     log.warning("%s received: stopping after a checkpoint (grace %.0f s; a second signal "
                 "exits at once)", signal_name(signum), self.grace_seconds)
     watchdog = threading.Timer(self.grace_seconds, self._exit_now, args=(

@@ -422,7 +422,7 @@ class TrainLoop:
       if self.is_due(config.checkpoint_every, step):
         self.save(step, state, base_key)
     progress.close()
-    if stop.signum is not None and config.checkpoint_every and done > self.saved_step:
+    if stop.signum is not None and done > self.saved_step:  # (save: never if checkpoint_every=0)
       self.save(done, state, base_key)
     self.ckpt.wait()
     self.writer.flush()

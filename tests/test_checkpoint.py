@@ -187,12 +187,13 @@ def test_another_model_is_not_damage(ckdir, caplog):
   assert warnings_of(caplog) == []
 
 
-def test_saved_config_and_meta(ckdir):
-  ckpt = Checkpointer(ckdir, FINGERPRINT)
-  assert ckpt.saved_config(2) == {"lr": 0.2}
-  assert ckpt.read_meta(1)["data"] == 1
-  garbage_meta(ckdir / "3")
-  assert ckpt.saved_config(3) is None
+def test_the_saved_meta_and_config_come_back_with_the_state(ckdir):
+  restored = Checkpointer(ckdir, FINGERPRINT).restore_latest(state_at(0), PARAMS)
+  assert restored.meta["data"] == 3
+  assert restored.meta["config"] == pytest.approx({"lr": 0.3})
+  garbage_meta(ckdir / "3")  # an unreadable meta: the previous step's comes back
+  restored = Checkpointer(ckdir, FINGERPRINT).restore_latest(state_at(0), PARAMS)
+  assert restored.step == 2 and restored.meta["config"] == pytest.approx({"lr": 0.2})
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "no_manifest"])

@@ -145,8 +145,7 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   # rows are split in contiguous blocks over the shards, every micro-batch is then spread
   # evenly over all of them.
   micro = jax.tree.map(
-      lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1),
-      scored)
+      lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1), scored)
 
   def accumulate(total, part):
     out = grad_fn(params, model_def, part, norms, cfg, axis_name)
