@@ -68,9 +68,47 @@ def base_config() -> ml_collections.ConfigDict:
   c.beta = 0.04
   c.epsilon = 0.2
   c.epsilon_high = config_dict.placeholder(float)  # None: same as epsilon
-  c.loss_type = "grpo"
+  c.loss_type = "grpo"  # grpo, bnpo, dr_grpo, dapo, cispo, sapo (README: "Loss options")
   c.scale_rewards = "group"
   c.num_iterations = 1
+  # The GRPO variants, with TRL 1.x's names, defaults and formulas (README: "Loss options").
+  # KL per token times the importance ratio (DeepSeek-V3.2's unbiased KL estimate). TRL's
+  # default is True; ours is False, the classic k3 term, with the default beta = 0.04.
+  c.use_bias_correction_kl = False
+  # token: a ratio per token (PPO, GRPO); sequence: GSPO, one ratio per completion, the exp
+  # of the mean of its tokens' log-ratios; sequence_token: GSPO-token (the sequence ratio's
+  # value, each token's own gradient; the GSPO paper, not in TRL).
+  c.importance_sampling_level = "token"
+  # Two-sided clipping (INTELLECT-2): the unclipped ratio is capped at delta (> 1 +
+  # epsilon_high); None: off.
+  c.delta = config_dict.placeholder(float)
+  c.sapo_temperature_pos = 1.0  # loss_type sapo: the gate's temperature where A > 0
+  c.sapo_temperature_neg = 1.05  # ... and where A <= 0
+  # rho of "Beyond the 80/20 rule": only tokens whose entropy is at or above the (1 - rho)
+  # quantile of the global batch's completion tokens enter the policy loss (the KL term
+  # keeps every token); 1.0: all tokens. The paper recommends 0.2.
+  c.top_entropy_quantile = 1.0
+  # DAPO: completions that did not end with EOS are left out of the loss (their rewards
+  # still count in the group statistics).
+  c.mask_truncated_completions = False
+  # sum_then_normalize: weighted sum of the reward functions, then the group statistics;
+  # normalize_then_sum: GDPO, each function z-scored within its group, weighted sum, then
+  # z-scored over the global batch (scale_rewards does not apply).
+  c.multi_objective_aggregation = "sum_then_normalize"
+  # TR-DPO: every ref_model_sync_steps optimizer updates the reference becomes
+  # ref_model_mixup_alpha * actor + (1 - ref_model_mixup_alpha) * reference.
+  c.sync_ref_model = False
+  c.ref_model_mixup_alpha = 0.6
+  c.ref_model_sync_steps = 512
+  # DAPO dynamic sampling (verl's names): groups whose rewards are all equal are dropped and
+  # more prompts sampled, up to max_num_gen_batches sampling rounds per step, until
+  # prompts_per_step informative groups are gathered.
+  c.dynamic_sampling = False
+  c.max_num_gen_batches = 4
+  # The built-in reward soft_overlong_punishment (DAPO): 0 up to max_completion_length -
+  # soft_punish_cache tokens, then falling linearly to -1 at max_completion_length
+  # (0: a fifth of max_completion_length, DAPO's 4k of 20k).
+  c.soft_punish_cache = 0
   c.logprob_chunk_size = 0  # vocabulary entries per log-prob chunk; 0: ~16 MiB of logits
   c.micro_batch_size = 0  # completions per train forward/backward on a device; 0: auto
   # Score and update passes run on the batch's longest completion (+1) rounded up to a
@@ -190,7 +228,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_known_fields(config)
   positive = ("num_generations", "prompts_per_step", "max_prompt_length",
               "max_completion_length", "max_steps", "log_every", "keep_checkpoints",
-              "num_iterations", "sft_batch_size", "max_nonfinite_steps")
+              "num_iterations", "sft_batch_size", "max_nonfinite_steps", "ref_model_sync_steps",
+              "max_num_gen_batches")
   for field in positive:
     _require(int(config[field]) >= 1, field, config[field], "an integer >= 1")
   for field in ("eval_every", "checkpoint_every"):
@@ -204,6 +243,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "an integer >= 0 (0: the passes always run on max_completion_length)")
   _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
            "an integer >= 0 (0: sized from the vocabulary)")
+  _require(0 <= config.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha",
+           config.ref_model_mixup_alpha, "0 <= x <= 1")
+  _require(0 <= config.soft_punish_cache <= config.max_completion_length, "soft_punish_cache",
+           config.soft_punish_cache, f"0 <= x <= max_completion_length="
+           f"{config.max_completion_length} (0: a fifth of it)")
   _require(config.eval_size >= 0, "eval_size", config.eval_size, "an integer >= 0")
   _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
   _require(0 <= config.warmup_ratio < 1, "warmup_ratio", config.warmup_ratio, "0 <= x < 1")
@@ -257,5 +301,12 @@ def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None
       loss_type=config.loss_type, scale_rewards=config.scale_rewards,
       reward_weights=None if weights is None else tuple(float(w) for w in weights),
       num_reward_funcs=len(reward_func_specs(config)), num_iterations=config.num_iterations,
+      use_bias_correction_kl=config.use_bias_correction_kl,
+      importance_sampling_level=config.importance_sampling_level, delta=config.delta,
+      sapo_temperature_pos=config.sapo_temperature_pos,
+      sapo_temperature_neg=config.sapo_temperature_neg,
+      top_entropy_quantile=config.top_entropy_quantile,
+      mask_truncated_completions=config.mask_truncated_completions,
+      multi_objective_aggregation=config.multi_objective_aggregation,
       logprob_chunk_size=config.logprob_chunk_size, micro_batch_size=config.micro_batch_size,
       platform=platform)

@@ -10,17 +10,20 @@ result does not depend on how many devices the batch is split over (except for
 `loss_type="bnpo"`, which by definition normalises per device, as TRL does per process).
 
 The package's rooms, in the order the data flows: `types` (GRPOConfig, TrainState),
-`advantages`, `logprobs`, `loss`, `step` (optimizer, scoring, update, GRPOStep).
+`advantages` (and the reward metrics), `logprobs`, `loss`, `optimizer`, `step` (scoring,
+update, GRPOStep).
 """
 
-from grpo_jax.grpo.advantages import Advantages, combine_rewards, group_advantages
+from grpo_jax.grpo.advantages import (Advantages, combine_rewards, group_advantages,
+                                      reward_metrics)
 from grpo_jax.grpo.logprobs import (LOGITS_CHUNK_BYTES, completion_logprobs, token_logprobs,
                                     vocab_chunk_size)
 from grpo_jax.grpo.loss import (TOKEN_METRICS, LossNormalizers, ScoredRollout, aggregate_loss,
                                 grpo_loss, loss_normalizers, per_token_loss)
+from grpo_jax.grpo.optimizer import make_optimizer
 from grpo_jax.grpo.step import (MICRO_BATCH_MAX_PARAMS, MICRO_BATCH_TOKENS, GRPOStep, RewardFn,
-                                as_reference, init_train_state, loss_and_grads, make_optimizer,
-                                micro_batch_rows, reward_metrics, score_rollout, update)
+                                as_reference, init_train_state, loss_and_grads,
+                                micro_batch_rows, score_rollout, update)
 from grpo_jax.grpo.types import LOSS_TYPES, SCALE_REWARDS, STD_EPS, GRPOConfig, TrainState
 
 __all__ = ["Advantages", "combine_rewards", "group_advantages", "LOGITS_CHUNK_BYTES",

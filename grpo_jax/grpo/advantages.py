@@ -1,4 +1,5 @@
-"""Group-relative advantages: weighted rewards, NaN-aware group mean / std."""
+"""Group-relative advantages (weighted rewards, NaN-aware group mean / std) and the reward
+metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import sampling
 from grpo_jax.errors import ConfigError
 from grpo_jax.grpo.types import SCALE_REWARDS, STD_EPS, _psum
 
@@ -119,3 +121,32 @@ def group_advantages(rewards: jax.Array, weights, num_generations: int,
   advantages = jnp.nan_to_num(centered.reshape(-1), nan=0.0)
   group_std = jnp.broadcast_to(std, grouped.shape).reshape(-1)
   return Advantages(advantages, total, group_std)
+
+
+def reward_metrics(rewards, adv: Advantages, rollout: sampling.Rollout, num_generations: int,
+                   axis_name=None) -> dict[str, jax.Array]:
+  """Global reward / completion statistics (TRL's names)."""
+  if rewards.ndim == 1:
+    rewards = rewards[:, None]
+  rewards = rewards.astype(jnp.float32)
+  func_mean, func_std = _nan_mean_std(rewards, axis=0, axis_name=axis_name)
+  reward_mean, _ = _nan_mean_std(adv.rewards, axis=0, axis_name=axis_name)
+  # A mean over no valid value is NaN, not 0: "no function applied" must not read as a
+  # real zero reward.
+  counted = lambda x: _psum(jnp.sum(~jnp.isnan(x), axis=0), axis_name) > 0
+  func_mean = jnp.where(counted(rewards), func_mean[0], jnp.nan)
+  reward_mean = jnp.where(counted(adv.rewards), reward_mean[0], jnp.nan)
+  group_std = adv.group_std.reshape(-1, num_generations)[:, 0]
+  num_groups = _psum(jnp.float32(group_std.shape[0]), axis_name)
+  lengths = rollout.completion_mask.sum(-1).astype(jnp.float32)
+  rows = _psum(jnp.float32(lengths.shape[0]), axis_name)
+  return {
+      "reward": reward_mean,
+      "reward_std": _psum(group_std.sum(), axis_name) / num_groups,
+      "frac_reward_zero_std": _psum(jnp.sum(group_std < 1e-6), axis_name) / num_groups,
+      "rewards_per_func/mean": func_mean,
+      "rewards_per_func/std": func_std[0],
+      "completions/mean_length": _psum(lengths.sum(), axis_name) / rows,
+      "completions/clipped_ratio":
+          _psum(jnp.sum(~rollout.eos_terminated), axis_name) / rows,
+  }

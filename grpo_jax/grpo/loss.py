@@ -38,14 +38,18 @@ class LossNormalizers(NamedTuple):
   completion_length: jax.Array  # max_completion_length (dr_grpo), not the passes' width
 
 
-def loss_normalizers(completion_mask, axis_name, max_completion_length: int | None = None
-                     ) -> LossNormalizers:
+def loss_normalizers(completion_mask, axis_name, max_completion_length: int | None = None,
+                     rows_in_loss: jax.Array | None = None) -> LossNormalizers:
   """max_completion_length: the configured one, when the passes run on fewer positions
-  (a batch whose completions all stopped early); None: the mask's width."""
+  (a batch whose completions all stopped early); None: the mask's width.
+  rows_in_loss: [N] 1.0 for rows the loss counts, 0.0 for filler rows (dynamic sampling's;
+  their completion mask is all zero too); None: every row counts."""
   mask = completion_mask.astype(jnp.float32)
+  rows = (jnp.float32(mask.shape[0]) if rows_in_loss is None
+          else jnp.sum(rows_in_loss.astype(jnp.float32)))
   return LossNormalizers(
       num_devices=_psum(jnp.float32(1.0), axis_name),
-      global_rows=_psum(jnp.float32(mask.shape[0]), axis_name),
+      global_rows=_psum(rows, axis_name),
       global_tokens=_psum(mask.sum(), axis_name),
       device_tokens=mask.sum(),
       completion_length=jnp.float32(max_completion_length or mask.shape[1]))
@@ -78,6 +82,10 @@ class ScoredRollout(NamedTuple):
   # [N] 1.0 where the completion has a valid (non-NaN) total reward; none in the global
   # batch: no learning signal, the update is skipped. None: not tracked (all valid).
   rewarded_rows: jax.Array | None = None
+  # [N] 1.0 for rows that count in the loss and its normalisation, 0.0 for filler rows
+  # (dynamic sampling fills the batch's static shape with them; their completion mask is
+  # all zero). None: every row counts.
+  rows_in_loss: jax.Array | None = None
 
 
 # Token-level metrics grpo_loss sums over completion tokens (divided by the token count later).

@@ -1,4 +1,4 @@
-"""The train step: optimizer, scoring a rollout, micro-batched gradients, the update."""
+"""The train step: scoring a rollout, micro-batched gradients, the update, GRPOStep."""
 
 from __future__ import annotations
 
@@ -12,34 +12,11 @@ from flax import nnx
 
 from grpo_jax import sampling
 from grpo_jax.errors import ConfigError
-from grpo_jax.grpo.advantages import Advantages, _nan_mean_std, group_advantages
+from grpo_jax.grpo.advantages import group_advantages, reward_metrics
 from grpo_jax.grpo.logprobs import completion_logprobs
 from grpo_jax.grpo.loss import (TOKEN_METRICS, LossNormalizers, ScoredRollout, grpo_loss,
                                 loss_normalizers)
 from grpo_jax.grpo.types import GRPOConfig, TrainState, _psum
-
-
-def make_optimizer(learning_rate: float, max_steps: int, *, warmup_steps: int = 0,
-                   schedule: str = "linear", max_grad_norm: float = 1.0,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8):
-  """AdamW with global-norm clipping and a learning-rate schedule: (tx, schedule_fn)."""
-  decay_steps = max(max_steps - warmup_steps, 1)
-  if schedule == "constant":
-    after = optax.constant_schedule(learning_rate)
-  elif schedule == "linear":
-    after = optax.linear_schedule(learning_rate, 0.0, decay_steps)
-  elif schedule == "cosine":
-    after = optax.cosine_decay_schedule(learning_rate, decay_steps)
-  else:
-    raise ConfigError(f"lr_scheduler_type={schedule!r}; allowed: constant, linear, cosine")
-  schedule_fn = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps]
-  ) if warmup_steps else after
-  tx = optax.chain(
-      optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity(),
-      optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  return tx, schedule_fn
 
 
 def as_reference(params: nnx.State, compute_dtype):
@@ -67,35 +44,6 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
   rewarded = (~jnp.isnan(adv.rewards)).astype(jnp.float32)
   return ScoredRollout(rollout, adv.advantages, old, ref, rewarded), reward_metrics(
       rewards, adv, rollout, cfg.num_generations, axis_name)
-
-
-def reward_metrics(rewards, adv: Advantages, rollout: sampling.Rollout, num_generations: int,
-                   axis_name=None) -> dict[str, jax.Array]:
-  """Global reward / completion statistics (TRL's names)."""
-  if rewards.ndim == 1:
-    rewards = rewards[:, None]
-  rewards = rewards.astype(jnp.float32)
-  func_mean, func_std = _nan_mean_std(rewards, axis=0, axis_name=axis_name)
-  reward_mean, _ = _nan_mean_std(adv.rewards, axis=0, axis_name=axis_name)
-  # A mean over no valid value is NaN, not 0: "no function applied" must not read as a
-  # real zero reward.
-  counted = lambda x: _psum(jnp.sum(~jnp.isnan(x), axis=0), axis_name) > 0
-  func_mean = jnp.where(counted(rewards), func_mean[0], jnp.nan)
-  reward_mean = jnp.where(counted(adv.rewards), reward_mean[0], jnp.nan)
-  group_std = adv.group_std.reshape(-1, num_generations)[:, 0]
-  num_groups = _psum(jnp.float32(group_std.shape[0]), axis_name)
-  lengths = rollout.completion_mask.sum(-1).astype(jnp.float32)
-  rows = _psum(jnp.float32(lengths.shape[0]), axis_name)
-  return {
-      "reward": reward_mean,
-      "reward_std": _psum(group_std.sum(), axis_name) / num_groups,
-      "frac_reward_zero_std": _psum(jnp.sum(group_std < 1e-6), axis_name) / num_groups,
-      "rewards_per_func/mean": func_mean,
-      "rewards_per_func/std": func_std[0],
-      "completions/mean_length": _psum(lengths.sum(), axis_name) / rows,
-      "completions/clipped_ratio":
-          _psum(jnp.sum(~rollout.eos_terminated), axis_name) / rows,
-  }
 
 
 MICRO_BATCH_TOKENS = 1024  # prompt + completion tokens per micro-batch when micro_batch_size = 0
@@ -175,7 +123,7 @@ def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
   NaN into every weight and moment, or step on momentum alone.
   """
   norms = loss_normalizers(scored.rollout.completion_mask, axis_name,
-                           cfg.sampling.max_completion_length)
+                           cfg.sampling.max_completion_length, scored.rows_in_loss)
   has_signal = (True if scored.rewarded_rows is None
                 else _psum(jnp.sum(scored.rewarded_rows), axis_name) > 0)
 

@@ -12,8 +12,15 @@ from flax import nnx
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.errors import ConfigError
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
+# token: one ratio per token; sequence: GSPO, one ratio per completion (the exp of the masked
+# mean of its tokens' log-ratios); sequence_token: GSPO-token, the sequence ratio's value
+# with each token's own gradient.
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+# sum_then_normalize: weighted sum of the reward functions, then group statistics;
+# normalize_then_sum: GDPO, each function z-scored in its group, weighted sum, batch z-score.
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 STD_EPS = 1e-4
 
 
@@ -30,6 +37,15 @@ class GRPOConfig:
   reward_weights: tuple[float, ...] | None = None  # None: every reward function weighs 1
   num_reward_funcs: int = 1
   num_iterations: int = 1  # optimizer updates per sampled batch (GRPO's mu)
+  # The variants (TRL 1.x names and defaults, except use_bias_correction_kl; see config.py).
+  use_bias_correction_kl: bool = False  # KL per token times the importance ratio
+  importance_sampling_level: str = "token"
+  delta: float | None = None  # two-sided clipping: the unclipped branch capped at delta
+  sapo_temperature_pos: float = 1.0
+  sapo_temperature_neg: float = 1.05
+  top_entropy_quantile: float = 1.0  # policy loss on the top-rho tokens by entropy only
+  mask_truncated_completions: bool = False  # completions without EOS: out of the loss
+  multi_objective_aggregation: str = "sum_then_normalize"
   logprob_chunk_size: int = 0  # vocabulary entries per log-prob chunk; 0: auto
   # Completions per forward/backward pass of the train step on each device (gradients
   # are accumulated over the micro-batches); 0: auto, about MICRO_BATCH_TOKENS tokens.
@@ -62,6 +78,21 @@ class GRPOConfig:
       raise ConfigError(f"epsilon_high={self.epsilon_high}; must be > 0 (or None)")
     if self.beta < 0:
       raise ConfigError(f"beta={self.beta}; must be >= 0")
+    if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+      raise ConfigError(f"importance_sampling_level={self.importance_sampling_level!r}; "
+                        f"allowed: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+    if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+      raise ConfigError(f"multi_objective_aggregation={self.multi_objective_aggregation!r}; "
+                        f"allowed: {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
+    if self.delta is not None and self.delta <= 0:
+      raise ConfigError(f"delta={self.delta}; must be > 0 (or None: no two-sided clipping); "
+                        "INTELLECT-2 recommends a value above 1 + epsilon_high")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"{name}={getattr(self, name)}; must be > 0")
+    if not 0.0 <= self.top_entropy_quantile <= 1.0:
+      raise ConfigError(f"top_entropy_quantile={self.top_entropy_quantile}; allowed: 0 <= x <= 1 "
+                        "(1: every token; 0.2: the paper's top 20%)")
     if self.num_iterations < 1:
       raise ConfigError(f"num_iterations={self.num_iterations}; must be >= 1")
     if self.num_reward_funcs < 1:
