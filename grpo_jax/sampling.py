@@ -63,15 +63,9 @@ class Rollout(NamedTuple):
   completion_ids: jax.Array  # [N, L] int32, pad after EOS
   completion_mask: jax.Array  # [N, L], 1 up to and including the first EOS
   sampling_logprobs: jax.Array  # [N, L] float32, 0 where masked
-
-  @property
-  def eos_terminated(self) -> jax.Array:
-    """[N] bool: the completion ended with EOS rather than at max length.
-
-    (A trimmed rollout, `trim_completions`, is always wider than its longest completion,
-    so this holds for it too.)
-    """
-    return self.completion_mask.sum(-1) < self.completion_mask.shape[-1]
+  # [N] bool: the completion ended with EOS (the sampler's own flag). Not derivable from the
+  # mask: a completion whose EOS is its last allowed token fills the mask like a truncated one.
+  eos_terminated: jax.Array
 
 
 def trimmed_width(longest: int, bucket: int, max_completion_length: int) -> int:
@@ -87,7 +81,8 @@ def trimmed_width(longest: int, bucket: int, max_completion_length: int) -> int:
 
 def trim_completions(rollout: Rollout, width: int) -> Rollout:
   """The rollout's completions cut to their first `width` positions (only padding beyond:
-  `width` from trimmed_width). NumPy or JAX arrays."""
+  `width` from trimmed_width). NumPy or JAX arrays. `eos_terminated` is kept: it is the
+  sampler's, not the trimmed mask's."""
   cut = lambda x: x[..., :width]
   return rollout._replace(completion_ids=cut(rollout.completion_ids),
                           completion_mask=cut(rollout.completion_mask),
@@ -220,5 +215,5 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     return t + 1, tokens, logprobs, mask, done, token, cache
 
   carry = (jnp.int32(1), tokens, logprobs, mask, done, token, cache)
-  _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(keep_going, decode_one, carry)
-  return Rollout(repeat(prompt_ids), repeat(prompt_mask), tokens, mask, logprobs)
+  _, tokens, logprobs, mask, done, _, _ = jax.lax.while_loop(keep_going, decode_one, carry)
+  return Rollout(repeat(prompt_ids), repeat(prompt_mask), tokens, mask, logprobs, done)

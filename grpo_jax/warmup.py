@@ -82,12 +82,13 @@ def supervised_warmup(model_def: nnx.GraphDef, params: nnx.State, tokenizer, pro
   all_prompt_ids, all_prompt_mask = batching.encode_prompts(tokenizer, prompts, max_prompt_length)
   encode = CompletionEncoder(tokenizer, max_completion_length)
   no_logprobs = np.zeros((batch_size, max_completion_length), np.float32)
+  ends_with_eos = np.ones(batch_size, bool)  # CompletionEncoder ends every demo with EOS
   losses = []
   for _ in range(steps):
     picks = rng.integers(0, len(prompts), size=batch_size)
     completion_ids, completion_mask = encode([make_demo(int(i), rng) for i in picks])
     batch = sampling.Rollout(all_prompt_ids[picks], all_prompt_mask[picks], completion_ids,
-                             completion_mask, no_logprobs)
+                             completion_mask, no_logprobs, eos_terminated=ends_with_eos)
     params, opt_state, loss = sft_step(params, model_def, opt_state, batch, tx, chunk_size)
     losses.append(loss)
   return params, float(np.mean(jax.device_get(losses[-20:])))

@@ -39,8 +39,10 @@ def ragged_rollout(step, params):
   rollout = jax.jit(step.generate)(params, prompt_ids, prompt_mask, jax.random.key(1))
   mask = (np.arange(LENGTH)[None] < LENGTHS[:, None]).astype(np.int32)
   ids = np.where(mask, np.asarray(rollout.completion_ids), 0)
+  # Each shortened completion ends where its mask does, as if at an EOS.
   return rollout._replace(completion_ids=jnp.asarray(ids), completion_mask=jnp.asarray(mask),
-                          sampling_logprobs=rollout.sampling_logprobs * mask)
+                          sampling_logprobs=rollout.sampling_logprobs * mask,
+                          eos_terminated=jnp.ones(len(LENGTHS), bool))
 
 
 @pytest.mark.parametrize("loss_type, beta, iterations", [

@@ -7,7 +7,8 @@ from the JAX code, so a test only passes when the two independent versions agree
 * advantages for scale_rewards in {group, batch, none} (Bessel std, NaN ignored,
   std 0 for < 2 valid rewards, NaN totals -> advantage 0, all-equal group -> 0);
 * per-token clipped surrogate with asymmetric clip range + beta * k3 KL;
-* the four loss aggregations (grpo, bnpo, dr_grpo, dapo) over a padded mask;
+* the loss aggregations (grpo, bnpo, dr_grpo, dapo, cispo, sapo) over a padded mask;
+  (the variants against TRL 1.16 itself: tests/test_variants.py);
 * chunked log-probs / entropies (values and gradients) for any chunk size;
 * the clip metrics reported by grpo_loss;
 * reward_metrics; GRPOConfig validation.
@@ -88,14 +89,20 @@ def ref_advantages(rewards, weights, g, scale):
   return adv, total, gstd
 
 
-def ref_per_token(logp, old, ref, adv, eps, eps_high, beta):
-  """(loss, kl, ratio) [N, L] from the spec, float64."""
+def ref_per_token(logp, old, ref, adv, eps, eps_high, beta, loss_type="grpo"):
+  """(loss, kl, ratio) [N, L] from the spec (TRL 1.16 for cispo and sapo), float64."""
   logp, old = np.asarray(logp, np.float64), np.asarray(old, np.float64)
   a = np.asarray(adv, np.float64)[:, None]
   w = np.exp(logp - old)
-  unclipped = w * a
-  clipped = np.clip(w, 1.0 - eps, 1.0 + eps_high) * a
-  surrogate = -np.minimum(unclipped, clipped)
+  if loss_type == "cispo":  # capped at eps_high itself (ScaleRL's eps_max), not 1 + it
+    surrogate = -np.minimum(w, eps_high) * a * logp
+  elif loss_type == "sapo":
+    tau = np.where(a > 0, 1.0, 1.05)  # the default temperatures
+    surrogate = -4.0 / tau / (1.0 + np.exp(-tau * (w - 1.0))) * a
+  else:
+    unclipped = w * a
+    clipped = np.clip(w, 1.0 - eps, 1.0 + eps_high) * a
+    surrogate = -np.minimum(unclipped, clipped)
   if ref is None:
     kl = np.zeros_like(logp)
   else:
@@ -107,13 +114,13 @@ def ref_per_token(logp, old, ref, adv, eps, eps_high, beta):
 def ref_aggregate(loss, mask, loss_type):
   loss, mask = np.asarray(loss, np.float64), np.asarray(mask, np.float64)
   n, length = mask.shape
-  if loss_type == "grpo":
+  if loss_type in ("grpo", "sapo"):
     return float(np.mean([(loss[i] * mask[i]).sum() / mask[i].sum() for i in range(n)]))
   if loss_type == "bnpo":
     return float((loss * mask).sum() / mask.sum())
   if loss_type == "dr_grpo":
     return float((loss * mask).sum() / (n * length))
-  if loss_type == "dapo":
+  if loss_type in ("dapo", "cispo"):
     return float((loss * mask).sum() / mask.sum())
   raise AssertionError(loss_type)
 
@@ -531,13 +538,21 @@ def clipping_case(seed=0, n=6, length=9, eps=0.2, eps_high=0.28):
   return logp, old, ref, adv, mask, eps, eps_high
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04, 0.5])
+def loss_cfg(eps=0.2, eps_high=0.28, beta=0.04, loss_type="grpo", **changes):
+  return grpo.GRPOConfig(sampling=samp(), epsilon=eps, epsilon_high=eps_high, beta=beta,
+                         loss_type=loss_type, **changes)
+
+
+def token_loss_of(logp, old, ref, adv, mask, cfg):
+  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+  return grpo.per_token_loss(f32(logp), f32(old), f32(ref), f32(adv), f32(mask), cfg)
+
+
+@pytest.mark.parametrize("beta", [0.04, 0.5])
 @pytest.mark.parametrize("eps,eps_high", [(0.2, 0.28), (0.2, 0.2), (0.1, 0.3)])
 def test_per_token_loss_matches_reference(eps, eps_high, beta):
-  logp, old, ref, adv, _, _, _ = clipping_case(eps=eps, eps_high=eps_high)
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  loss, kl, ratio = grpo.per_token_loss(f32(logp), f32(old), f32(ref), f32(adv),
-                                        (1.0 - eps, 1.0 + eps_high), beta)
+  logp, old, ref, adv, mask, _, _ = clipping_case(eps=eps, eps_high=eps_high)
+  loss, kl, ratio = token_loss_of(logp, old, ref, adv, mask, loss_cfg(eps, eps_high, beta))
   want_loss, want_kl, want_w = ref_per_token(logp, old, ref, adv, eps, eps_high, beta)
   np.testing.assert_allclose(np.asarray(ratio), want_w, rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(np.asarray(kl), want_kl, rtol=RTOL, atol=ATOL)
@@ -545,22 +560,19 @@ def test_per_token_loss_matches_reference(eps, eps_high, beta):
   assert np.all(want_kl >= 0) and want_kl.max() > 1e-3
 
 
-def test_per_token_loss_without_reference_has_no_kl():
-  logp, old, _, adv, _, eps, eps_high = clipping_case()
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  loss, kl, _ = grpo.per_token_loss(f32(logp), f32(old), None, f32(adv),
-                                    (1 - eps, 1 + eps_high), 0.04)
-  want_loss, _, _ = ref_per_token(logp, old, None, adv, eps, eps_high, 0.04)
-  assert np.all(np.asarray(kl) == 0.0)
+def test_per_token_loss_without_kl_term_has_no_kl():
+  logp, old, _, adv, mask, eps, eps_high = clipping_case()
+  loss, kl, _ = token_loss_of(logp, old, None, adv, mask, loss_cfg(eps, eps_high, beta=0.0))
+  want_loss, _, _ = ref_per_token(logp, old, None, adv, eps, eps_high, 0.0)
+  assert kl is None  # beta = 0: no reference log-probs needed, no kl metric
   np.testing.assert_allclose(np.asarray(loss), want_loss, rtol=RTOL, atol=ATOL)
 
 
 def test_clipping_happens_on_both_sides_and_uses_epsilon_high():
   eps, eps_high = 0.2, 0.28
   logp, old, ref, adv, _, _, _ = clipping_case(eps=eps, eps_high=eps_high)
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  loss, _, ratio = grpo.per_token_loss(f32(logp), f32(old), f32(ref), f32(adv),
-                                       (1 - eps, 1 + eps_high), 0.0)
+  mask = np.ones_like(logp)
+  loss, _, ratio = token_loss_of(logp, old, None, adv, mask, loss_cfg(eps, eps_high, 0.0))
   loss, w = np.asarray(loss, np.float64), np.exp(logp - old)
   a = adv[:, None] * np.ones_like(w)
   unclipped = -w * a
@@ -582,8 +594,7 @@ def test_clipping_happens_on_both_sides_and_uses_epsilon_high():
   between = np.isclose(w, 1.25) & (a > 0)
   assert between.any()
   np.testing.assert_allclose(loss[between], unclipped[between], rtol=RTOL)
-  loss_sym, _, _ = grpo.per_token_loss(f32(logp), f32(old), f32(ref), f32(adv),
-                                       (1 - eps, 1 + eps), 0.0)
+  loss_sym, _, _ = token_loss_of(logp, old, None, adv, mask, loss_cfg(eps, eps, 0.0))
   np.testing.assert_allclose(np.asarray(loss_sym)[between], -(1 + eps) * a[between], rtol=RTOL)
 
 
@@ -605,7 +616,8 @@ def test_aggregate_loss_matches_reference(loss_type, seed):
   token_loss = np.where(mask > 0, token_loss, 1e3)
 
   norms = grpo.loss_normalizers(jnp.asarray(mask), None)
-  assert float(norms.num_devices) == 1.0
+  assert float(norms.num_shards) == 1.0
+  np.testing.assert_array_equal(norms.shard_tokens, np.full(n, mask.sum()))
   assert float(norms.global_rows) == n
   assert float(norms.global_tokens) == mask.sum()
   got = float(grpo.aggregate_loss(jnp.asarray(token_loss, jnp.float32), jnp.asarray(mask),
@@ -637,12 +649,10 @@ def test_aggregate_loss_rejects_unknown_type():
 def test_full_loss_pipeline(loss_type):
   """per_token_loss -> aggregate_loss with padding, clipping and KL, against the reference."""
   logp, old, ref, adv, mask, eps, eps_high = clipping_case(seed=3)
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  tl, _, _ = grpo.per_token_loss(f32(logp), f32(old), f32(ref), f32(adv),
-                                 (1 - eps, 1 + eps_high), 0.04)
+  tl, _, _ = token_loss_of(logp, old, ref, adv, mask, loss_cfg(eps, eps_high, 0.04, loss_type))
   got = float(grpo.aggregate_loss(tl, jnp.asarray(mask), loss_type,
                                   grpo.loss_normalizers(jnp.asarray(mask), None)))
-  want_tl, _, _ = ref_per_token(logp, old, ref, adv, eps, eps_high, 0.04)
+  want_tl, _, _ = ref_per_token(logp, old, ref, adv, eps, eps_high, 0.04, loss_type)
   assert got == pytest.approx(ref_aggregate(want_tl, mask, loss_type), rel=RTOL, abs=ATOL)
 
 
@@ -747,7 +757,7 @@ def tiny_rollout(n, prompt_len, length, seed=0):
       prompt_ids=prompt_ids.astype(np.int32), prompt_mask=prompt_mask.astype(np.int32),
       completion_ids=completion_ids.astype(np.int32),
       completion_mask=completion_mask.astype(np.int32),
-      sampling_logprobs=np.zeros((n, length), np.float32))
+      sampling_logprobs=np.zeros((n, length), np.float32), eos_terminated=lengths < length)
 
 
 @pytest.fixture(scope="module")
@@ -778,10 +788,10 @@ def test_grpo_loss_clip_metrics_and_value(loss_type, tiny_policy):
   scored = grpo.ScoredRollout(rollout, jnp.asarray(adv, jnp.float32), jnp.asarray(old),
                               jnp.asarray(ref))
   norms = grpo.loss_normalizers(rollout.completion_mask, None)
-  loss, sums = grpo.grpo_loss(params, model_def, scored, norms, cfg)
+  loss, got = grpo.grpo_loss(params, model_def, scored, norms, cfg)
 
   mask = np.asarray(rollout.completion_mask, np.float64)
-  want_tl, want_kl, w = ref_per_token(logp, old, ref, adv, eps, eps_high, beta)
+  want_tl, want_kl, w = ref_per_token(logp, old, ref, adv, eps, eps_high, beta, loss_type)
   a = adv[:, None]
   low = ((w < 1 - eps) & (a < 0)).astype(np.float64)
   high = ((w > 1 + eps_high) & (a > 0)).astype(np.float64)
@@ -791,11 +801,16 @@ def test_grpo_loss_clip_metrics_and_value(loss_type, tiny_policy):
   # A 1.25 ratio with A > 0 is inside eps_high but outside eps: not a high clip.
   assert ((np.isclose(w, 1.25) & (a > 0)) * mask).sum() >= 1
 
-  want = {"clip_ratio/low_mean": (low * mask).sum(), "clip_ratio/high_mean": (high * mask).sum(),
-          "clip_ratio/region_mean": ((low + high) * mask).sum(),
-          "kl": (want_kl * mask).sum(), "entropy": (entropy * mask).sum()}
+  mean = lambda x: (x * mask).sum() / mask.sum()
+  want = {"kl": mean(want_kl), "entropy": mean(entropy)}
+  if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):  # TRL logs clip ratios for these only
+    want.update({"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high),
+                 "clip_ratio/region_mean": mean(low + high)})
+  elif loss_type == "cispo":  # its cap is eps_high itself
+    want["cispo_clip_ratio"] = mean((w > eps_high) & (a > 0))
+  assert set(got) == set(want)
   for k, v in want.items():
-    assert float(sums[k]) == pytest.approx(v, rel=RTOL, abs=ATOL), k
+    assert float(got[k]) == pytest.approx(v, rel=RTOL, abs=ATOL), k
   assert float(loss) == pytest.approx(ref_aggregate(want_tl, mask, loss_type), rel=RTOL,
                                       abs=ATOL)
 
@@ -815,7 +830,7 @@ def test_reward_metrics(case):
   rollout = sampling.Rollout(
       prompt_ids=np.ones((n, 3), np.int32), prompt_mask=np.ones((n, 3), np.int32),
       completion_ids=np.where(mask > 0, 5, 0).astype(np.int32), completion_mask=mask,
-      sampling_logprobs=np.zeros((n, length), np.float32))
+      sampling_logprobs=np.zeros((n, length), np.float32), eos_terminated=lengths < length)
   rj = jnp.asarray(r, jnp.float32)
   adv = grpo.group_advantages(rj, w, g, "group")
   got = {k: np.asarray(v) for k, v in grpo.reward_metrics(rj, adv, rollout, g).items()}
@@ -824,7 +839,8 @@ def test_reward_metrics(case):
   group_stds = np.array([ref_nanstd(total[i:i + g]) for i in range(0, n, g)])
   want = {
       "reward": ref_nanmean(total),
-      "reward_std": group_stds.mean(),
+      "reward_std": ref_nanstd(total),  # TRL 1.x: the std over the whole batch
+      "reward_std/group_mean": group_stds.mean(),
       "frac_reward_zero_std": float(np.mean(group_stds == 0.0)),
       "rewards_per_func/mean": np.array([ref_nanmean(r[:, j]) for j in range(r.shape[1])]),
       "rewards_per_func/std": np.array([ref_nanstd(r[:, j]) for j in range(r.shape[1])]),

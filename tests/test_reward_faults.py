@@ -179,7 +179,8 @@ def host_rollout(n, length=3):
                           prompt_mask=np.ones((n, 2), np.int32),
                           completion_ids=ids.astype(np.int32),
                           completion_mask=np.ones((n, length), np.int32),
-                          sampling_logprobs=np.zeros((n, length), np.float32))
+                          sampling_logprobs=np.zeros((n, length), np.float32),
+                          eos_terminated=np.zeros(n, bool))
 
 
 ROWS = {"prompt": ["2+2=", "3+3="], "answer": ["4", "6"]}

@@ -1,4 +1,10 @@
-"""The clipped surrogate + KL per token, its normalisation (loss_type), and the loss."""
+"""The loss: importance weights (token / sequence / sequence_token), each loss_type's policy
+term per token + beta * KL, the normalisation, and the loss metrics.
+
+The formulas are TRL 1.16's (`GRPOTrainer._compute_loss`), term for term: where this file
+and TRL differ, TRL is right, except for sequence_token (GSPO-token, from the GSPO paper;
+TRL has no such level).
+"""
 
 from __future__ import annotations
 
@@ -12,63 +18,158 @@ from grpo_jax.errors import ConfigError
 from grpo_jax.grpo.logprobs import completion_logprobs
 from grpo_jax.grpo.types import LOSS_TYPES, GRPOConfig, _psum
 
+# PPO's clipped surrogate; TRL logs the clip_ratio metrics for these only.
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+# Every metric some configuration's loss reports (`loss_metric_names`: which ones).
+TOKEN_METRICS = ("kl", "entropy") + CLIP_METRICS + ("cispo_clip_ratio",)
 
-def per_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_range, beta):
-  """Clipped surrogate + beta * k3 KL per token. Returns (loss, kl, ratio) each [N, L]."""
-  low, high = clip_range
-  ratio = jnp.exp(logprobs - old_logprobs)
+
+def log_importance_weights(logprobs, old_logprobs, mask, level: str):
+  """log w: [N, L] for "token" and "sequence_token", [N, 1] for "sequence".
+
+  sequence (GSPO): the masked mean of the completion's log-ratios (a completion without
+  tokens: 0, TRL's clamp(min=1) of the count). sequence_token (GSPO-token): the sequence
+  value with each token's own gradient, sg(seq) + logp_t - sg(logp_t).
+  """
+  log_ratio = logprobs - old_logprobs
+  if level == "token":
+    return log_ratio
+  sequence = (jnp.sum(log_ratio * mask, -1, keepdims=True)
+              / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0))
+  if level == "sequence":
+    return sequence
+  if level == "sequence_token":
+    sg = jax.lax.stop_gradient
+    return sg(sequence) + logprobs - sg(logprobs)
+  raise ConfigError(f"importance_sampling_level={level!r}")
+
+
+def entropy_threshold(entropy, mask, quantile: float, axis_name=None):
+  """The (1 - quantile) quantile of the entropies of the mask's tokens over the global batch,
+  interpolated linearly (torch.quantile's and NumPy's default); +inf without any token.
+
+  Under pmap the other devices' tokens are gathered; under a mesh the arrays are global.
+  """
+  valid = mask > 0
+  if axis_name is not None:
+    entropy, valid = jax.lax.all_gather((entropy, valid), axis_name)
+  values = jnp.sort(jnp.where(valid, entropy, jnp.inf).reshape(-1))  # the valid ones first
+  count = jnp.sum(valid)
+  last = jnp.maximum(count - 1, 0)
+  rank = jnp.float32(1.0 - quantile) * last.astype(jnp.float32)
+  below = jnp.minimum(jnp.floor(rank).astype(jnp.int32), last)
+  above = jnp.minimum(below + 1, last)
+  low, high = values[below], values[above]
+  return jnp.where(count > 0, low + (rank - below) * (high - low), jnp.inf)
+
+
+def clip_flags(coef, advantages, cfg: GRPOConfig) -> dict[str, jax.Array]:
+  """TRL's clip indicators of each (token or sequence) ratio, by metric name."""
   adv = advantages[:, None]
-  surrogate = -jnp.minimum(ratio * adv, jnp.clip(ratio, low, high) * adv)
-  if ref_logprobs is None:
-    kl = jnp.zeros_like(logprobs)
-  else:
+  if cfg.loss_type in CLIPPED_LOSS_TYPES:
+    low, high = cfg.clip_range
+    is_low, is_high = (coef < low) & (adv < 0), (coef > high) & (adv > 0)
+    return dict(zip(CLIP_METRICS, (is_low, is_high, is_low | is_high)))
+  if cfg.loss_type == "cispo":
+    return {"cispo_clip_ratio": (coef > cfg.upper_epsilon) & (adv > 0)}
+  return {}
+
+
+def loss_metric_names(cfg: GRPOConfig) -> tuple[str, ...]:
+  """The metrics the loss reports: no kl without a KL term (beta = 0, as TRL)."""
+  clip = {"cispo": ("cispo_clip_ratio",), "sapo": ()}.get(cfg.loss_type, CLIP_METRICS)
+  return (("kl",) if cfg.beta > 0 else ()) + ("entropy",) + clip
+
+
+def policy_loss(coef, advantages, logprobs, cfg: GRPOConfig):
+  """(the loss_type's policy term per token, the ratio its clip metrics read).
+
+  coef: exp(log_importance_weights), [N, L] or [N, 1]; advantages [N].
+  """
+  adv = advantages[:, None]
+  if cfg.loss_type == "cispo":  # the capped ratio weighs the log-prob's gradient, unclipped
+    capped = jax.lax.stop_gradient(jnp.minimum(coef, cfg.upper_epsilon))
+    return -capped * adv * logprobs, coef
+  if cfg.loss_type == "sapo":  # a soft gate in place of the clip
+    tau = jnp.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+    return -jax.nn.sigmoid(tau * (coef - 1.0)) * (4.0 / tau) * adv, coef
+  low, high = cfg.clip_range
+  clipped = jnp.clip(coef, low, high)
+  if cfg.delta is not None:  # two-sided clipping caps the unclipped branch (after coef_2)
+    coef = jnp.minimum(coef, cfg.delta)
+  return -jnp.minimum(coef * adv, clipped * adv), coef
+
+
+def per_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg: GRPOConfig,
+                   policy_mask=None):
+  """Policy term (times `policy_mask`, the high-entropy tokens, if given) + beta * k3 KL.
+
+  logprobs, old_logprobs, ref_logprobs (used only if beta > 0), mask: [N, L]; advantages [N].
+  Returns (loss [N, L], kl [N, L] or None for beta = 0, coef_1 [N, L] or [N, 1]).
+  """
+  coef = jnp.exp(log_importance_weights(logprobs, old_logprobs, mask,
+                                        cfg.importance_sampling_level))
+  kl = None
+  if cfg.beta > 0:
     delta = ref_logprobs - logprobs
     kl = jnp.exp(delta) - delta - 1.0
-  return surrogate + beta * kl, kl, ratio
+    if cfg.use_bias_correction_kl:  # through the ratio's gradient too, as TRL
+      kl = kl * coef
+  policy, coef = policy_loss(coef, advantages, logprobs, cfg)
+  if policy_mask is not None:
+    policy = policy * policy_mask
+  loss = policy if kl is None else policy + cfg.beta * kl
+  return jnp.broadcast_to(loss, logprobs.shape), kl, coef
 
 
 class LossNormalizers(NamedTuple):
   """The counts the loss is normalised by, taken over the whole batch before it is split
   into micro-batches: every row's share of the loss then depends on nothing else."""
 
-  num_devices: jax.Array
+  num_shards: jax.Array  # devices (pmap) or data x fsdp shards (mesh): bnpo's mean over them
   global_rows: jax.Array
   global_tokens: jax.Array
-  device_tokens: jax.Array  # this device's completion tokens (bnpo's per-device mean)
+  # [N] the loss tokens of the device (pmap) or shard (mesh) holding each row: bnpo's
+  # per-device mean, as TRL's per process. Split into micro-batches like the rows.
+  shard_tokens: jax.Array
   completion_length: jax.Array  # max_completion_length (dr_grpo), not the passes' width
 
 
-def loss_normalizers(completion_mask, axis_name, max_completion_length: int | None = None,
-                     rows_in_loss: jax.Array | None = None) -> LossNormalizers:
-  """max_completion_length: the configured one, when the passes run on fewer positions
-  (a batch whose completions all stopped early); None: the mask's width.
-  rows_in_loss: [N] 1.0 for rows the loss counts, 0.0 for filler rows (dynamic sampling's;
-  their completion mask is all zero too); None: every row counts."""
-  mask = completion_mask.astype(jnp.float32)
+def loss_normalizers(mask, axis_name, max_completion_length: int | None = None,
+                     rows_in_loss: jax.Array | None = None,
+                     token_shards: int = 1) -> LossNormalizers:
+  """mask: the loss mask (`loss_mask`). max_completion_length: the configured one, when the
+  passes run on fewer positions (a batch whose completions all stopped early); None: the
+  mask's width. rows_in_loss: [N] 1.0 for rows the loss counts, 0.0 for filler rows; None:
+  every row. token_shards: the contiguous blocks a mesh splits the rows into (1: pmap)."""
+  mask = mask.astype(jnp.float32)
   rows = (jnp.float32(mask.shape[0]) if rows_in_loss is None
           else jnp.sum(rows_in_loss.astype(jnp.float32)))
+  row_tokens = mask.sum(-1).reshape(token_shards, -1)
+  shard_tokens = jnp.repeat(row_tokens.sum(-1), row_tokens.shape[1])
   return LossNormalizers(
-      num_devices=_psum(jnp.float32(1.0), axis_name),
+      num_shards=_psum(jnp.float32(token_shards), axis_name),
       global_rows=_psum(rows, axis_name),
       global_tokens=_psum(mask.sum(), axis_name),
-      device_tokens=mask.sum(),
+      shard_tokens=shard_tokens,
       completion_length=jnp.float32(max_completion_length or mask.shape[1]))
 
 
-def aggregate_loss(token_loss, completion_mask, loss_type: str, norms: LossNormalizers):
+def aggregate_loss(token_loss, mask, loss_type: str, norms: LossNormalizers):
   """These rows' share of the global loss: the shares of all rows (over micro-batches and
-  devices) sum to the loss."""
-  mask = completion_mask.astype(jnp.float32)
-  masked_sum = jnp.sum(token_loss * mask)
-  if loss_type == "grpo":
-    per_seq = jnp.sum(token_loss * mask, -1) / jnp.maximum(mask.sum(-1), 1.0)
-    return per_seq.sum() / norms.global_rows
+  devices) sum to the loss. Rows without loss tokens add 0; they count in grpo's, sapo's and
+  dr_grpo's row count unless left out by rows_in_loss (TRL's masked truncated rows do)."""
+  mask = mask.astype(jnp.float32)
+  row_sums = jnp.sum(token_loss * mask, -1)
+  if loss_type in ("grpo", "sapo"):
+    return jnp.sum(row_sums / jnp.maximum(mask.sum(-1), 1.0)) / norms.global_rows
   if loss_type == "bnpo":
-    return masked_sum / jnp.maximum(norms.device_tokens, 1.0) / norms.num_devices
+    return jnp.sum(row_sums / jnp.maximum(norms.shard_tokens, 1.0)) / norms.num_shards
   if loss_type == "dr_grpo":
-    return masked_sum / (norms.global_rows * norms.completion_length)
-  if loss_type == "dapo":
-    return masked_sum / jnp.maximum(norms.global_tokens, 1.0)
+    return jnp.sum(row_sums) / (norms.global_rows * norms.completion_length)
+  if loss_type in ("dapo", "cispo"):
+    return jnp.sum(row_sums) / jnp.maximum(norms.global_tokens, 1.0)
   raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
 
 
@@ -88,27 +189,56 @@ class ScoredRollout(NamedTuple):
   rows_in_loss: jax.Array | None = None
 
 
-# Token-level metrics grpo_loss sums over completion tokens (divided by the token count later).
-TOKEN_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                 "clip_ratio/region_mean")
+def loss_mask(scored: ScoredRollout, cfg: GRPOConfig) -> jax.Array:
+  """[N, L] float32: the tokens the loss (and its token counts and metrics) is over.
+
+  mask_truncated_completions leaves out completions that did not end with EOS (the
+  sampler's flag: an EOS in the last slot is not a truncation); filler rows are out.
+  """
+  rollout = scored.rollout
+  mask = rollout.completion_mask.astype(jnp.float32)
+  if cfg.mask_truncated_completions:
+    mask = mask * rollout.eos_terminated[:, None]
+  if scored.rows_in_loss is not None:
+    mask = mask * scored.rows_in_loss[:, None]
+  return mask
+
+
+def loss_from_logprobs(logprobs, entropy, scored: ScoredRollout, norms: LossNormalizers,
+                       cfg: GRPOConfig, axis_name=None, entropy_floor=None):
+  """(these rows' share of the loss, their shares of the metrics) from their current
+  log-probs and entropies [N, L]. entropy_floor: the top_entropy_quantile threshold of the
+  global batch when these rows are only part of it (micro-batches); None: computed here."""
+  mask = loss_mask(scored, cfg)
+  entropy = jax.lax.stop_gradient(entropy)
+  old = (jax.lax.stop_gradient(logprobs) if scored.old_logprobs is None
+         else scored.old_logprobs)
+  policy_mask = None
+  if cfg.top_entropy_quantile < 1.0:
+    if entropy_floor is None:
+      entropy_floor = entropy_threshold(entropy, mask, cfg.top_entropy_quantile, axis_name)
+    policy_mask = ((entropy >= entropy_floor) & (mask > 0)).astype(jnp.float32)
+  token_loss, kl, coef = per_token_loss(logprobs, old, scored.ref_logprobs, scored.advantages,
+                                        mask, cfg, policy_mask)
+  loss = aggregate_loss(token_loss, mask, cfg.loss_type, norms)
+
+  # Each metric's share: over all rows (micro-batches, devices) they sum to TRL's means,
+  # over loss tokens, or over rows for a sequence-level ratio ([N, 1]).
+  rows = (jnp.ones(mask.shape[0]) if scored.rows_in_loss is None
+          else scored.rows_in_loss.astype(jnp.float32))
+  token_mean = lambda x: jnp.sum(x * mask) / jnp.maximum(norms.global_tokens, 1.0)
+  row_mean = lambda x: jnp.sum(x[:, 0] * rows) / jnp.maximum(norms.global_rows, 1.0)
+  metrics = {"entropy": token_mean(entropy)}
+  if kl is not None:
+    metrics["kl"] = token_mean(kl)
+  for name, flag in clip_flags(coef, scored.advantages, cfg).items():
+    metrics[name] = (row_mean if flag.shape[1] == 1 else token_mean)(flag.astype(jnp.float32))
+  return loss, jax.lax.stop_gradient(metrics)
 
 
 def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
-              cfg: GRPOConfig, axis_name=None):
-  """(this device's share of the loss, token-level sums for the metrics)."""
-  rollout = scored.rollout
-  logps, entropy = completion_logprobs(
-      model_def, params, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)
-  old = jax.lax.stop_gradient(logps) if scored.old_logprobs is None else scored.old_logprobs
-  token_loss, kl, ratio = per_token_loss(
-      logps, old, scored.ref_logprobs, scored.advantages, cfg.clip_range, cfg.beta)
-  mask = rollout.completion_mask.astype(jnp.float32)
-  loss = aggregate_loss(token_loss, mask, cfg.loss_type, norms)
-  low, high = cfg.clip_range
-  adv = scored.advantages[:, None]
-  is_low = ((ratio < low) & (adv < 0)).astype(jnp.float32)
-  is_high = ((ratio > high) & (adv > 0)).astype(jnp.float32)
-  per_token = (kl, entropy, is_low, is_high, is_low + is_high)
-  token_sums = {name: jax.lax.stop_gradient(jnp.sum(v * mask))
-                for name, v in zip(TOKEN_METRICS, per_token, strict=True)}
-  return loss, token_sums
+              cfg: GRPOConfig, axis_name=None, entropy_floor=None):
+  """(this device's share of the loss, its shares of the metrics) under `params`."""
+  logprobs, entropy = completion_logprobs(model_def, params, scored.rollout, cfg.temperature,
+                                          cfg.logprob_chunk_size, cfg.token_shards)
+  return loss_from_logprobs(logprobs, entropy, scored, norms, cfg, axis_name, entropy_floor)

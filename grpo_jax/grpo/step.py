@@ -14,8 +14,8 @@ from grpo_jax import sampling
 from grpo_jax.errors import ConfigError
 from grpo_jax.grpo.advantages import group_advantages, reward_metrics
 from grpo_jax.grpo.logprobs import completion_logprobs
-from grpo_jax.grpo.loss import (TOKEN_METRICS, LossNormalizers, ScoredRollout, grpo_loss,
-                                loss_normalizers)
+from grpo_jax.grpo.loss import (LossNormalizers, ScoredRollout, entropy_threshold, grpo_loss,
+                                loss_mask, loss_metric_names, loss_normalizers)
 from grpo_jax.grpo.types import GRPOConfig, TrainState, _psum
 
 
@@ -36,7 +36,7 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
                   rewards: jax.Array, cfg: GRPOConfig, axis_name=None):
   """Advantages, old and reference log-probs, and the reward metrics of a rollout."""
   adv = group_advantages(rewards, cfg.weights, cfg.num_generations, cfg.scale_rewards,
-                         axis_name)
+                         axis_name, cfg.multi_objective_aggregation)
   no_grad_logprobs = lambda p: jax.lax.stop_gradient(completion_logprobs(
       model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
   old = no_grad_logprobs(state.params) if cfg.num_iterations > 1 else None
@@ -75,7 +75,7 @@ def micro_batch_rows(rows: int, seq_len: int, micro_batch_size: int, num_params:
 
 def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
                    cfg: GRPOConfig, axis_name=None):
-  """This device's (loss share, token sums) and gradients, accumulated over micro-batches.
+  """This device's (loss share, metric shares) and gradients, accumulated over micro-batches.
 
   Every row's loss share is normalised by whole-batch counts (`norms`), so the sum over
   micro-batches is exactly the loss of the whole batch (up to float summation order).
@@ -89,19 +89,30 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
                                    cfg.platform)
   if size == rows:
     return grad_fn(params, model_def, scored, norms, cfg, axis_name)
+  entropy_floor = None
+  if cfg.top_entropy_quantile < 1.0:
+    # The threshold is the whole global batch's: one no-grad pass over all of its rows
+    # (as the old and reference log-probs take), not a micro-batch's own quantile.
+    entropy = jax.lax.stop_gradient(completion_logprobs(
+        model_def, params, rollout, cfg.temperature, cfg.logprob_chunk_size, shards)[1])
+    entropy_floor = entropy_threshold(entropy, loss_mask(scored, cfg), cfg.top_entropy_quantile,
+                                      axis_name)
   # Micro-batch j holds rows j, j + k, j + 2k, ... (k micro-batches): on a mesh, where the
   # rows are split in contiguous blocks over the shards, every micro-batch is then spread
-  # evenly over all of them.
-  micro = jax.tree.map(
-      lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1), scored)
+  # evenly over all of them. Per-row normalisers are split with their rows.
+  split = lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1)
+  micro = jax.tree.map(split, (scored, norms.shard_tokens))
 
   def accumulate(total, part):
-    out = grad_fn(params, model_def, part, norms, cfg, axis_name)
+    part_scored, part_tokens = part
+    out = grad_fn(params, model_def, part_scored, norms._replace(shard_tokens=part_tokens), cfg,
+                  axis_name, entropy_floor)
     return jax.tree.map(jnp.add, total, out), None
 
-  # (loss, token sums) and gradients start at zero: the shapes of grpo_loss's outputs.
+  # (loss, metric shares) and gradients start at zero: the shapes of grpo_loss's outputs.
   zero = jnp.zeros((), jnp.float32)
-  zeros = ((zero, {name: zero for name in TOKEN_METRICS}), jax.tree.map(jnp.zeros_like, params))
+  zeros = ((zero, {name: zero for name in loss_metric_names(cfg)}),
+           jax.tree.map(jnp.zeros_like, params))
   total, _ = jax.lax.scan(accumulate, zeros, micro)
   return total
 
@@ -122,21 +133,20 @@ def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
   at all, is skipped (`nonfinite_skipped` counts it): AdamW would otherwise spread one
   NaN into every weight and moment, or step on momentum alone.
   """
-  norms = loss_normalizers(scored.rollout.completion_mask, axis_name,
-                           cfg.sampling.max_completion_length, scored.rows_in_loss)
+  norms = loss_normalizers(loss_mask(scored, cfg), axis_name, cfg.sampling.max_completion_length,
+                           scored.rows_in_loss, cfg.token_shards)
   has_signal = (True if scored.rewarded_rows is None
                 else _psum(jnp.sum(scored.rewarded_rows), axis_name) > 0)
 
   def one_update(state: TrainState, _):
-    (loss, token_sums), grads = loss_and_grads(state.params, model_def, scored, norms, cfg,
-                                               axis_name)
+    (loss, metric_shares), grads = loss_and_grads(state.params, model_def, scored, norms, cfg,
+                                                  axis_name)
     grads, loss = _psum(grads, axis_name), _psum(loss, axis_name)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & has_signal
-    metrics = {k: _psum(v, axis_name) / jnp.maximum(norms.global_tokens, 1.0)
-               for k, v in token_sums.items()}
+    metrics = {k: _psum(v, axis_name) for k, v in metric_shares.items()}
     metrics.update(loss=loss, grad_norm=grad_norm,
                    learning_rate=jnp.asarray(schedule_fn(state.step), jnp.float32),
                    nonfinite_skipped=(~ok).astype(jnp.float32))

@@ -116,9 +116,14 @@ class GRPOConfig:
     return self.sampling.logprob_temperature
 
   @property
+  def upper_epsilon(self) -> float:
+    """epsilon_high, or epsilon where it is None (TRL's `self.epsilon_high`). cispo caps
+    its ratio at this value itself (ScaleRL's eps_max, e.g. 5.0), not at 1 + it."""
+    return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+  @property
   def clip_range(self) -> tuple[float, float]:
-    high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-    return 1.0 - self.epsilon, 1.0 + high
+    return 1.0 - self.epsilon, 1.0 + self.upper_epsilon
 
   @property
   def weights(self) -> tuple[float, ...]:
