@@ -22,12 +22,13 @@ from grpo_jax.rewards import compute_rewards
 log = logging.getLogger("grpo_jax")
 
 
-def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
-  """Text of each completion, up to and without its EOS."""
+def completion_id_lists(completion_ids, completion_mask) -> list[list[int]]:
+  """Each completion's token ids without padding: up to and including its first EOS (the
+  mask's extent), all of them for a truncated one. What TRL passes reward functions as
+  `completion_ids`."""
   ids = np.asarray(completion_ids)
   mask = np.asarray(completion_mask).astype(bool)
-  return tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask)],
-                                skip_special_tokens=True)
+  return [row[m].tolist() for row, m in zip(ids, mask)]
 
 
 def repeat_columns(rows: dict[str, list], times: int) -> dict[str, list]:
@@ -119,13 +120,14 @@ class HostRollouts:
     `warn_abstentions`: warn (see AbstentionWarnings) when functions return None for the
     whole batch; the evaluator checks its whole evaluation at once instead.
     """
-    completions = decode_completions(self.tokenizer, rollout.completion_ids,
-                                     rollout.completion_mask)
+    ids = completion_id_lists(rollout.completion_ids, rollout.completion_mask)
+    # The text drops the EOS (a special token); the ids keep it, as TRL's do.
+    completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = repeat_columns(rows, self.num_generations)
     prompts = columns.pop(self.prompt_column)
     rewards = compute_rewards(self.reward_funcs, prompts,
                               chat.completions_for_rewards(prompts, completions), columns,
-                              self.reward_weights)
+                              self.reward_weights, completion_ids=ids)
     if warn_abstentions:
       self.abstentions(rewards)
     return rewards, completions

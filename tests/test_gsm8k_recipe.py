@@ -105,3 +105,37 @@ def test_chat_message_prompts_reach_rewards_in_conversational_format(tiny_instru
   prompt, completion = chat_rewards.seen[0]
   assert prompt[0]["role"] == "user" and prompt[0]["content"] in [q for q, _ in ROWS]
   assert completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str)
+
+
+def test_dapo_recipe_runs_with_its_overlong_punishment(tiny_instruct_model, tmp_path):
+  """configs/dapo.py from the command line: dynamic sampling, the built-in
+  soft_overlong_punishment built from the config (a fifth of 8 tokens: 1), in training and
+  evaluation."""
+  workdir = tmp_path / "run"
+  (tmp_path / "varied.py").write_text(
+      "def by_length(prompts, completions, **kw):\n"
+      "  return [float(len(c[0]['content'] if isinstance(c, list) else c) % 3) "
+      "for c in completions]\n")
+  args = ["--config=configs/dapo.py", f"--workdir={workdir}",
+          f"--config.model_path={tiny_instruct_model}",
+          f"--config.dataset=json:{tiny_instruct_model / 'gsm8k.jsonl'}",
+          "--config.eval_split=", "--config.eval_size=2", "--config.max_steps=1",
+          "--config.prompts_per_step=2", "--config.num_generations=2",
+          "--config.max_completion_length=8", "--config.eval_every=1",
+          "--config.max_prompt_length=384",
+          "--config.reward_funcs=correctness_reward,soft_overlong_punishment,"
+          f"{tmp_path}/varied.py:by_length"]
+  proc = subprocess.run([sys.executable, "-m", "grpo_jax.train", *args], cwd=ROOT,
+                        env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logged = metrics.read_metrics(workdir / "grpo_metrics")
+  step = next(r for r in logged if "loss" in r)
+  evaluation = next(r for r in logged if "eval/accuracy" in r)
+  # Completions of 8 tokens (the limit, EOS included) get -1, shorter ones 0.
+  for value, mean_length in [
+      (step["rewards/soft_overlong_punishment_reward/mean"], step["completions/mean_length"]),
+      (evaluation["eval/rewards/soft_overlong_punishment_reward/mean"],
+       evaluation["eval/completions/mean_length"])]:
+    assert value == -1.0 if mean_length == 8 else -1.0 < value <= 0.0, (value, mean_length)
+  assert step["dynamic_sampling/rounds"] >= 1 and "kl" not in step  # beta 0: no KL metric

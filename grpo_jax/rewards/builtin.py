@@ -1,8 +1,13 @@
-"""Built-in rule rewards for math answers, with TRL's reward-function signature.
+"""Built-in rule rewards, with TRL's reward-function signature.
 
 `fn(prompts, completions, **columns) -> list[float | None]`: `columns` are the dataset's
-other columns, one entry per completion (e.g. `answer=[...]`); unknown ones are ignored.
-Completions are strings or TRL's conversational form (a list of messages).
+other columns, one entry per completion (e.g. `answer=[...]`), and `completion_ids` (each
+completion's token ids up to and including its EOS, as TRL passes them); unknown ones are
+ignored. Completions are strings or TRL's conversational form (a list of messages).
+
+BUILTIN_REWARDS are plain functions; CONFIGURED_REWARDS are built from run options
+(`resolve_reward_funcs(..., builtin_options=...)`), e.g. soft_overlong_punishment from
+max_completion_length and soft_punish_cache.
 """
 
 from __future__ import annotations
@@ -99,4 +104,58 @@ def _has_format(text: str) -> bool:
   return final is not None and _REASONING_RE.search(text, 0, final.start()) is not None
 
 
+class SoftOverlongPunishment:
+  """DAPO's soft overlong punishment (Eq. 13 of arXiv:2503.14476; TRL's
+  `get_soft_overlong_punishment`), on the completion's length |y| in tokens, EOS included:
+
+    0                                  |y| <= L - C
+    ((L - C) - |y|) / C                L - C < |y| <= L
+    -1                                 L < |y|
+
+  L = max_completion_length, C = soft_punish_cache. It counts tokens, not characters: a
+  completion that hit the length limit gets exactly -1 whatever its text.
+  """
+
+  # The metric name (rewards/<name>/mean): TRL's, so the curves compare with TRL runs.
+  __name__ = "soft_overlong_punishment_reward"
+
+  def __init__(self, max_completion_length: int, soft_punish_cache: int):
+    if not 0 <= soft_punish_cache <= max_completion_length:
+      raise UserError(f"soft_punish_cache={soft_punish_cache}; allowed: 0 <= x <= "
+                      f"max_completion_length={max_completion_length}")
+    self.max_completion_length = max_completion_length
+    self.soft_punish_cache = soft_punish_cache
+
+  def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    del prompts, kwargs
+    if completion_ids is None:
+      raise UserError("soft_overlong_punishment needs completion_ids (the completions' token "
+                      "ids), which the trainer passes to every reward function")
+    if len(completion_ids) != len(completions):
+      raise UserError(f"soft_overlong_punishment got {len(completion_ids)} completion_ids for "
+                      f"{len(completions)} completions")
+    return [self.punishment(len(ids)) for ids in completion_ids]
+
+  def punishment(self, length: int) -> float:
+    limit, cache = self.max_completion_length, self.soft_punish_cache
+    if length <= limit - cache:
+      return 0.0
+    if length <= limit:
+      return (limit - cache - length) / cache
+    return -1.0
+
+
+def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int = 0
+                             ) -> SoftOverlongPunishment:
+  """The reward for a run's options; soft_punish_cache 0 means a fifth of
+  max_completion_length (DAPO's 4,096 of 20,480 tokens)."""
+  cache = soft_punish_cache or max_completion_length // 5
+  return SoftOverlongPunishment(max_completion_length, cache)
+
+
 BUILTIN_REWARDS = {fn.__name__: fn for fn in (correctness_reward, format_reward)}
+# Built-in name -> (factory, the builtin_options it takes: required, then optional).
+CONFIGURED_REWARDS = {
+    "soft_overlong_punishment": (soft_overlong_punishment, ("max_completion_length",),
+                                 ("soft_punish_cache",)),
+}

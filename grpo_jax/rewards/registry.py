@@ -2,12 +2,19 @@
 
 Specs (the `reward_funcs` config field, a list or a comma-separated string):
   correctness_reward            a built-in name (see BUILTIN_REWARDS)
+  soft_overlong_punishment      a built-in built from run options (CONFIGURED_REWARDS:
+                                `builtin_options` of resolve_reward_funcs)
   package.module:function       imported with importlib (the module must be importable)
   package.module.function       the same, TRL's dotted form
   path/to/file.py:function      loaded from the file (relative to the working directory)
   reward_model:PATH             a frozen *ForSequenceClassification HF checkpoint (metric
                                 name `reward_model`), scored with jit (rewards/model.py)
 A callable is accepted as is. Each function's metric name is its `__name__`.
+
+Every function is called TRL-style: `fn(prompts, completions, **columns)` plus
+`completion_ids=` (each completion's token ids, up to and including its EOS, without
+padding) where the function accepts it: a `completion_ids` parameter or **kwargs. A
+function with neither still works; it just does not get the ids.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -23,24 +31,31 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from grpo_jax.errors import UserError
-from grpo_jax.rewards.builtin import BUILTIN_REWARDS
+from grpo_jax.rewards.builtin import BUILTIN_REWARDS, CONFIGURED_REWARDS
 
 RewardFunc = Callable[..., Sequence[float | None]]
-# Column names that would collide with the positional arguments (or, for "prompt", that
-# TRL does not pass either: the prompt is already the first argument).
-RESERVED_COLUMNS = ("prompt", "prompts", "completion", "completions")
+# Column names that would collide with the arguments the trainer passes (or, for "prompt",
+# that TRL does not pass either: the prompt is already the first argument).
+RESERVED_COLUMNS = ("prompt", "prompts", "completion", "completions", "completion_ids")
+BUILTIN_NAMES = (*BUILTIN_REWARDS, *CONFIGURED_REWARDS)
 
 
-def resolve_reward_funcs(specs: str | Sequence[str | RewardFunc]) -> list[tuple[str, RewardFunc]]:
-  """(metric name, function) for each spec, in order. Names must be unique."""
+def resolve_reward_funcs(specs: str | Sequence[str | RewardFunc],
+                         builtin_options: dict[str, Any] | None = None
+                         ) -> list[tuple[str, RewardFunc]]:
+  """(metric name, function) for each spec, in order. Names must be unique.
+
+  builtin_options: what the configured built-ins are built from (CONFIGURED_REWARDS), e.g.
+  {"max_completion_length": 384, "soft_punish_cache": 0} for soft_overlong_punishment.
+  """
   if isinstance(specs, str):
     specs = specs.split(",")
   specs = [s.strip() if isinstance(s, str) else s for s in specs]
   specs = [s for s in specs if not isinstance(s, str) or s]
   if not specs:
     raise UserError("reward_funcs is empty; give at least one built-in name "
-                    f"({', '.join(BUILTIN_REWARDS)}) or an import path module:function")
-  resolved = [_resolve(spec) for spec in specs]
+                    f"({', '.join(BUILTIN_NAMES)}) or an import path module:function")
+  resolved = [_resolve(spec, builtin_options or {}) for spec in specs]
   names = [name for name, _ in resolved]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
@@ -49,7 +64,7 @@ def resolve_reward_funcs(specs: str | Sequence[str | RewardFunc]) -> list[tuple[
   return resolved
 
 
-def _resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
+def _resolve(spec: str | RewardFunc, builtin_options: dict[str, Any]) -> tuple[str, RewardFunc]:
   if callable(spec):
     fn = spec
   elif spec.startswith("reward_model:"):
@@ -61,13 +76,26 @@ def _resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
     fn = _attribute(module, attribute, spec)
   elif spec in BUILTIN_REWARDS:
     fn = BUILTIN_REWARDS[spec]
+  elif spec in CONFIGURED_REWARDS:
+    fn = _configured(spec, builtin_options)
   elif "." in spec:
     location, attribute = spec.rsplit(".", 1)
     fn = _attribute(_import(location, spec), attribute, spec)
   else:
-    raise UserError(f"reward function {spec!r} is not a built-in ({', '.join(BUILTIN_REWARDS)}) "
+    raise UserError(f"reward function {spec!r} is not a built-in ({', '.join(BUILTIN_NAMES)}) "
                     "nor an import path module:function or file.py:function")
   return _name(fn), fn
+
+
+def _configured(spec: str, options: dict[str, Any]) -> RewardFunc:
+  factory, required, optional = CONFIGURED_REWARDS[spec]
+  missing = [key for key in required if options.get(key) is None]
+  if missing:
+    raise UserError(f"built-in reward {spec!r} needs {', '.join(missing)}: pass "
+                    f"builtin_options={{{', '.join(repr(k) + ': ...' for k in missing)}}} "
+                    "to resolve_reward_funcs (the trainer passes its config's)")
+  return factory(**{key: options[key] for key in (*required, *optional)
+                    if options.get(key) is not None})
 
 
 def _import(module_name: str, spec: str):
@@ -123,11 +151,14 @@ _SUM_LIMIT = FLOAT32_MAX * (1.0 - 2.0**-20)
 
 def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Sequence[Any],
                     completions: Sequence[Any], columns: dict[str, Sequence[Any]],
-                    reward_weights: Sequence[float] | None = None) -> np.ndarray:
+                    reward_weights: Sequence[float] | None = None,
+                    completion_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
   """Rewards float32 [N, F]: column f holds function f's scores, None (n/a) becomes NaN.
 
   `columns` are the dataset's columns aligned with the completions (repeated per
-  generation); each function gets them as keyword arguments, TRL-style.
+  generation); each function gets them as keyword arguments, TRL-style, and
+  `completion_ids` (one list of token ids per completion; None: not passed) where it
+  accepts them (see the module docstring).
   Every returned value is finite or NaN: a function returning inf (or a number beyond
   float32's range) is a UserError, and so is a row whose total weighted by
   `reward_weights` (None: every function weighs 1) would overflow float32.
@@ -140,12 +171,33 @@ def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Seq
   for key, values in kwargs.items():
     if len(values) != n:
       raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+  if completion_ids is not None:
+    if len(completion_ids) != n:
+      raise ValueError(f"{len(completion_ids)} completion_ids for {n} completions")
+    completion_ids = [list(ids) for ids in completion_ids]
   prompts = list(prompts)
   rewards = np.empty((n, len(reward_funcs)), np.float32)
   for f, (name, fn) in enumerate(reward_funcs):
-    rewards[:, f] = _call(name, fn, prompts, list(completions), kwargs, n)
+    extra = kwargs
+    if completion_ids is not None and accepts_keyword(fn, "completion_ids"):
+      extra = {**kwargs, "completion_ids": completion_ids}
+    rewards[:, f] = _call(name, fn, prompts, list(completions), extra, n)
   check_weighted_totals(rewards, [name for name, _ in reward_funcs], reward_weights, prompts)
   return rewards
+
+
+def accepts_keyword(fn: Callable, keyword: str) -> bool:
+  """Whether fn can be called with `keyword=...`: a parameter of that name or **kwargs.
+
+  A callable whose signature cannot be read gets it (TRL passes it to every function)."""
+  try:
+    parameters = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return True
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    return True
+  return (keyword in parameters
+          and parameters[keyword].kind is not inspect.Parameter.POSITIONAL_ONLY)
 
 
 def _call(name: str, fn: RewardFunc, prompts: list, completions: list,
