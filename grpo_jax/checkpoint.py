@@ -3,7 +3,13 @@
 Layout under `<workdir>/checkpoints/`:
   <step>/state       TrainState (actor params, AdamW state, step)       Orbax StandardSave
   <step>/meta        RNG key, data position, model fingerprint (JSON)   Orbax JsonSave
-  reference/         frozen reference params, written once              Orbax StandardCheckpointer
+  <step>/reference   the reference as of <step>, only when it moves     Orbax StandardSave
+                     (sync_ref_model), in its compute dtype
+  reference/         the starting reference params, written once        Orbax StandardCheckpointer
+
+A step's own `reference` item, where there is one, is the reference that step restores
+(a synced reference changes every ref_model_sync_steps updates, so a resume needs the one
+of its step); without one, the step restores the starting `reference/`.
 
 Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp`)
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
@@ -59,8 +65,9 @@ class Restored(NamedTuple):
   """The newest checkpoint that restored completely.
 
   `meta` is the saved JSON dict (what the caller passed to `save`, with "fingerprint"
-  added); `reference` is None when the reference params were missing or unreadable: the
-  caller rebuilds them from its starting params and calls `save_reference`.
+  added); `reference` is the step's own reference item if it has one, else the starting
+  reference params, or None when those were missing or unreadable: the caller rebuilds
+  them from its starting params and calls `save_reference`.
   """
   step: int
   state: Any
@@ -244,7 +251,7 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
-          item_names=("state", "meta"))
+          item_names=("state", "meta", "reference"))
     return self._manager
 
   @property
@@ -285,7 +292,7 @@ class Checkpointer:
     the exception (type + first line of its message)."""
     path = self.step_path(step)
     missing = None
-    for part in (item, f"{item}/_METADATA" if item == "state" else f"{item}/metadata"):
+    for part in (item, f"{item}/metadata" if item == "meta" else f"{item}/_METADATA"):
       if not (path / part).exists():
         missing = f"{part}{'/' if part == item else ''} is missing"
         break
@@ -346,17 +353,18 @@ class Checkpointer:
         elif saved != self.fingerprint:
           raise self._incompatible(saved)
       if reason is None:
-        try:
-          state = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_tree(like_state)))).state
-        except Exception as e:  # pylint: disable=broad-except  # any failure: unusable
-          _ORBAX_OPERATION_FAILED.set()
-          reason = self._reason(step, "state", e)
+        state, reason = self._restore_item(step, "state", like_state)
+      step_reference = None
+      if reason is None and (self.step_path(step) / "reference").exists():
+        # A step that saved its reference needs that one: the starting one is not it.
+        step_reference, reason = self._restore_item(step, "reference", like_reference)
       if reason is not None:
         passed_over.append((step, reason))
         continue
       self._move_corrupt(passed_over, resumed_from=step)
-      return Restored(step, state, meta, self._restore_reference_or_none(like_reference))
+      reference = (step_reference if step_reference is not None
+                   else self._restore_reference_or_none(like_reference))
+      return Restored(step, state, meta, reference)
 
     for step, reason in passed_over:
       log.warning("checkpoint %s cannot be restored (%s)", self.step_path(step), reason)
@@ -364,6 +372,16 @@ class Checkpointer:
         f"no checkpoint in {self.directory} can be restored (steps "
         f"{', '.join(str(s) for s, _ in passed_over)}: see the warnings above); remove "
         f"{self.directory} to start afresh")
+
+  def _restore_item(self, step: int, item: str, like) -> tuple[Any, str | None]:
+    """(the item of `step`, None), or (None, why it cannot be restored)."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.StandardRestore(abstract_tree(like))}))
+    except Exception as e:  # pylint: disable=broad-except  # any failure: unusable
+      _ORBAX_OPERATION_FAILED.set()
+      return None, self._reason(step, item, e)
+    return restored[item], None
 
   def _corrupt_destination(self, step: int) -> epath.Path:
     base = self.corrupt_directory
@@ -494,18 +512,21 @@ class Checkpointer:
         + (f"the last complete checkpoint is step {last}; a rerun resumes from it)"
            if last is not None else "no complete checkpoint yet)"))
 
-  def save(self, step: int, state, meta: dict[str, Any]) -> None:
-    """Saves asynchronously; `state` must be a single (unreplicated) copy.
+  def save(self, step: int, state, meta: dict[str, Any], reference=None) -> None:
+    """Saves asynchronously; `state` (and `reference`: the reference as of this step, for
+    a run whose reference moves) must be a single (unreplicated) copy.
 
     A disk that refuses the write (full, read-only, ...) raises a one-line UserError here
     or at the next save/wait/close (the previous checkpoint stays as it was)."""
     self.wait()  # the previous save's failure is the previous step's
     meta = {**meta, "fingerprint": self.fingerprint}
+    items = dict(state=ocp.args.StandardSave(_serializable(state)), meta=ocp.args.JsonSave(meta))
+    if reference is not None:
+      items["reference"] = ocp.args.StandardSave(_serializable(reference))
     try:
       manager = self.manager  # creates the directory on first use
       self._check_writable(self.directory)
-      saved = manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_serializable(state)), meta=ocp.args.JsonSave(meta)))
+      saved = manager.save(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  # only the disk's are translated
       error = self._write_error(step, e)
       if error is None:

@@ -1,11 +1,12 @@
-"""`python -m grpo_jax.train`: the GRPO training loop. Orchestration only.
+"""`python -m grpo_jax.train`: setup, the command line and `train_and_evaluate`.
 
   python -m grpo_jax.train [--config=configs/default.py] [--workdir=output] [--config.FIELD=VALUE ...]
 
-The loop: prompts -> pmapped sampling -> host reward functions -> pmapped GRPO update,
-with held-out greedy evaluation, CLU metric writers and Orbax checkpoints. Re-running
-with the same workdir resumes from the latest checkpoint and follows the same trajectory
-(the sampling key of step s is fold_in(seed key, s); the data position is checkpointed).
+Builds and checks everything a run needs (`setup`: data, rewards, model; the step compiled
+for its layout, the optimizer), restores the newest checkpoint, and hands over to the loop
+(`loop.TrainLoop`: prompts -> sampling -> host reward functions -> GRPO update, held-out
+greedy evaluation, CLU metric writers and Orbax checkpoints). Re-running with the same
+workdir resumes from the latest checkpoint and follows the same trajectory.
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ import logging
 import os
 import pathlib
 import sys
-import time
 from typing import Any
 
 import datasets
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from clu import periodic_actions
 from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from grpo_jax import (checkpoint, grpo, metrics, parallel, preemption, rollouts, sampling,
-                      warmup)
+from grpo_jax import checkpoint, grpo, metrics, parallel, preemption, warmup
 from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import workdir as workdir_lib
-from grpo_jax.data import batching, demo, loading
+from grpo_jax.data import demo, loading
 from grpo_jax.errors import UserError
+from grpo_jax.loop import NonFiniteWatch, TrainLoop, is_primary  # noqa: F401  (train.TrainLoop)
 from grpo_jax.models import ModelConfig, Transformer, hf, presets
 from grpo_jax.rewards import resolve_reward_funcs
 
@@ -105,18 +103,15 @@ def setup(config) -> Setup:
   train_data, eval_data = loading.load_prompt_dataset(
       config.dataset, config.prompt_column, eval_split=config.eval_split or None,
       eval_size=config.eval_size, seed=config.seed)
-  reward_funcs = resolve_reward_funcs(config_lib.reward_func_specs(config))
+  reward_funcs = resolve_reward_funcs(config_lib.reward_func_specs(config), builtin_options={
+      "max_completion_length": config.max_completion_length,
+      "soft_punish_cache": config.soft_punish_cache})
   tokenizer, eos_ids, model_config, model_def, params = build_model(config)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
   grpo_config = config_lib.grpo_config(config, eos_ids, pad_id,
                                        platform=jax.devices()[0].platform)
   return Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
                reward_funcs, grpo_config)
-
-
-def is_primary() -> bool:
-  """Metrics, plots and exports are written by process 0 only (one per slice, not per host)."""
-  return jax.process_index() == 0
 
 
 def maybe_initialize_distributed(mode: str) -> None:
@@ -160,10 +155,14 @@ def build_step_fn(config, step: grpo.GRPOStep, devices=None):
 
 
 def make_optimizer(config):
-  """(optax transformation, learning-rate schedule) of the configured AdamW."""
+  """(optax transformation, learning-rate schedule) of the configured AdamW.
+
+  The schedule counts optimizer updates, which is what optax's step counter counts:
+  max_steps x num_iterations of them (each step updates num_iterations times), so a linear
+  schedule reaches 0 after the last update, not after max_steps of them."""
+  updates = config.max_steps * config.num_iterations
   return grpo.make_optimizer(
-      config.learning_rate, config.max_steps,
-      warmup_steps=int(config.warmup_ratio * config.max_steps),
+      config.learning_rate, updates, warmup_steps=int(config.warmup_ratio * updates),
       schedule=config.lr_scheduler_type, max_grad_norm=config.max_grad_norm,
       weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
 
@@ -271,7 +270,9 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
       elif config.sft_steps and not uses_warmup(config):
         log.info("sft_steps=%d is the demo's warm-up (dataset %r only); dataset %r: skipped",
                  config.sft_steps, config_lib.DEMO_DATASET, config.dataset)
-      loop = TrainLoop(config, s, ckpt, writer, logdir)
+      tx, schedule = make_optimizer(config)
+      step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config))
+      loop = TrainLoop(config, s, step_fn, ckpt, writer, logdir)
       stop.resume_hint = loop.resume_hint
       loop.run(restored, stop)
     if not is_primary():
@@ -289,210 +290,6 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     ckpt.close()
     if writer is not None:
       writer.close()
-
-
-class NonFiniteWatch:
-  """Counts updates the step skipped (non-finite loss or gradient norm, or no reward at
-  all): a warning per such step, an error after `limit` in a row."""
-
-  def __init__(self, limit: int):
-    self.limit, self.in_a_row = limit, 0
-
-  def __call__(self, step: int, step_metrics: dict[str, float], last_checkpoint: str) -> None:
-    if not step_metrics.get("nonfinite_skipped"):
-      self.in_a_row = 0
-      return
-    self.in_a_row += 1
-    if np.isnan(step_metrics.get("reward", 0.0)):
-      why = "no reward function scored any completion"
-    else:
-      why = (f"loss {step_metrics.get('loss')}, grad_norm {step_metrics.get('grad_norm')}")
-    log.warning("Step %d: update skipped, params and optimizer state unchanged (%s)", step, why)
-    if self.in_a_row >= self.limit:
-      raise UserError(f"{self.in_a_row} updates in a row were skipped (steps "
-                      f"{step - self.in_a_row + 1}-{step}; last: {why}); stopped at "
-                      f"max_nonfinite_steps={self.limit}; {last_checkpoint}")
-
-
-class TrainLoop:
-  """Wires the pmapped step, the host rewards, evaluation, metrics and checkpoints."""
-
-  def __init__(self, config, s: Setup, ckpt: checkpoint.Checkpointer, writer, logdir):
-    self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
-    self.tx, schedule = make_optimizer(config)
-    self.step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, self.tx, schedule,
-                                                        s.grpo_config))
-    self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
-                                      config.num_generations)
-    self.train_width = rollouts.TrainWidths(config.train_length_bucket,
-                                            config.max_completion_length)
-    # Each host feeds its own devices: a disjoint share of every global batch.
-    self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
-                                        seed=config.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-    self.evaluate = (rollouts.Evaluator(s, config, self.step_fn)
-                     if s.eval_data is not None and config.eval_every else None)
-    self.nonfinite = NonFiniteWatch(config.max_nonfinite_steps)
-    self.saved_any = False
-    self.saved_step = 0  # the newest step handed to the checkpointer (or resumed from)
-
-  def resume_hint(self) -> str:
-    if not self.config.checkpoint_every:
-      return "no checkpoint is written (checkpoint_every=0): a rerun starts over"
-    where = self.ckpt.directory
-    if not self.saved_step:
-      return f"no checkpoint yet in {where}: a rerun starts over"
-    return (f"the newest complete checkpoint in {where} (step {self.saved_step} or earlier) "
-            "is where the same command resumes")
-
-  def restore_or_init(self, params, restored):
-    """(placed train state, placed reference params, base key), restored or fresh.
-
-    The optimizer state is created on the devices, and no host copy of the params is
-    kept beyond this call: at 0.5B parameters every extra copy costs 2 GB.
-    """
-    step_fn, config = self.step_fn, self.config
-    fresh_key = jax.random.key(config.seed)
-    if restored is not None:
-      self.stream.restore(restored.meta["data"])
-      reference = restored.reference
-      if reference is None:  # unreadable: the starting params are the same weights
-        reference = params
-        self.save_reference(params)
-      saved_key = restored.meta.get("rng")
-      same_seed = restored.meta.get("config", {}).get("seed", config.seed) == config.seed
-      key = (jax.random.wrap_key_data(jnp.asarray(saved_key, jnp.uint32))
-             if saved_key is not None and same_seed else fresh_key)
-      self.saved_step = restored.step
-      log.info("Resumed from the checkpoint of step %d", restored.step)
-      return step_fn.place_state(restored.state), self.place_reference(reference), key
-    self.save_reference(params)
-    actor, reference = step_fn.place_params(params), self.place_reference(params)
-    return step_fn.init_state(actor), reference, fresh_key
-
-  def save_reference(self, params) -> None:
-    if self.config.checkpoint_every:
-      self.ckpt.save_reference(params)
-
-  def place_reference(self, params):
-    return self.step_fn.place_params(grpo.as_reference(params,
-                                                       self.s.model_config.compute_dtype))
-
-  def is_due(self, every: int, step: int) -> bool:
-    """Periodic actions (eval, checkpoint): every `every` steps and at the last; 0: never."""
-    return bool(every) and (step % every == 0 or step == self.config.max_steps)
-
-  def run(self, restored, stop: preemption.StopRequests) -> None:
-    config = self.config
-    params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
-    state, reference, base_key = self.restore_or_init(params, restored)
-    del params
-    start_step = restored.step if restored else 0
-    if stop.requested():  # during setup or the warm-up
-      raise preemption.Preempted(stop.signum, (
-          f"stopped by {preemption.signal_name(stop.signum)} before training step "
-          f"{start_step + 1}; {self.resume_hint()}"))
-    progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
-    report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
-                                             writer=self.writer)
-    if self.evaluate and (start_step == 0 or restored.meta.get("pending_eval")):
-      self.log_eval(state, start_step, progress)
-    done = start_step
-    for step in range(start_step + 1, config.max_steps + 1):
-      if stop.requested():
-        break
-      position = self.stream.state()
-      outcome = self.train_step(state, reference, jax.random.fold_in(base_key, step), stop)
-      if outcome is None:  # stopped before its update: the resumed run samples it again
-        self.stream.restore(position)
-        break
-      state, step_metrics = outcome
-      done = step
-      report(step)
-      if step % config.log_every == 0 or step == config.max_steps:
-        self.writer.write_scalars(step, step_metrics)
-      progress.update(step, step_metrics)
-      self.nonfinite(step, step_metrics, self.resume_hint())
-      eval_due = self.evaluate is not None and self.is_due(config.eval_every, step)
-      if stop.requested():  # an evaluation can take minutes: the resumed run does it
-        self.save(step, state, base_key, pending_eval=eval_due)
-        break
-      if eval_due:
-        self.log_eval(state, step, progress)
-      if self.is_due(config.checkpoint_every, step):
-        self.save(step, state, base_key)
-    progress.close()
-    if stop.signum is not None and done > self.saved_step:  # (save: never if checkpoint_every=0)
-      self.save(done, state, base_key)
-    self.ckpt.wait()
-    self.writer.flush()
-    if stop.signum is not None:  # the checkpoint is complete now (waited for above)
-      where = (f"checkpoint of step {self.saved_step} saved in {self.ckpt.directory}: rerun "
-               "the same command to resume" if self.saved_step else self.resume_hint())
-      raise preemption.Preempted(stop.signum, (
-          f"stopped by {preemption.signal_name(stop.signum)} after step {done} of "
-          f"{config.max_steps}; {where}"))
-    if is_primary():
-      metrics.plot_curves(str(self.logdir))
-    if config.export_hf and is_primary():
-      self.export(state)
-
-  def train_step(self, state, reference, key, stop):
-    """One GRPO step: prompts -> samples -> rewards -> score -> update. (state, metrics),
-    or None when a stop was requested before the update began (state untouched)."""
-    config, step_fn = self.config, self.step_fn
-    started = time.perf_counter()
-    rows = self.stream.next_batch()
-    prompt_ids, prompt_mask = self.host.encode(rows)
-    rollout = step_fn.generate(state.params, *step_fn.place_batch((prompt_ids, prompt_mask)),
-                               key)
-    host_rollout = step_fn.to_host(rollout)  # waits for the sampler
-    if stop.requested():
-      return None
-    width = self.train_width(host_rollout)
-    if width < config.max_completion_length:  # every completion stopped well before it
-      rollout = step_fn.place_batch(sampling.trim_completions(host_rollout, width))
-    sampled = time.perf_counter()
-    rewards, _ = self.host.score(rows, host_rollout)
-    if stop.requested():
-      return None
-    scored = time.perf_counter()
-    scored_rollout, reward_metrics = step_fn.score(state, reference, rollout,
-                                                   step_fn.place_batch(rewards))
-    state, step_metrics = step_fn.update(state, scored_rollout)
-    step_metrics = {**reward_metrics, **step_metrics}
-    step_metrics = self.host.named_metrics(step_fn.host_metrics(step_metrics))
-    finished = time.perf_counter()
-    step_metrics.update(rollouts.throughput(host_rollout, finished - started))
-    # Where the step went: prompts + sampling, host reward functions, reference + update.
-    step_metrics.update({"time/sampling": sampled - started, "time/rewards": scored - sampled,
-                         "time/update": finished - scored})
-    return state, step_metrics
-
-  def save(self, step: int, state, base_key, pending_eval: bool = False) -> None:
-    """Checkpoints `state` as of `step` (asynchronously), with what a resume needs."""
-    if not self.config.checkpoint_every:
-      return
-    self.ckpt.save(step, self.step_fn.single_copy(state), {
-        "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist(),
-        "config": config_lib.as_json(self.config), "pending_eval": pending_eval})
-    self.saved_any, self.saved_step = True, step
-
-  def export(self, state) -> None:
-    """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it)."""
-    path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
-    model = nnx.merge(self.s.model_def, self.step_fn.single_copy(state.params))
-    hf.save_pretrained(model, os.fspath(path), self.s.tokenizer)
-    log.info("Exported the final actor to %s", path)
-
-  def log_eval(self, state, step: int, progress) -> None:
-    result = self.evaluate(state.params)
-    self.writer.write_scalars(step, result.metrics)
-    self.writer.write_texts(step, {"samples": result.sample_text})
-    self.writer.flush()
-    progress.update(step, result.metrics)
-    if is_primary():
-      metrics.plot_curves(str(self.logdir))
 
 
 FLAGS = flags.FLAGS

@@ -70,8 +70,8 @@ def largest_data_file(state_dir: pathlib.Path) -> pathlib.Path:
   return max(files, key=lambda p: p.stat().st_size)
 
 
-def truncate_array_file(step_dir):
-  path = largest_data_file(step_dir / "state")
+def truncate_array_file(step_dir, item="state"):
+  path = largest_data_file(step_dir / item)
   assert path.stat().st_size > 1024  # "big"'s chunk, not a b-tree node
   os.truncate(path, 100)
 
@@ -227,6 +227,40 @@ def test_save_reference_keeps_a_complete_copy(ckdir):
   before = (ckdir / "reference" / "_CHECKPOINT_METADATA").stat().st_mtime_ns
   Checkpointer(ckdir, FINGERPRINT).save_reference({"w": jnp.zeros((3, 4))})
   assert (ckdir / "reference" / "_CHECKPOINT_METADATA").stat().st_mtime_ns == before
+
+
+def moved_reference(step: int):
+  return jax.tree.map(lambda x: (x * 0.5 + step).astype(jnp.bfloat16), PARAMS)
+
+
+def test_a_step_that_saved_its_reference_restores_that_one(tmp_path, caplog):
+  """sync_ref_model: the reference moves, so each step saves its own (in its compute
+  dtype); a step restores it, not the starting one, and a damaged one makes the step
+  unusable (the previous step is resumed from, with its own reference)."""
+  ckdir = tmp_path / "checkpoints"
+  ckpt = Checkpointer(ckdir, FINGERPRINT)
+  ckpt.save_reference(PARAMS)
+  ckpt.save(1, state_at(1), {"data": 1})  # before the first sync: no reference of its own
+  for step in (2, 3):
+    ckpt.save(step, state_at(step), {"data": step}, reference=moved_reference(step))
+  ckpt.close()
+  assert (ckdir / "3" / "reference").is_dir() and not (ckdir / "1" / "reference").exists()
+  restored = Checkpointer(ckdir, FINGERPRINT).restore_latest(state_at(0), PARAMS)
+  assert restored.step == 3
+  assert_tree_equal(restored.reference, jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                     moved_reference(3)))  # exact: widened
+  truncate_array_file(ckdir / "3", item="reference")
+  with caplog.at_level(logging.WARNING, logger="grpo_jax"):
+    restored = Checkpointer(ckdir, FINGERPRINT).restore_latest(state_at(0), PARAMS)
+  assert restored.step == 2
+  assert_tree_equal(restored.reference, jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                     moved_reference(2)))
+  [warning] = warnings_of(caplog)
+  assert f"{ckdir / '3'} cannot be restored" in warning
+  shutil.rmtree(ckdir / "2")
+  restored = Checkpointer(ckdir, FINGERPRINT).restore_latest(state_at(0), PARAMS)
+  assert restored.step == 1
+  assert_tree_equal(restored.reference, PARAMS)  # the starting one
 
 
 # --- a disk that refuses the write ---------------------------------------------------------

@@ -360,3 +360,47 @@ def test_progress_line_non_tty_prints_every_interval_and_last_state_on_close():
   assert stream.getvalue().endswith("step 35/1000 | reward 0.5 | 1.0 steps/s | ETA 16m05s\n")
   progress.close()  # idempotent
   assert _printed_steps(stream.getvalue()) == [1, 11, 21, 31, 35]
+
+
+# --------------------------------------------------------------------------- log window
+
+
+def test_window_means_each_metric_over_the_steps_that_have_it_and_sums_counters():
+  window = metrics.MetricWindow()
+  window.add({"loss": 1.0, "reward": float("nan"), "nonfinite_skipped": 1.0, "kl": np.float32(2)})
+  window.add({"loss": 2.0, "reward": 0.5, "nonfinite_skipped": 0.0})
+  window.add({"loss": np.inf, "reward": 0.25, "nonfinite_skipped": 1.0, "only_nan": np.nan})
+  record = window.pop()
+  assert record["loss"] == np.inf  # an infinite value stays visible
+  assert record["reward"] == 0.375  # the NaN step does not count (TRL's NaN-aware mean)
+  assert record["kl"] == 2.0  # logged in one step of three: its own mean
+  assert record["nonfinite_skipped"] == 2.0  # updates skipped in the window
+  assert np.isnan(record["only_nan"])
+  assert len(window) == 0 and window.pop() == {}
+
+
+def test_a_window_of_one_step_is_that_step_exactly():
+  window = metrics.MetricWindow()
+  values = {"a": 0.1 + 0.2, "b": -0.0, "c": 1e-45, "nonfinite_skipped": 0.0}
+  window.add(values)
+  record = window.pop()
+  assert record == values and np.signbit(record["b"])
+
+
+def test_window_state_resumes_exactly_through_json():
+  rng = np.random.default_rng(0)
+  steps = [{"x": float(v), "y": float("nan") if i == 1 else float(v) / 3,
+            "nonfinite_skipped": float(i % 2)} for i, v in enumerate(rng.normal(size=5))]
+  straight = metrics.MetricWindow()
+  for values in steps:
+    straight.add(values)
+  first = metrics.MetricWindow()
+  for values in steps[:3]:
+    first.add(values)
+  resumed = metrics.MetricWindow()
+  resumed.restore(json.loads(json.dumps(first.state())))  # as a checkpoint's meta holds it
+  for values in steps[3:]:
+    resumed.add(values)
+  assert resumed.pop() == straight.pop()
+  resumed.restore(None)  # a checkpoint written before windows existed
+  assert len(resumed) == 0

@@ -1,5 +1,6 @@
 """A 2-process CPU "pod" (jax.distributed over gloo) trains like one 4-device process."""
 
+import json
 import os
 import pathlib
 import socket
@@ -21,15 +22,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_hosts_match_one_host(user_files):
-  port, workdir, data = str(free_port()), user_files / "pod", user_files / "data.jsonl"
+def run_pod(user_files, workdir, **overrides):
+  """Both processes of the pod, to the end; asserts each exited 0."""
+  port, data = str(free_port()), user_files / "data.jsonl"
   env = {**os.environ, "PYTHONPATH": str(user_files)}
   workers = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), port,
-                               str(workdir), str(data)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                               str(workdir), str(data), json.dumps(overrides)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
   outputs = [w.communicate(timeout=400)[0] for w in workers]
   for w, out in zip(workers, outputs):
     assert w.returncode == 0, out[-3000:]
+
+
+def test_two_hosts_match_one_host(user_files):
+  workdir, data = user_files / "pod", user_files / "data.jsonl"
+  run_pod(user_files, workdir)
 
   config = tiny_config(dataset=f"json:{data}", prompt_column="question",
                        reward_funcs="my_rewards:stop_at", max_steps=4, checkpoint_every=2,
@@ -52,3 +60,19 @@ def test_two_hosts_match_one_host(user_files):
   # Only process 0 wrote the metrics: one raw line per step, not one per process.
   lines = (workdir / "grpo_metrics" / "metrics.jsonl").read_text().splitlines()
   assert sum('"loss"' in line for line in lines) == 4
+
+
+def test_dynamic_sampling_rounds_are_agreed_by_both_hosts(user_files):
+  """Each host keeps its own share of informative groups (2 of the 4 per round); rounds
+  go on until both have theirs: the hosts' sampler calls must pair up, or the pod hangs."""
+  workdir = user_files / "pod"
+  run_pod(user_files, workdir, dynamic_sampling=True, max_num_gen_batches=3, max_steps=3,
+          eval_size=0, checkpoint_every=3)
+  rows = [r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r]
+  rounds = [r["dynamic_sampling/rounds"] for r in rows]
+  assert len(rows) == 3 and sum(rounds) > 3  # some steps sampled again
+  for row in rows:
+    assert 0 <= row["dynamic_sampling/kept_groups"] <= 4
+    assert row["dynamic_sampling/kept_groups"] == 4 or row["dynamic_sampling/rounds"] == 3
+  meta = json.loads((workdir / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  assert meta["data"]["position"] == 4 * sum(rounds)

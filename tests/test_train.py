@@ -117,7 +117,8 @@ def test_custom_jsonl_dataset_and_reward_from_the_command_line(user_files):
   for call in train_calls:
     assert set(call["prompts"]) <= questions
     assert call["prompts"][0::2] == call["prompts"][1::2]  # each prompt's G=2 siblings
-    assert call["columns"] == ["source"]  # the other columns arrive as keyword arguments
+    # The other columns arrive as keyword arguments, with the completions' token ids (TRL).
+    assert call["columns"] == ["completion_ids", "source"]
     assert [str(eval(q[:-1])) for q in call["prompts"]] == call["answer"]
   logged = metrics.read_metrics(workdir / "grpo_metrics")
   assert "rewards/length_reward/mean" in logged[-1]
@@ -125,29 +126,48 @@ def test_custom_jsonl_dataset_and_reward_from_the_command_line(user_files):
 
 
 def test_resume_after_a_crash_follows_the_uninterrupted_trajectory(user_files, monkeypatch):
+  """Two updates per step (num_iterations=2), a linear schedule. The resumed run logs
+  every 4 steps: each of its records is the mean of the uninterrupted run's steps in that
+  window, also for the window its checkpoint (step 3) cut in two."""
   common = dict(dataset=f"json:{user_files / 'data.jsonl'}", prompt_column="question",
-                reward_funcs="my_rewards:stop_at", max_steps=6, checkpoint_every=3)
+                reward_funcs="my_rewards:stop_at", max_steps=6, checkpoint_every=3,
+                num_iterations=2, lr_scheduler_type="linear")
   train.train_and_evaluate(tiny_config(**common), user_files / "straight")
 
   monkeypatch.setenv("STOP_AT", "5")  # fails during step 5, after the checkpoint of step 3
   sys.modules.pop("my_rewards", None)
   with pytest.raises(UserError, match="reward function 'stop_at' raised RuntimeError"):
-    train.train_and_evaluate(tiny_config(**common), user_files / "resumed")
+    train.train_and_evaluate(tiny_config(**common, log_every=4), user_files / "resumed")
   assert final_params(user_files / "resumed")[0] == 3
   monkeypatch.setenv("STOP_AT", "0")
   sys.modules.pop("my_rewards", None)
-  train.train_and_evaluate(tiny_config(**common), user_files / "resumed")
+  train.train_and_evaluate(tiny_config(**common, log_every=4), user_files / "resumed")
 
   (step_a, state_a), (step_b, state_b) = (final_params(user_files / "straight"),
                                           final_params(user_files / "resumed"))
   assert step_a == step_b == 6
   assert_trees_equal(state_a, state_b)
-  for key in ("loss", "reward", "kl"):
+  for key in ("loss", "reward", "kl", "learning_rate"):
     straight, resumed = step_metrics(user_files / "straight", key), step_metrics(
         user_files / "resumed", key)
-    assert sorted(resumed) == list(range(1, 7))
-    for step in straight:
-      assert straight[step] == pytest.approx(resumed[step], rel=1e-6, abs=1e-7), (key, step)
+    assert sorted(straight) == list(range(1, 7)) and sorted(resumed) == [4, 6]
+    for step, window in ((4, [1, 2, 3, 4]), (6, [5, 6])):
+      mean = sum(straight[s] for s in window) / len(window)
+      assert resumed[step] == pytest.approx(mean, rel=1e-12, abs=1e-15), (key, step)
+  # The schedule spans all 12 updates (not max_steps = 6 of them): step s's two updates
+  # are numbers 2s-2 and 2s-1, at learning rate 1e-3 * (1 - k / 12); the last is > 0.
+  learning_rates = step_metrics(user_files / "straight", "learning_rate")
+  for step, rate in learning_rates.items():
+    assert rate == pytest.approx(1e-3 * (1 - (4 * step - 3) / 24), rel=1e-6)
+  assert learning_rates[6] == pytest.approx(1.25e-4, rel=1e-6)
+
+
+def test_the_schedule_counts_optimizer_updates():
+  config = tiny_config(max_steps=4, num_iterations=2, warmup_ratio=0.25, learning_rate=1.0,
+                       lr_scheduler_type="linear")
+  _, schedule = train.make_optimizer(config)  # 8 updates, the first 2 warming up
+  assert [float(schedule(k)) for k in (0, 1, 2)] == [0.0, 0.5, 1.0]
+  assert float(schedule(7)) == pytest.approx(1 / 6) and float(schedule(8)) == 0.0
 
 
 def test_killed_run_continues_from_its_last_checkpoint(user_files):

@@ -21,6 +21,7 @@ from grpo_jax.grpo.logprobs import (LOGITS_CHUNK_BYTES, completion_logprobs, tok
 from grpo_jax.grpo.loss import (TOKEN_METRICS, LossNormalizers, ScoredRollout, aggregate_loss,
                                 grpo_loss, loss_normalizers, per_token_loss)
 from grpo_jax.grpo.optimizer import make_optimizer
+from grpo_jax.grpo.reference import mix_reference, sync_due
 from grpo_jax.grpo.step import (MICRO_BATCH_MAX_PARAMS, MICRO_BATCH_TOKENS, GRPOStep, RewardFn,
                                 as_reference, init_train_state, loss_and_grads,
                                 micro_batch_rows, score_rollout, update)

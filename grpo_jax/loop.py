@@ -1,0 +1,309 @@
+"""The training loop: `TrainLoop` wires the compiled step, the host rewards, dynamic
+sampling, the reference sync, evaluation, metrics and checkpoints. Orchestration only.
+
+A step, as the data flows (`TrainLoop.train_step`):
+  prompts -> sampler -> rewards (-> more rounds, dynamic sampling) -> score -> update
+  (-> reference sync) -> writers
+The sampling key of step s is fold_in(seed key, s) (round r > 0 of a step with dynamic
+sampling: fold_in of that, r); the data position and the log window are checkpointed, so a
+resumed run follows the same trajectory and logs the same records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from clu import periodic_actions
+from flax import nnx
+
+from grpo_jax import (checkpoint, dynamic_sampling, grpo, metrics, preemption, rollouts,
+                      sampling)
+from grpo_jax import config as config_lib
+from grpo_jax.data import batching
+from grpo_jax.errors import UserError
+from grpo_jax.models import hf
+
+log = logging.getLogger("grpo_jax")
+
+
+def is_primary() -> bool:
+  """Metrics, plots and exports are written by process 0 only (one per slice, not per host)."""
+  return jax.process_index() == 0
+
+
+class NonFiniteWatch:
+  """Counts updates the step skipped (non-finite loss or gradient norm, or no reward at
+  all): a warning per such step, an error after `limit` in a row."""
+
+  def __init__(self, limit: int):
+    self.limit, self.in_a_row = limit, 0
+
+  def __call__(self, step: int, step_metrics: dict[str, float], last_checkpoint: str) -> None:
+    if not step_metrics.get("nonfinite_skipped"):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    if step_metrics.get("dynamic_sampling/kept_groups", 1.0) == 0:
+      why = (f"dynamic sampling found no group with a reward spread in "
+             f"{step_metrics['dynamic_sampling/rounds']:.0f} rounds")
+    elif np.isnan(step_metrics.get("reward", 0.0)):
+      why = "no reward function scored any completion"
+    else:
+      why = (f"loss {step_metrics.get('loss')}, grad_norm {step_metrics.get('grad_norm')}")
+    log.warning("Step %d: update skipped, params and optimizer state unchanged (%s)", step, why)
+    if self.in_a_row >= self.limit:
+      raise UserError(f"{self.in_a_row} updates in a row were skipped (steps "
+                      f"{step - self.in_a_row + 1}-{step}; last: {why}); stopped at "
+                      f"max_nonfinite_steps={self.limit}; {last_checkpoint}")
+
+
+class TrainLoop:
+  """Runs the steps of a run on a compiled step (`step_fn`: pmap or mesh layout).
+
+  `s`: the run's `train.Setup`; its `init_params` are taken over by `run`.
+  """
+
+  def __init__(self, config, s, step_fn, ckpt: checkpoint.Checkpointer, writer, logdir):
+    self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
+    self.step_fn = step_fn
+    self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
+                                      config.num_generations)
+    self.train_width = rollouts.TrainWidths(config.train_length_bucket,
+                                            config.max_completion_length)
+    # Each host feeds its own devices: a disjoint share of every global batch.
+    self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    self.evaluate = (rollouts.Evaluator(s, config, step_fn)
+                     if s.eval_data is not None and config.eval_every else None)
+    self.nonfinite = NonFiniteWatch(config.max_nonfinite_steps)
+    self.short_batches = dynamic_sampling.ShortBatchWarnings(config.max_num_gen_batches)
+    self.window = metrics.MetricWindow()
+    self.updates = 0  # optimizer updates so far (state.step), read when the reference syncs
+    self.saved_any = False
+    self.saved_step = 0  # the newest step handed to the checkpointer (or resumed from)
+
+  def resume_hint(self) -> str:
+    if not self.config.checkpoint_every:
+      return "no checkpoint is written (checkpoint_every=0): a rerun starts over"
+    where = self.ckpt.directory
+    if not self.saved_step:
+      return f"no checkpoint yet in {where}: a rerun starts over"
+    return (f"the newest complete checkpoint in {where} (step {self.saved_step} or earlier) "
+            "is where the same command resumes")
+
+  def restore_or_init(self, params, restored):
+    """(placed train state, placed reference params, base key), restored or fresh.
+
+    The optimizer state is created on the devices, and no host copy of the params is
+    kept beyond this call: at 0.5B parameters every extra copy costs 2 GB.
+    """
+    step_fn, config = self.step_fn, self.config
+    fresh_key = jax.random.key(config.seed)
+    if restored is not None:
+      self.stream.restore(restored.meta["data"])
+      self.window.restore(restored.meta.get("metrics_window"))
+      self.updates = int(np.asarray(restored.state.step))
+      reference = restored.reference
+      if reference is None:  # unreadable: the starting params are the same weights
+        reference = params
+        self.save_reference(params)
+      saved_key = restored.meta.get("rng")
+      same_seed = restored.meta.get("config", {}).get("seed", config.seed) == config.seed
+      key = (jax.random.wrap_key_data(np.asarray(saved_key, np.uint32))
+             if saved_key is not None and same_seed else fresh_key)
+      self.saved_step = restored.step
+      log.info("Resumed from the checkpoint of step %d", restored.step)
+      return step_fn.place_state(restored.state), self.place_reference(reference), key
+    self.save_reference(params)
+    actor, reference = step_fn.place_params(params), self.place_reference(params)
+    return step_fn.init_state(actor), reference, fresh_key
+
+  def save_reference(self, params) -> None:
+    if self.config.checkpoint_every:
+      self.ckpt.save_reference(params)
+
+  def place_reference(self, params):
+    return self.step_fn.place_params(grpo.as_reference(params,
+                                                       self.s.model_config.compute_dtype))
+
+  def is_due(self, every: int, step: int) -> bool:
+    """Periodic actions (eval, checkpoint): every `every` steps and at the last; 0: never."""
+    return bool(every) and (step % every == 0 or step == self.config.max_steps)
+
+  def run(self, restored, stop: preemption.StopRequests) -> None:
+    config = self.config
+    params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
+    state, reference, base_key = self.restore_or_init(params, restored)
+    del params
+    start_step = restored.step if restored else 0
+    if stop.requested():  # during setup or the warm-up
+      raise preemption.Preempted(stop.signum, (
+          f"stopped by {preemption.signal_name(stop.signum)} before training step "
+          f"{start_step + 1}; {self.resume_hint()}"))
+    progress = metrics.ProgressLine(config.max_steps, start_step=start_step)
+    report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
+                                             writer=self.writer)
+    if self.evaluate and (start_step == 0 or restored.meta.get("pending_eval")):
+      self.log_eval(state, start_step, progress)
+    done = start_step
+    for step in range(start_step + 1, config.max_steps + 1):
+      if stop.requested():
+        break
+      position = self.stream.state()
+      outcome = self.train_step(state, reference, jax.random.fold_in(base_key, step), stop)
+      if outcome is None:  # stopped before its update: the resumed run samples it again
+        self.stream.restore(position)
+        break
+      state, reference, step_metrics = outcome
+      done = step
+      report(step)
+      self.window.add(step_metrics)
+      if step % config.log_every == 0 or step == config.max_steps:
+        self.writer.write_scalars(step, self.window.pop())
+      progress.update(step, step_metrics)
+      self.nonfinite(step, step_metrics, self.resume_hint())
+      eval_due = self.evaluate is not None and self.is_due(config.eval_every, step)
+      if stop.requested():  # an evaluation can take minutes: the resumed run does it
+        self.save(step, state, reference, base_key, pending_eval=eval_due)
+        break
+      if eval_due:
+        self.log_eval(state, step, progress)
+      if self.is_due(config.checkpoint_every, step):
+        self.save(step, state, reference, base_key)
+    progress.close()
+    if stop.signum is not None and done > self.saved_step:  # (save: never if checkpoint_every=0)
+      self.save(done, state, reference, base_key)
+    self.ckpt.wait()
+    self.writer.flush()
+    if stop.signum is not None:  # the checkpoint is complete now (waited for above)
+      where = (f"checkpoint of step {self.saved_step} saved in {self.ckpt.directory}: rerun "
+               "the same command to resume" if self.saved_step else self.resume_hint())
+      raise preemption.Preempted(stop.signum, (
+          f"stopped by {preemption.signal_name(stop.signum)} after step {done} of "
+          f"{config.max_steps}; {where}"))
+    if is_primary():
+      metrics.plot_curves(str(self.logdir))
+    if config.export_hf and is_primary():
+      self.export(state)
+
+  def train_step(self, state, reference, key, stop):
+    """One GRPO step: prompts -> sampler -> rewards (-> dynamic sampling) -> score ->
+    update (-> reference sync). (state, reference, metrics), or None when a stop was
+    requested before the update began (state untouched)."""
+    config, step_fn = self.config, self.step_fn
+    times = {"time/sampling": 0.0, "time/rewards": 0.0}
+    started = time.perf_counter()
+    batch = self.sample(state.params, key, stop, times)
+    if batch is None:
+      return None
+    scoring = time.perf_counter()
+    rollout = self.place_rollout(batch)
+    scored, reward_metrics = step_fn.score(state, reference, rollout,
+                                           step_fn.place_batch(batch.rewards))
+    if batch.rows_in_loss is not None:  # filler rows: out of the loss and its normalisation
+      scored = scored._replace(rows_in_loss=step_fn.place_batch(batch.rows_in_loss))
+    state, update_metrics = step_fn.update(state, scored)
+    reference = self.sync_reference(reference, state)
+    step_metrics = self.host.named_metrics(step_fn.host_metrics({**reward_metrics,
+                                                                 **update_metrics}))
+    if config.dynamic_sampling:  # the filler out of the reward metrics; rounds, kept groups
+      step_metrics = dynamic_sampling.with_sampling_metrics(
+          batch, step_metrics, config.prompts_per_step, dynamic_sampling.scales_per_group(
+              config.scale_rewards, config.multi_objective_aggregation))
+      self.short_batches(step_metrics, config.prompts_per_step)
+    finished = time.perf_counter()
+    step_metrics.update(dynamic_sampling.throughput(batch, finished - started))
+    # Where the step went: prompts + sampling, host reward functions, reference + update.
+    step_metrics.update({**times, "time/update": finished - scoring})
+    return state, reference, step_metrics
+
+  def sample(self, params, key, stop, times):
+    """The step's batch (`dynamic_sampling.Gathered`): one sampling round, or with
+    dynamic sampling as many as it takes to gather prompts_per_step informative groups
+    (at most max_num_gen_batches). None when a stop was requested."""
+    config = self.config
+    keep = None
+    if config.dynamic_sampling:
+      weights = self.s.grpo_config.weights
+      keep = lambda rewards: dynamic_sampling.informative_groups(
+          rewards, weights, config.num_generations, config.multi_objective_aggregation)
+    gatherer = dynamic_sampling.GroupGatherer(
+        config.prompts_per_step // jax.process_count(), config.num_generations, keep)
+
+    def sample_round(round_index: int):
+      # Round 0 keeps the step's key: without dynamic sampling the run is unchanged.
+      round_key = key if round_index == 0 else jax.random.fold_in(key, round_index)
+      started = time.perf_counter()
+      rows = self.stream.next_batch()
+      prompt_ids, prompt_mask = self.host.encode(rows)
+      placed = self.step_fn.generate(params, *self.step_fn.place_batch((prompt_ids,
+                                                                        prompt_mask)),
+                                     round_key)
+      host_rollout = self.step_fn.to_host(placed)  # waits for the sampler
+      if stop.requested():
+        return None
+      sampled = time.perf_counter()
+      rewards, _ = self.host.score(rows, host_rollout)
+      if stop.requested():
+        return None
+      times["time/sampling"] += sampled - started
+      times["time/rewards"] += time.perf_counter() - sampled
+      return host_rollout, rewards, placed
+
+    return dynamic_sampling.gather(sample_round, gatherer, config.max_num_gen_batches)
+
+  def place_rollout(self, batch: dynamic_sampling.Gathered):
+    """The batch's rollout on the devices, cut to the width its completions need."""
+    width = self.train_width(batch.rollout)
+    if width < self.config.max_completion_length:  # every completion stopped well before it
+      return self.step_fn.place_batch(sampling.trim_completions(batch.rollout, width))
+    if batch.placed is not None:  # the round's own rollout, still on the devices
+      return batch.placed
+    return self.step_fn.place_batch(batch.rollout)
+
+  def sync_reference(self, reference, state):
+    """TR-DPO: the reference moves toward the actor each time the optimizer-update count
+    passes a multiple of ref_model_sync_steps."""
+    config = self.config
+    if not config.sync_ref_model:
+      return reference
+    before = self.updates
+    self.updates = int(np.asarray(jax.device_get(self.step_fn.single_copy(state.step))))
+    if not grpo.sync_due(before, self.updates, config.ref_model_sync_steps):
+      return reference
+    log.info("Reference synced with the actor after update %d (alpha %g)", self.updates,
+             config.ref_model_mixup_alpha)
+    return grpo.mix_reference(reference, state.params, config.ref_model_mixup_alpha)
+
+  def save(self, step: int, state, reference, base_key, pending_eval: bool = False) -> None:
+    """Checkpoints `state` as of `step` (asynchronously), with what a resume needs: the
+    reference too where it moves (sync_ref_model)."""
+    if not self.config.checkpoint_every:
+      return
+    moved = self.step_fn.single_copy(reference) if self.config.sync_ref_model else None
+    self.ckpt.save(step, self.step_fn.single_copy(state), {
+        "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist(),
+        "config": config_lib.as_json(self.config), "pending_eval": pending_eval,
+        "metrics_window": self.window.state()}, reference=moved)
+    self.saved_any, self.saved_step = True, step
+
+  def export(self, state) -> None:
+    """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it)."""
+    path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
+    model = nnx.merge(self.s.model_def, self.step_fn.single_copy(state.params))
+    hf.save_pretrained(model, os.fspath(path), self.s.tokenizer)
+    log.info("Exported the final actor to %s", path)
+
+  def log_eval(self, state, step: int, progress) -> None:
+    result = self.evaluate(state.params)
+    self.writer.write_scalars(step, result.metrics)
+    self.writer.write_texts(step, {"samples": result.sample_text})
+    self.writer.flush()
+    progress.update(step, result.metrics)
+    if is_primary():
+      metrics.plot_curves(str(self.logdir))
