@@ -102,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ref_model_sync_steps = 512
   # DAPO dynamic sampling (verl's names): groups whose rewards are all equal are dropped and
   # more prompts sampled, up to max_num_gen_batches sampling rounds per step, until
-  # prompts_per_step informative groups are gathered.
+  # prompts_per_step informative groups are gathered; the missing ones are filler that adds
+  # nothing to the loss. A step with no informative group at all skips its update (counted
+  # toward max_nonfinite_steps). Metrics dynamic_sampling/rounds, dynamic_sampling/kept_groups.
   c.dynamic_sampling = False
   c.max_num_gen_batches = 4
   # The built-in reward soft_overlong_punishment (DAPO): 0 up to max_completion_length -

@@ -52,6 +52,7 @@ class StopRequests:
     self.resume_hint = resume_hint
     self.signum: int | None = None
     self._previous: dict[int, object] = {}
+    self._watchdog: threading.Timer | None = None
 
   def __enter__(self) -> StopRequests:
     if threading.current_thread() is threading.main_thread():
@@ -63,6 +64,9 @@ class StopRequests:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous.clear()
+    if self._watchdog is not None:  # stopped in time: a caller that goes on (in-process
+      self._watchdog.cancel()       # use, tests) must not be killed later by the timer
+      self._watchdog = None
 
   def _handle(self, signum, frame) -> None:
     if self.signum is not None:
@@ -70,10 +74,10 @@ class StopRequests:
     self.signum = signum
     log.warning("%s received: stopping after a checkpoint (grace %.0f s; a second signal "
                 "exits at once)", signal_name(signum), self.grace_seconds)
-    watchdog = threading.Timer(self.grace_seconds, self._exit_now, args=(
+    self._watchdog = threading.Timer(self.grace_seconds, self._exit_now, args=(
         signum, f"could not stop within preemption_grace_seconds={self.grace_seconds:g}"))
-    watchdog.daemon = True
-    watchdog.start()
+    self._watchdog.daemon = True
+    self._watchdog.start()
 
   def _exit_now(self, signum: int, why: str) -> None:
     sys.stderr.write(f"grpo_jax: {why}; {self.resume_hint()}\n")
