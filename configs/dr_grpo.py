@@ -14,22 +14,13 @@ What it changes against gsm8k.py, GRPO "done right" by removing its two biases:
   * beta 0.0: no KL term (rule-based rewards need no anchor; the paper drops it).
 """
 
-import importlib.util
 import pathlib
 
-
-def _gsm8k_config():
-  """configs/gsm8k.py's config, loaded from beside this file (configs/ is a folder of
-  config files, not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "grpo_jax_configs_gsm8k", pathlib.Path(__file__).with_name("gsm8k.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from grpo_jax.config import from_file
 
 
 def get_config():
-  c = _gsm8k_config()
+  c = from_file(pathlib.Path(__file__).with_name("gsm8k.py"))
   c.loss_type = "dr_grpo"
   c.scale_rewards = "none"
   c.beta = 0.0

@@ -157,6 +157,17 @@ RESUME_FREE_FIELDS = frozenset({
     "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change"})
 
 
+def from_file(path) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/ is a folder of files, not a package): how a
+  recipe starts from another, e.g. configs/dapo.py from configs/gsm8k.py."""
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location(f"grpo_jax_config_{abs(hash(str(path)))}",
+                                                str(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON data (tuples become lists), as a checkpoint stores it."""
   return json.loads(json.dumps(config.to_dict(), default=str))

@@ -87,3 +87,12 @@ def user_files(tmp_path, monkeypatch):
   data.write_text("\n".join(json.dumps(r) for r in rows))
   monkeypatch.setenv("REWARD_LOG", str(tmp_path / "reward_log.jsonl"))
   return tmp_path
+
+
+def write_reward_files(directory):
+  """REWARDS_MODULE as my_rewards.py and a 24-row JSONL dataset (question, answer) in
+  `directory`, which is returned."""
+  (directory / "my_rewards.py").write_text(REWARDS_MODULE)
+  rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in range(4)]
+  (directory / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  return directory

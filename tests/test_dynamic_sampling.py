@@ -216,12 +216,8 @@ TIMING = ("step_time", "tokens_per_second", "steps_per_sec", "uptime")
 def files(tmp_path_factory):
   """conftest's reward module (stop_at: length parity, so about half of the G=2 groups
   have no spread; it raises on call STOP_AT) and a JSONL dataset."""
-  from conftest import REWARDS_MODULE  # noqa: PLC0415
-  files = tmp_path_factory.mktemp("dynamic_sampling")
-  (files / "my_rewards.py").write_text(REWARDS_MODULE)
-  rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in range(4)]
-  (files / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-  return files
+  from conftest import write_reward_files  # noqa: PLC0415
+  return write_reward_files(tmp_path_factory.mktemp("dynamic_sampling"))
 
 
 def run(files, workdir, stop_at=0, **overrides):

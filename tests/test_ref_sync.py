@@ -2,7 +2,6 @@
 (1 - alpha) * reference when the update count passes a multiple of ref_model_sync_steps,
 is checkpointed with each step, and stays the starting params when the sync is off."""
 
-import json
 import sys
 
 import jax
@@ -55,12 +54,8 @@ def test_mixing_is_in_float32_and_keeps_each_layout():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  from conftest import REWARDS_MODULE  # noqa: PLC0415  (stop_at: length parity, raises on STOP_AT)
-  files = tmp_path_factory.mktemp("ref_sync")
-  (files / "my_rewards.py").write_text(REWARDS_MODULE)
-  rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in range(4)]
-  (files / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-  return files
+  from conftest import write_reward_files  # noqa: PLC0415
+  return write_reward_files(tmp_path_factory.mktemp("ref_sync"))
 
 
 def run(files, workdir, stop_at=0, **overrides):
