@@ -96,3 +96,18 @@ def write_reward_files(directory):
   rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in range(4)]
   (directory / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
   return directory
+
+
+def train_on_reward_files(files, workdir, config, stop_at: int = 0) -> dict[int, dict]:
+  """`train.train_and_evaluate` with `write_reward_files`' module importable and a fresh
+  call counter (stop_at: the reward call that raises, 0 never); {step: its train record}."""
+  from grpo_jax import metrics, train  # noqa: PLC0415
+  with pytest.MonkeyPatch.context() as patch:
+    patch.syspath_prepend(str(files))
+    patch.setenv("STOP_AT", str(stop_at))
+    sys.modules.pop("my_rewards", None)
+    try:
+      train.train_and_evaluate(config, workdir)
+    finally:
+      sys.modules.pop("my_rewards", None)
+  return {r["step"]: r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r}

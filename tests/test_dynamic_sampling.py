@@ -13,6 +13,7 @@ import pytest
 from grpo_jax import dynamic_sampling, grpo, metrics, parallel, preemption, train
 from grpo_jax.errors import UserError
 from test_parallel import G, PROMPTS, make_step, prompts
+from conftest import train_on_reward_files
 from test_train import final_params, tiny_config
 
 WEIGHTS = (1.0, 0.5)  # make_step's reward weights
@@ -225,15 +226,7 @@ def run(files, workdir, stop_at=0, **overrides):
       "dataset": f"json:{files / 'data.jsonl'}", "prompt_column": "question",
       "reward_funcs": "my_rewards:stop_at", "dynamic_sampling": True, "max_num_gen_batches": 3,
       "max_steps": 4, "checkpoint_every": 2, "eval_every": 0, **overrides})
-  with pytest.MonkeyPatch.context() as patch:
-    patch.syspath_prepend(str(files))
-    patch.setenv("STOP_AT", str(stop_at))
-    sys.modules.pop("my_rewards", None)  # a fresh call counter
-    try:
-      train.train_and_evaluate(config, workdir)
-    finally:
-      sys.modules.pop("my_rewards", None)
-  return {r["step"]: r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r}
+  return train_on_reward_files(files, workdir, config, stop_at)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 
 from grpo_jax import grpo, mesh, metrics, parallel, preemption, train
 from grpo_jax.errors import UserError
+from conftest import train_on_reward_files
 from test_train import final_params, tiny_config
 
 ALPHA = 0.6
@@ -64,15 +65,7 @@ def run(files, workdir, stop_at=0, **overrides):
       "reward_funcs": "my_rewards:stop_at", "sync_ref_model": True, "ref_model_sync_steps": 2,
       "ref_model_mixup_alpha": ALPHA, "max_steps": 4, "checkpoint_every": 1,
       "keep_checkpoints": 5, "eval_every": 0, **overrides})
-  with pytest.MonkeyPatch.context() as patch:
-    patch.syspath_prepend(str(files))
-    patch.setenv("STOP_AT", str(stop_at))
-    sys.modules.pop("my_rewards", None)  # a fresh call counter
-    try:
-      train.train_and_evaluate(config, workdir)
-    finally:
-      sys.modules.pop("my_rewards", None)
-  return {r["step"]: r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r}
+  return train_on_reward_files(files, workdir, config, stop_at)
 
 
 def restore(path):
