@@ -1,12 +1,17 @@
 """Does the demo learn with each GRPO variant? Held-out greedy accuracy before and after.
 
-  python benchmarks/variants_learn.py [--variants grpo,dapo,...] [--steps 100] [--out DIR]
+  python benchmarks/variants_learn.py [--variants grpo,dapo,...] [--steps 100]
+      [--num-iterations 1] [--out DIR]
 
 Runs the embedded demo (configs/default.py: the supervised warm-up, then GRPO) once per
 variant, each in its own workdir under --out. The warm-up is the same for every variant
 (same seed and fields), so it is built once and its cache copied into the other workdirs.
 Prints, per variant, eval/accuracy at step 0 (after the warm-up) and at the last step,
 the gain in points and the run's wall time. Not a test: nothing here asserts.
+
+With num_iterations = 1 every update is on-policy (ratio exactly 1), where several variants
+have the same gradient: grpo = gspo (sequence level) = sapo (its gate's slope at 1 is 1),
+and dapo = cispo; --num-iterations 2 makes the later updates off-policy, where they differ.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def cpu_name() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def run_variant(name: str, overrides: dict, steps: int, out: str, warmup_from: str | None):
+def run_variant(name: str, overrides: dict, steps: int, num_iterations: int, out: str,
+                warmup_from: str | None):
   from configs import default
   from grpo_jax import metrics, train
 
@@ -58,6 +64,7 @@ def run_variant(name: str, overrides: dict, steps: int, out: str, warmup_from: s
     shutil.copytree(os.path.join(warmup_from, "warmup"), os.path.join(workdir, "warmup"))
   config = default.get_config()
   config.max_steps = steps
+  config.num_iterations = num_iterations
   config.checkpoint_every = 0
   config.update(overrides)
   started = time.perf_counter()
@@ -74,6 +81,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--num-iterations", type=int, default=1,
+                 help="optimizer updates per sampled batch (GRPO's mu; > 1: off-policy ratios)")
   p.add_argument("--out", default="/tmp/grpo_variants")
   a = p.parse_args()
   names = [n.strip() for n in a.variants.split(",") if n.strip()]
@@ -83,11 +92,12 @@ def main():
   os.makedirs(a.out, exist_ok=True)
   results, first = [], None
   for name in names:
-    result = run_variant(name, VARIANTS[name], a.steps, a.out, first)
+    result = run_variant(name, VARIANTS[name], a.steps, a.num_iterations, a.out, first)
     first = first or result["workdir"]
     results.append(result)
     print(json.dumps(result), flush=True)
-  print(f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; {a.steps} GRPO steps per variant")
+  print(f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; {a.steps} GRPO steps per variant, "
+        f"num_iterations={a.num_iterations}")
   print(f"{'variant':10} {'before':>7} {'after':>7} {'gain':>7} {'best':>7} {'seconds':>8}")
   for r in results:
     print(f"{r['variant']:10} {100 * r['before']:6.1f}% {100 * r['after']:6.1f}% "
