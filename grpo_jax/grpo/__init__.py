@@ -33,4 +33,4 @@ __all__ = ["Advantages", "combine_rewards", "group_advantages", "LOGITS_CHUNK_BY
            "per_token_loss", "MICRO_BATCH_MAX_PARAMS", "MICRO_BATCH_TOKENS", "GRPOStep",
            "RewardFn", "as_reference", "init_train_state", "loss_and_grads", "make_optimizer",
            "micro_batch_rows", "reward_metrics", "score_rollout", "update", "LOSS_TYPES",
-           "SCALE_REWARDS", "STD_EPS", "GRPOConfig", "TrainState"]
+           "SCALE_REWARDS", "STD_EPS", "GRPOConfig", "TrainState", "mix_reference", "sync_due"]
