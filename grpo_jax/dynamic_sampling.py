@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from grpo_jax import sampling
+from grpo_jax import rollouts, sampling
 
 log = logging.getLogger("grpo_jax")
 
@@ -234,10 +234,7 @@ class ShortBatchWarnings:
     if kept_groups >= total_groups:
       return
     self.short += 1
-    count = self.short
-    while count % 10 == 0:
-      count //= 10
-    if count == 1:
+    if rollouts.is_power_of_ten(self.short):
       log.warning("dynamic sampling: %d of %d groups had a reward spread after "
                   "max_num_gen_batches=%d rounds; the update trains on those %d (%d such "
                   "steps of %d so far)%s", kept_groups, total_groups, self.max_rounds,

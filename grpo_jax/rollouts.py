@@ -71,7 +71,7 @@ class AbstentionWarnings:
                     self.batches)
     if np.all(abstained):
       self.empty_batches += 1
-      if _is_power_of_ten(self.empty_batches):
+      if is_power_of_ten(self.empty_batches):
         units = self.unit + ("es" if self.unit.endswith("h") else "s")
         so_far = (f" ({self.empty_batches} such {units} so far, of {self.batches})"
                   if self.empty_batches > 1 else "")
@@ -80,7 +80,8 @@ class AbstentionWarnings:
                     self.consequence, so_far)
 
 
-def _is_power_of_ten(count: int) -> bool:
+def is_power_of_ten(count: int) -> bool:
+  """1, 10, 100, ...: the occurrences a repeated warning is logged on."""
   while count % 10 == 0:
     count //= 10
   return count == 1
