@@ -36,6 +36,10 @@ def faulty(prompts, completions, **columns):
   global calls
   calls += 1
   if calls == int(os.environ.get("SIGNAL_AT", "0")):
+    wait_for = os.environ.get("WAIT_FOR_PATH")  # e.g. a checkpoint still being committed
+    deadline = time.monotonic() + 120
+    while wait_for and not os.path.exists(wait_for) and time.monotonic() < deadline:
+      time.sleep(0.05)
     for _ in range(int(os.environ.get("SIGNAL_TIMES", "1"))):
       os.kill(os.getpid(), getattr(signal, os.environ.get("SIGNAL", "SIGTERM")))
       time.sleep(0.05)
@@ -175,8 +179,10 @@ def test_sigterm_at_a_random_step_loses_no_step(fault_files, straight, tmp_path)
 def test_second_signal_and_grace_expiry_exit_at_once_and_stay_resumable(fault_files, tmp_path):
   workdir = tmp_path / "run"
   args = fault_args(fault_files, workdir)
+  # Ctrl-C twice, once step 3's asynchronous save is committed (under load it can still be
+  # in flight at step 5, and an exit at once abandons it by design: see the kill -9 tests)
   twice = run(fault_files, args, SIGNAL_AT="7", SIGNAL_TIMES="2", SLEEP_AFTER_SIGNAL="30",
-              SIGNAL="SIGINT")  # Ctrl-C twice
+              SIGNAL="SIGINT", WAIT_FOR_PATH=str(workdir / "checkpoints" / "3"))
   assert twice.returncode == 130
   assert "grpo_jax: second SIGINT: exiting at once" in last_line(twice)
   assert final_params(workdir)[0] == 3  # the last periodic checkpoint
