@@ -11,6 +11,11 @@ A step's own `reference` item, where there is one, is the reference that step re
 (a synced reference changes every ref_model_sync_steps updates, so a resume needs the one
 of its step); without one, the step restores the starting `reference/`.
 
+With LoRA `<step>/state` holds the adapters and their AdamW state only, and there is no
+reference at all: the frozen base is the reference and is rebuilt from its source (the
+model checkpoint, the demo's warm-up). The meta's fingerprint carries the base weights'
+digest (`lora_base_weights`), so adapters are never restored onto another base.
+
 Orbax writes each checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp`)
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
 the latest one. What Orbax cannot guard against (a truncated file, a deleted or damaged
@@ -338,7 +343,9 @@ class Checkpointer:
     None if there are no checkpoints. UserError (one line) if there are but none restores:
     then nothing is moved. IncompatibleCheckpointError if the newest step with readable
     metadata was written for another model: that is not damage, so nothing is moved.
-    `like_state` / `like_reference` are pytrees of the shapes and dtypes to restore into.
+    `like_state` / `like_reference` are pytrees of the shapes and dtypes to restore into;
+    `like_reference` None: the run keeps no reference (LoRA: the base is the reference),
+    and `Restored.reference` is None.
     """
     steps = self._steps_newest_first()
     if not steps:
@@ -362,8 +369,11 @@ class Checkpointer:
         passed_over.append((step, reason))
         continue
       self._move_corrupt(passed_over, resumed_from=step)
-      reference = (step_reference if step_reference is not None
-                   else self._restore_reference_or_none(like_reference))
+      if like_reference is None:
+        reference = None
+      else:
+        reference = (step_reference if step_reference is not None
+                     else self._restore_reference_or_none(like_reference))
       return Restored(step, state, meta, reference)
 
     for step, reason in passed_over:

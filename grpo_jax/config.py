@@ -14,10 +14,12 @@ from ml_collections import config_dict
 
 from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
+from grpo_jax.models import lora
 
 PARALLELISM = ("pmap", "mesh")
 DEMO_DATASET = "demo:arithmetic"
 LR_SCHEDULES = ("constant", "linear", "cosine")
+EXPORT_FORMATS = ("merged", "peft")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,6 +35,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.remat = False
   c.scan_layers = False  # True: one lax.scan over layers (faster compiles of deep models)
   c.export_hf = ""  # directory (relative to the workdir) for the final actor as a HF checkpoint
+  # With LoRA: merged (base + adapters as one HF checkpoint) or peft (a PEFT adapter folder,
+  # adapter_model.safetensors + adapter_config.json, that peft loads onto the base model).
+  c.export_format = "merged"
+  # LoRA (PEFT's LoraConfig names): rank 0 is off (full fine-tuning). With rank r > 0 every
+  # targeted projection gets adapters A [in, r] (uniform +-1/sqrt(in)) and B [r, out] (zeros),
+  # y = x W + (alpha / r) dropout(x) A B: step 0 is the base model exactly. Only the adapters
+  # are trained (AdamW state for them alone, float32); the base is frozen and doubles as the
+  # reference (adapters off), so no reference copy is made or checkpointed.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=8.0,  # PEFT's default lora_alpha; the update scale is alpha / rank
+      dropout=0.0,  # on the adapters' input, in the train pass only (not in sampling)
+      target_modules="all-linear",  # or a comma-separated list of q_proj,k_proj,...,down_proj
+      base_dtype="float32",  # storage of the frozen base: float32 or bfloat16
+      # none, int8 (per-column absmax) or nf4 (QLoRA's NormalFloat4, blocks of 64 rows):
+      # the base's projections quantised with qwix, dequantised at each matmul.
+      base_quantization="none",
+  ))
 
   # Data.
   c.dataset = DEMO_DATASET
@@ -205,7 +225,7 @@ def check_known_fields(config: ml_collections.ConfigDict) -> None:
   for key in config.keys():
     if key not in known:
       raise ConfigError(f"unknown config field {key!r}; known fields: {', '.join(sorted(known))}")
-  for group in ("model", "mesh"):
+  for group in ("model", "mesh", "lora"):
     for key in config[group].keys():
       if key not in known[group]:
         raise ConfigError(f"unknown config field '{group}.{key}'; "
@@ -291,6 +311,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "float32, bfloat16")
   _require(bool(reward_func_specs(config)), "reward_funcs", config.reward_funcs,
            "one or more built-in names or module:function paths")
+  _require(config.export_format in EXPORT_FORMATS, "export_format", config.export_format,
+           ", ".join(EXPORT_FORMATS))
+  if lora.from_config(config.lora) is not None:  # the lora.* fields are checked there
+    _require(not config.sync_ref_model, "sync_ref_model", config.sync_ref_model,
+             "False with LoRA (lora.rank > 0): the reference is the frozen base itself")
   grpo_config(config, eos_token_ids=(0,), pad_token_id=0)  # loss / sampling field checks
 
 
@@ -322,4 +347,10 @@ def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None
       mask_truncated_completions=config.mask_truncated_completions,
       multi_objective_aggregation=config.multi_objective_aggregation,
       logprob_chunk_size=config.logprob_chunk_size, micro_batch_size=config.micro_batch_size,
-      platform=platform)
+      platform=platform, dropout_seed=config.seed if lora_dropout(config) else None)
+
+
+def lora_dropout(config) -> bool:
+  """Whether the train pass draws LoRA dropout masks."""
+  adapters = lora.from_config(config.lora)
+  return adapters is not None and adapters.dropout > 0

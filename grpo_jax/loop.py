@@ -16,6 +16,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
 from flax import nnx
@@ -25,7 +26,7 @@ from grpo_jax import (checkpoint, dynamic_sampling, grpo, metrics, preemption, r
 from grpo_jax import config as config_lib
 from grpo_jax.data import batching
 from grpo_jax.errors import UserError
-from grpo_jax.models import hf
+from grpo_jax.models import hf, lora
 
 log = logging.getLogger("grpo_jax")
 
@@ -104,32 +105,68 @@ class TrainLoop:
     """
     step_fn, config = self.step_fn, self.config
     fresh_key = jax.random.key(config.seed)
+    if self.s.reference_def is not None:
+      return self.restore_or_init_adapters(params, restored, fresh_key)
     if restored is not None:
-      self.stream.restore(restored.meta["data"])
-      self.window.restore(restored.meta.get("metrics_window"))
-      self.updates = int(np.asarray(restored.state.step))
       reference = restored.reference
       if reference is None:  # unreadable: the starting params are the same weights
         reference = params
         self.save_reference(params)
-      saved_key = restored.meta.get("rng")
-      same_seed = restored.meta.get("config", {}).get("seed", config.seed) == config.seed
-      key = (jax.random.wrap_key_data(np.asarray(saved_key, np.uint32))
-             if saved_key is not None and same_seed else fresh_key)
-      self.saved_step = restored.step
-      log.info("Resumed from the checkpoint of step %d", restored.step)
-      return step_fn.place_state(restored.state), self.place_reference(reference), key
+      state, key = self.resume(restored, fresh_key)
+      return state, self.place_reference(reference), key
     self.save_reference(params)
     actor, reference = step_fn.place_params(params), self.place_reference(params)
     return step_fn.init_state(actor), reference, fresh_key
+
+  def resume(self, restored, fresh_key):
+    """(placed train state, base key) of a restored checkpoint; the data stream, metric
+    window and update count resume with it. The saved key is used unless the seed changed
+    (allow_config_change)."""
+    self.stream.restore(restored.meta["data"])
+    self.window.restore(restored.meta.get("metrics_window"))
+    self.updates = int(np.asarray(restored.state.step))
+    saved_key = restored.meta.get("rng")
+    same_seed = restored.meta.get("config", {}).get("seed", self.config.seed) == self.config.seed
+    key = (jax.random.wrap_key_data(np.asarray(saved_key, np.uint32))
+           if saved_key is not None and same_seed else fresh_key)
+    self.saved_step = restored.step
+    log.info("Resumed from the checkpoint of step %d", restored.step)
+    return self.step_fn.place_state(restored.state), key
+
+  def restore_or_init_adapters(self, base, restored, fresh_key):
+    """LoRA's (placed adapter train state, placed base, base key): the base is frozen and
+    is the reference, placed once and never checkpointed; the adapters are restored or
+    start fresh (B = 0: step 0 is the base model)."""
+    lora_cfg = self.s.model_config.lora
+    log.info("LoRA rank %d (alpha %g, dropout %g) on %s: %s trainable of %s parameters; the "
+             "frozen base (%s, quantisation %s) is the reference, so no reference copy is "
+             "kept or checkpointed", lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout,
+             ",".join(lora_cfg.targets), f"{lora.num_params(self.s.adapters_like):,}",
+             f"{lora.num_params(base):,}", self.config.lora.base_dtype,
+             self.config.lora.base_quantization)
+    reference = self.place_reference(base)
+    if restored is not None:
+      state, key = self.resume(restored, fresh_key)
+      return state, reference, key
+    adapters = lora.init_adapters(self.s.adapters_like, jax.random.fold_in(fresh_key, 1))
+    return self.step_fn.init_state(self.step_fn.place_params(adapters)), reference, fresh_key
 
   def save_reference(self, params) -> None:
     if self.config.checkpoint_every:
       self.ckpt.save_reference(params)
 
   def place_reference(self, params):
+    """The reference on the devices, in its compute dtype; with LoRA the base, also in
+    lora.base_dtype and quantised per lora.base_quantization."""
+    if self.s.reference_def is not None:
+      params = lora.prepare_base(params, self.config.lora.base_dtype,
+                                 self.config.lora.base_quantization)
     return self.step_fn.place_params(grpo.as_reference(params,
                                                        self.s.model_config.compute_dtype))
+
+  def policy(self, state, reference):
+    """The actor's whole (placed) state: with LoRA the adapters on the base."""
+    return self.step_fn.step.policy_params(state.params, reference)
 
   def is_due(self, every: int, step: int) -> bool:
     """Periodic actions (eval, checkpoint): every `every` steps and at the last; 0: never."""
@@ -149,7 +186,7 @@ class TrainLoop:
     report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
                                              writer=self.writer)
     if self.evaluate and (start_step == 0 or restored.meta.get("pending_eval")):
-      self.log_eval(state, start_step, progress)
+      self.log_eval(state, reference, start_step, progress)
     done = start_step
     for step in range(start_step + 1, config.max_steps + 1):
       if stop.requested():
@@ -172,7 +209,7 @@ class TrainLoop:
         self.save(step, state, reference, base_key, pending_eval=eval_due)
         break
       if eval_due:
-        self.log_eval(state, step, progress)
+        self.log_eval(state, reference, step, progress)
       if self.is_due(config.checkpoint_every, step):
         self.save(step, state, reference, base_key)
     progress.close()
@@ -189,7 +226,7 @@ class TrainLoop:
     if is_primary():
       metrics.plot_curves(str(self.logdir))
     if config.export_hf and is_primary():
-      self.export(state)
+      self.export(state, reference)
 
   def train_step(self, state, reference, key, stop):
     """One GRPO step: prompts -> sampler -> rewards (-> dynamic sampling) -> score ->
@@ -198,7 +235,7 @@ class TrainLoop:
     config, step_fn = self.config, self.step_fn
     times = {"time/sampling": 0.0, "time/rewards": 0.0}
     started = time.perf_counter()
-    batch = self.sample(state.params, key, stop, times)
+    batch = self.sample(self.policy(state, reference), key, stop, times)
     if batch is None:
       return None
     scoring = time.perf_counter()
@@ -207,7 +244,7 @@ class TrainLoop:
                                            step_fn.place_batch(batch.rewards))
     if batch.rows_in_loss is not None:  # filler rows: out of the loss and its normalisation
       scored = scored._replace(rows_in_loss=step_fn.place_batch(batch.rows_in_loss))
-    state, update_metrics = step_fn.update(state, scored)
+    state, update_metrics = step_fn.update(state, scored, reference)
     reference = self.sync_reference(reference, state)
     step_metrics = self.host.named_metrics(step_fn.host_metrics({**reward_metrics,
                                                                  **update_metrics}))
@@ -292,15 +329,34 @@ class TrainLoop:
         "metrics_window": self.window.state()}, reference=moved)
     self.saved_any, self.saved_step = True, step
 
-  def export(self, state) -> None:
-    """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it)."""
+  def export(self, state, reference) -> None:
+    """The final actor as a Hugging Face checkpoint (transformers / vLLM can load it); with
+    LoRA either merged into its base (export_format="merged") or as a PEFT adapter folder
+    ("peft") for the base model at model_path (the demo's base is written beside it)."""
     path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
-    model = nnx.merge(self.s.model_def, self.step_fn.single_copy(state.params))
-    hf.save_pretrained(model, os.fspath(path), self.s.tokenizer)
-    log.info("Exported the final actor to %s", path)
+    params = self.step_fn.single_copy(state.params)
+    if self.s.reference_def is None:
+      hf.save_pretrained(nnx.merge(self.s.model_def, params), os.fspath(path), self.s.tokenizer)
+      log.info("Exported the final actor to %s", path)
+      return
+    lora_cfg, base = self.s.model_config.lora, self.step_fn.single_copy(reference)
+    if self.config.export_format == "merged":
+      merged = lora.merged_kernels(base, params, lora_cfg)
+      hf.save_pretrained(nnx.merge(self.s.reference_def, merged), os.fspath(path),
+                         self.s.tokenizer)
+      log.info("Exported the final actor (LoRA merged into its base) to %s", path)
+      return
+    base_path = self.config.model_path
+    if not base_path:  # a base that exists nowhere else (the demo's warmed-up model)
+      base_path = os.fspath(path / "base")
+      hf.save_pretrained(nnx.merge(self.s.reference_def, lora.merged_kernels(
+          base, jax.tree.map(jnp.zeros_like, params), lora_cfg)), base_path, self.s.tokenizer)
+    hf.save_peft_adapter(params, self.s.model_config, os.fspath(path), base_path,
+                         self.s.tokenizer)
+    log.info("Exported the LoRA adapters (PEFT format, base %s) to %s", base_path, path)
 
-  def log_eval(self, state, step: int, progress) -> None:
-    result = self.evaluate(state.params)
+  def log_eval(self, state, reference, step: int, progress) -> None:
+    result = self.evaluate(self.policy(state, reference))
     self.writer.write_scalars(step, result.metrics)
     self.writer.write_texts(step, {"samples": result.sample_text})
     self.writer.flush()

@@ -34,7 +34,7 @@ from grpo_jax import workdir as workdir_lib
 from grpo_jax.data import demo, loading
 from grpo_jax.errors import UserError
 from grpo_jax.loop import NonFiniteWatch, TrainLoop, is_primary  # noqa: F401  (train.TrainLoop)
-from grpo_jax.models import ModelConfig, Transformer, hf, presets
+from grpo_jax.models import ModelConfig, Transformer, hf, lora, presets
 from grpo_jax.rewards import resolve_reward_funcs
 
 log = logging.getLogger("grpo_jax")
@@ -54,6 +54,21 @@ class Setup:
   eval_data: Any
   reward_funcs: list
   grpo_config: grpo.GRPOConfig
+  # LoRA (lora.rank > 0): `model_def` / `model_config` are the adapted model's, and
+  # `init_params` the base, read by `reference_def` (the plain model's graphdef) as the
+  # reference; `adapters_like` the adapters' shapes. Both None without LoRA.
+  reference_def: nnx.GraphDef | None = None
+  adapters_like: nnx.State | None = None
+
+  @property
+  def base_def(self) -> nnx.GraphDef:
+    """The graphdef that reads `init_params` (the plain model's, also with LoRA)."""
+    return self.model_def if self.reference_def is None else self.reference_def
+
+  @property
+  def trainable_like(self):
+    """Shapes of what the optimizer trains: the adapters with LoRA, else the whole model."""
+    return self.init_params if self.adapters_like is None else self.adapters_like
 
 
 def model_config(config) -> ModelConfig:
@@ -110,8 +125,14 @@ def setup(config) -> Setup:
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
   grpo_config = config_lib.grpo_config(config, eos_ids, pad_id,
                                        platform=jax.devices()[0].platform)
-  return Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
-               reward_funcs, grpo_config)
+  s = Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
+            reward_funcs, grpo_config)
+  adapters = lora.from_config(config.lora)
+  if adapters is not None:  # the plain model becomes the reference; the actor adapts it
+    s.reference_def = model_def
+    s.model_def, s.adapters_like = lora.adapted_model(model_config, adapters)
+    s.model_config = model_config.replace(lora=adapters)
+  return s
 
 
 def maybe_initialize_distributed(mode: str) -> None:
@@ -170,9 +191,12 @@ def make_optimizer(config):
 def fingerprint(s: Setup) -> dict[str, Any]:
   """What a checkpoint must match to be restored into this run."""
   arch = dataclasses.asdict(s.model_config)
-  for runtime_only in ("dtype", "remat", "scan_layers"):
+  for runtime_only in ("dtype", "remat", "scan_layers", "lora"):  # lora.*: in the config
     arch.pop(runtime_only)
-  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
+  out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
+  if s.reference_def is not None:  # LoRA adapters are only meaningful on their base
+    out["lora_base_weights"] = lora.weights_digest(s.init_params)
+  return out
 
 
 def uses_warmup(config) -> bool:
@@ -200,7 +224,7 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   def run():
     log.info("Supervised warm-up: %d steps on imperfect demonstrations", config.sft_steps)
     params, loss = warmup.supervised_warmup(
-        s.model_def, s.init_params, s.tokenizer, prompts, make_demo, steps=config.sft_steps,
+        s.base_def, s.init_params, s.tokenizer, prompts, make_demo, steps=config.sft_steps,
         batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,
         max_prompt_length=config.max_prompt_length,
         max_completion_length=config.max_completion_length, seed=config.seed)
@@ -218,9 +242,10 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
 def restore_checkpoint(config, s: Setup, ckpt: checkpoint.Checkpointer):
   """The newest intact checkpoint (`checkpoint.Restored`, host arrays) or None; refuses
   one whose config differs in a field that changes the trajectory."""
-  like_state = grpo.TrainState(jnp.zeros((), jnp.int32), s.init_params,
-                               jax.eval_shape(make_optimizer(config)[0].init, s.init_params))
-  restored = ckpt.restore_latest(like_state, s.init_params)
+  like_state = grpo.TrainState(jnp.zeros((), jnp.int32), s.trainable_like,
+                               jax.eval_shape(make_optimizer(config)[0].init, s.trainable_like))
+  # With LoRA no reference is checkpointed: the base is rebuilt from its source.
+  restored = ckpt.restore_latest(like_state, s.init_params if s.reference_def is None else None)
   if restored is None:
     return None
   saved = restored.meta.get("config")
@@ -271,7 +296,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         log.info("sft_steps=%d is the demo's warm-up (dataset %r only); dataset %r: skipped",
                  config.sft_steps, config_lib.DEMO_DATASET, config.dataset)
       tx, schedule = make_optimizer(config)
-      step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config))
+      step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config,
+                                                    reference_def=s.reference_def))
       loop = TrainLoop(config, s, step_fn, ckpt, writer, logdir)
       stop.resume_hint = loop.resume_hint
       loop.run(restored, stop)

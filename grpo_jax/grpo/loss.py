@@ -237,8 +237,9 @@ def loss_from_logprobs(logprobs, entropy, scored: ScoredRollout, norms: LossNorm
 
 
 def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
-              cfg: GRPOConfig, axis_name=None, entropy_floor=None):
+              cfg: GRPOConfig, axis_name=None, entropy_floor=None, dropout_key=None):
   """(this device's share of the loss, its shares of the metrics) under `params`."""
   logprobs, entropy = completion_logprobs(model_def, params, scored.rollout, cfg.temperature,
-                                          cfg.logprob_chunk_size, cfg.token_shards)
+                                          cfg.logprob_chunk_size, cfg.token_shards,
+                                          dropout_key)
   return loss_from_logprobs(logprobs, entropy, scored, norms, cfg, axis_name, entropy_floor)

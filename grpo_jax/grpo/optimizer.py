@@ -11,8 +11,9 @@ from grpo_jax.errors import ConfigError
 # models/transformer.py parameters named here. RMSNorm scales (`weight`) and q/k/v biases
 # (`bias`) are left alone: decaying a norm scale pulls it towards 0 (not its init 1) and
 # shrinks the activations. The choice is by name, not ndim: the layers are stacked on a
-# leading axis, so a norm scale is [layers, D], 2-D like a matrix.
-DECAYED_PARAMS = ("kernel", "embed_tokens", "lm_head")
+# leading axis, so a norm scale is [layers, D], 2-D like a matrix. LoRA's adapter matrices
+# are decayed too (HF Trainer decays every trainable matrix, PEFT's included).
+DECAYED_PARAMS = ("kernel", "embed_tokens", "lm_head", "lora_a", "lora_b")
 UNDECAYED_PARAMS = ("weight", "bias")
 
 

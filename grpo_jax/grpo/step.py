@@ -17,6 +17,7 @@ from grpo_jax.grpo.logprobs import completion_logprobs
 from grpo_jax.grpo.loss import (LossNormalizers, ScoredRollout, entropy_threshold, grpo_loss,
                                 loss_mask, loss_metric_names, loss_normalizers)
 from grpo_jax.grpo.types import GRPOConfig, TrainState, _psum
+from grpo_jax.models import lora
 
 
 def as_reference(params: nnx.State, compute_dtype):
@@ -32,15 +33,27 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation) -> Tra
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def policy_params(params, reference_params, reference_def=None):
+  """The actor's whole state: `params` itself, or with LoRA (`reference_def` given: the
+  base model's graphdef) the adapters `params` on the frozen base `reference_params`."""
+  return params if reference_def is None else lora.policy_params(reference_params, params)
+
+
 def score_rollout(state: TrainState, reference_params, model_def, rollout: sampling.Rollout,
-                  rewards: jax.Array, cfg: GRPOConfig, axis_name=None):
-  """Advantages, old and reference log-probs, and the reward metrics of a rollout."""
+                  rewards: jax.Array, cfg: GRPOConfig, axis_name=None, reference_def=None):
+  """Advantages, old and reference log-probs, and the reward metrics of a rollout.
+
+  `reference_def`: with LoRA, the base model's graphdef; the reference is then the base
+  (`reference_params`) with the adapters off, and the actor the adapters on it."""
   adv = group_advantages(rewards, cfg.weights, cfg.num_generations, cfg.scale_rewards,
                          axis_name, cfg.multi_objective_aggregation)
-  no_grad_logprobs = lambda p: jax.lax.stop_gradient(completion_logprobs(
-      model_def, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
-  old = no_grad_logprobs(state.params) if cfg.num_iterations > 1 else None
-  ref = no_grad_logprobs(reference_params) if cfg.beta > 0 else None
+  no_grad_logprobs = lambda graph, p: jax.lax.stop_gradient(completion_logprobs(
+      graph, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
+  old = (no_grad_logprobs(model_def, policy_params(state.params, reference_params,
+                                                   reference_def))
+         if cfg.num_iterations > 1 else None)
+  ref = (no_grad_logprobs(reference_def or model_def, reference_params)
+         if cfg.beta > 0 else None)
   rewarded = (~jnp.isnan(adv.rewards)).astype(jnp.float32)
   return ScoredRollout(rollout, adv.advantages, old, ref, rewarded), reward_metrics(
       rewards, adv, rollout, cfg.num_generations, axis_name)
@@ -74,13 +87,20 @@ def micro_batch_rows(rows: int, seq_len: int, micro_batch_size: int, num_params:
 
 
 def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
-                   cfg: GRPOConfig, axis_name=None):
+                   cfg: GRPOConfig, axis_name=None, base=None, dropout_key=None):
   """This device's (loss share, metric shares) and gradients, accumulated over micro-batches.
 
   Every row's loss share is normalised by whole-batch counts (`norms`), so the sum over
   micro-batches is exactly the loss of the whole batch (up to float summation order).
+  `base`: with LoRA, the frozen base that the adapters `params` apply to (gradients are
+  taken for the adapters alone). `dropout_key`: LoRA dropout's, one sub-key per micro-batch.
   """
-  grad_fn = jax.value_and_grad(grpo_loss, has_aux=True)
+  whole = (lambda p: p) if base is None else (lambda p: lora.policy_params(base, p))
+
+  def loss(p, part_scored, part_norms, floor, key):
+    return grpo_loss(whole(p), model_def, part_scored, part_norms, cfg, axis_name, floor, key)
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
   rollout = scored.rollout
   rows, shards = rollout.prompt_ids.shape[0], cfg.token_shards
   seq_len = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
@@ -88,13 +108,13 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   size = shards * micro_batch_rows(rows // shards, seq_len, cfg.micro_batch_size, num_params,
                                    cfg.platform)
   if size == rows:
-    return grad_fn(params, model_def, scored, norms, cfg, axis_name)
+    return grad_fn(params, scored, norms, None, dropout_key)
   entropy_floor = None
   if cfg.top_entropy_quantile < 1.0:
     # The threshold is the whole global batch's: one no-grad pass over all of its rows
     # (as the old and reference log-probs take), not a micro-batch's own quantile.
     entropy = jax.lax.stop_gradient(completion_logprobs(
-        model_def, params, rollout, cfg.temperature, cfg.logprob_chunk_size, shards)[1])
+        model_def, whole(params), rollout, cfg.temperature, cfg.logprob_chunk_size, shards)[1])
     entropy_floor = entropy_threshold(entropy, loss_mask(scored, cfg), cfg.top_entropy_quantile,
                                       axis_name)
   # Micro-batch j holds rows j, j + k, j + 2k, ... (k micro-batches): on a mesh, where the
@@ -104,16 +124,16 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   micro = jax.tree.map(split, (scored, norms.shard_tokens))
 
   def accumulate(total, part):
-    part_scored, part_tokens = part
-    out = grad_fn(params, model_def, part_scored, norms._replace(shard_tokens=part_tokens), cfg,
-                  axis_name, entropy_floor)
+    (part_scored, part_tokens), j = part
+    out = grad_fn(params, part_scored, norms._replace(shard_tokens=part_tokens), entropy_floor,
+                  None if dropout_key is None else jax.random.fold_in(dropout_key, j))
     return jax.tree.map(jnp.add, total, out), None
 
   # (loss, metric shares) and gradients start at zero: the shapes of grpo_loss's outputs.
   zero = jnp.zeros((), jnp.float32)
   zeros = ((zero, {name: zero for name in loss_metric_names(cfg)}),
            jax.tree.map(jnp.zeros_like, params))
-  total, _ = jax.lax.scan(accumulate, zeros, micro)
+  total, _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(rows // size)))
   return total
 
 
@@ -125,13 +145,24 @@ def skip_unless(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
+def dropout_key(cfg: GRPOConfig, updates: jax.Array, axis_name=None) -> jax.Array | None:
+  """The train pass's LoRA dropout key for optimizer update number `updates` (on this
+  device under pmap), or None without dropout: a function of the count alone, so a resumed
+  run draws the masks an uninterrupted one draws."""
+  if cfg.dropout_seed is None:
+    return None
+  key = jax.random.fold_in(jax.random.key(cfg.dropout_seed), updates)
+  return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
 def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
-           cfg: GRPOConfig, axis_name=None) -> tuple[TrainState, dict[str, jax.Array]]:
+           cfg: GRPOConfig, axis_name=None, base=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """`cfg.num_iterations` optimizer updates on one scored rollout (lax.scan).
 
   An update whose loss or gradient norm is not finite, or whose batch has no valid reward
   at all, is skipped (`nonfinite_skipped` counts it): AdamW would otherwise spread one
-  NaN into every weight and moment, or step on momentum alone.
+  NaN into every weight and moment, or step on momentum alone. `base`: with LoRA, the
+  frozen base the adapters (`state.params`) apply to.
   """
   norms = loss_normalizers(loss_mask(scored, cfg), axis_name, cfg.sampling.max_completion_length,
                            scored.rows_in_loss, cfg.token_shards)
@@ -139,8 +170,9 @@ def update(state: TrainState, scored: ScoredRollout, model_def, tx, schedule_fn,
                 else _psum(jnp.sum(scored.rewarded_rows), axis_name) > 0)
 
   def one_update(state: TrainState, _):
-    (loss, metric_shares), grads = loss_and_grads(state.params, model_def, scored, norms, cfg,
-                                                  axis_name)
+    (loss, metric_shares), grads = loss_and_grads(
+        state.params, model_def, scored, norms, cfg, axis_name, base,
+        dropout_key(cfg, state.step, axis_name))
     grads, loss = _psum(grads, axis_name), _psum(loss, axis_name)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -173,6 +205,13 @@ class GRPOStep:
   schedule_fn: Callable
   cfg: GRPOConfig
   axis_name: str | None = None
+  # LoRA: the base model's graphdef. `params` are then the adapters, and the reference
+  # params the frozen base they apply to, read by both (see `policy_params`).
+  reference_def: Any = None
+
+  def policy_params(self, params, reference_params):
+    """The actor's whole state, for sampling and evaluation (see `policy_params`)."""
+    return policy_params(params, reference_params, self.reference_def)
 
   def generate(self, params, prompt_ids, prompt_mask, rng) -> sampling.Rollout:
     return sampling.generate(self.model_def, params, prompt_ids, prompt_mask, rng,
@@ -182,23 +221,28 @@ class GRPOStep:
             rewards: jax.Array) -> tuple[ScoredRollout, dict[str, jax.Array]]:
     """Advantages, reference (and old) log-probs of a rewarded rollout, and reward metrics."""
     return score_rollout(state, reference_params, self.model_def, rollout, rewards, self.cfg,
-                         self.axis_name)
+                         self.axis_name, self.reference_def)
 
-  def update(self, state: TrainState, scored: ScoredRollout
+  def update(self, state: TrainState, scored: ScoredRollout, reference_params=None
              ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The policy's optimizer updates on a scored rollout."""
+    """The policy's optimizer updates on a scored rollout (`reference_params`: read with
+    LoRA only, as the base the adapters apply to)."""
+    if self.reference_def is not None and reference_params is None:
+      raise ValueError("GRPOStep.update with LoRA needs the base (reference) params")
+    base = reference_params if self.reference_def is not None else None
     return update(state, scored, self.model_def, self.tx, self.schedule_fn, self.cfg,
-                  self.axis_name)
+                  self.axis_name, base)
 
   def learn(self, state: TrainState, reference_params, rollout: sampling.Rollout,
             rewards: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     """Score a rewarded rollout and update the policy on it."""
     scored, metrics = self.score(state, reference_params, rollout, rewards)
-    state, update_metrics = self.update(state, scored)
+    state, update_metrics = self.update(state, scored, reference_params)
     return state, {**metrics, **update_metrics}
 
   def train_step(self, state: TrainState, reference_params, batch, rng,
                  reward_fn: RewardFn) -> tuple[TrainState, dict[str, jax.Array]]:
     """Sample -> jittable rewards -> advantages -> clipped surrogate + KL -> AdamW, fused."""
-    rollout = self.generate(state.params, batch["prompt_ids"], batch["prompt_mask"], rng)
+    rollout = self.generate(self.policy_params(state.params, reference_params),
+                            batch["prompt_ids"], batch["prompt_mask"], rng)
     return self.learn(state, reference_params, rollout, reward_fn(rollout))

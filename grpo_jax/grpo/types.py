@@ -59,6 +59,10 @@ class GRPOConfig:
   # mode (the program sees the global batch). Per-device sizes (log-prob chunks,
   # micro-batches) are taken from one shard's rows.
   token_shards: int = 1
+  # LoRA dropout in the train pass: its masks draw from fold_in(key(dropout_seed), update
+  # count) (and the device, micro-batch, layer, projection), so a resume redraws the same
+  # ones; None: no dropout key (models without LoRA dropout).
+  dropout_seed: int | None = None
 
   def __post_init__(self):
     if self.platform is None:

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.models import sharding
+from grpo_jax.models.lora import LoraConfig
+from grpo_jax.models.quantize import dequantize, is_quantized
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 Cache = tuple  # per layer {"k": [B, kv_heads, hd, S], "v": [B, kv_heads, S, hd]}
@@ -50,6 +52,9 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2 / Qwen2.5
   qk_norm: bool = False  # Qwen3
   max_position_embeddings: int = 32768
+  # LoRA adapters on the projections (`models.lora`); None: a plain model. A model built
+  # without them reads the same base state (the LoRA run's reference).
+  lora: LoraConfig | None = None
   dtype: str = "float32"  # compute dtype of activations; params stay float32
   remat: bool = False  # recompute each block in the backward pass to save memory
   # Full-sequence passes: one `lax.scan` over the stacked layers (one compiled block: the
@@ -128,10 +133,50 @@ class RMSNorm(nnx.Module):
     return self.weight.value.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def _linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs):
-  return nnx.Linear(
-      n_in, n_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+def fold_key(key: jax.Array | None, i: int) -> jax.Array | None:
+  """A sub-key for part i of a pass (dropout), or None where the pass has no key."""
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+class Linear(nnx.Linear):
+  """nnx.Linear (same parameters, same numbers), plus what LoRA brings: a frozen kernel
+  that may be a quantised qwix QArray (dequantised at each use), and low-rank adapters
+  `lora_a` [in, r], `lora_b` [r, out] on targeted projections (`models.lora`)."""
+
+  def __init__(self, cfg: ModelConfig, name: str, n_in: int, n_out: int, bias: bool,
+               rngs: nnx.Rngs):
+    super().__init__(n_in, n_out, use_bias=bias, dtype=cfg.compute_dtype,
+                     param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(0.02),
+                     rngs=rngs)
+    self.adapter = cfg.lora if cfg.lora and name in cfg.lora.targets else None
+    if self.adapter:
+      bound = 1.0 / math.sqrt(n_in)  # PEFT: kaiming_uniform(a=sqrt(5)) for A, zeros for B
+      self.lora_a = nnx.LoRAParam(jax.random.uniform(
+          rngs.params(), (n_in, self.adapter.rank), jnp.float32, -bound, bound))
+      self.lora_b = nnx.LoRAParam(jnp.zeros((self.adapter.rank, n_out), jnp.float32))
+
+  def __call__(self, x, dropout_key: jax.Array | None = None):
+    kernel = self.kernel.value
+    if self.adapter is None and not is_quantized(kernel):
+      return super().__call__(x)
+    x = x.astype(self.dtype)
+    y = jax.lax.dot_general(x, dequantize(kernel, self.dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+    if self.use_bias:
+      y = y + self.bias.value.astype(self.dtype)
+    if self.adapter is None:
+      return y
+    h, rate = x, self.adapter.dropout
+    if rate > 0 and dropout_key is not None:  # the train pass only: sampling has no key
+      keep = jax.random.bernoulli(dropout_key, 1.0 - rate, h.shape)
+      h = jnp.where(keep, h / (1.0 - rate), 0).astype(self.dtype)
+    low = h @ self.lora_a.value.astype(self.dtype)
+    return y + (low @ self.lora_b.value.astype(self.dtype)) * jnp.asarray(
+        self.adapter.scale, self.dtype)
+
+
+def _linear(cfg: ModelConfig, name: str, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs):
+  return Linear(cfg, name, n_in, n_out, bias, rngs)
 
 
 ATTENTION_BLOCK = 128  # query positions per causal block of a full-sequence pass
@@ -159,22 +204,22 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     hd = cfg.head_dim
-    self.q_proj = _linear(cfg, cfg.hidden_size, cfg.num_heads * hd, cfg.qkv_bias, rngs)
-    self.k_proj = _linear(cfg, cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias, rngs)
-    self.v_proj = _linear(cfg, cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias, rngs)
-    self.o_proj = _linear(cfg, cfg.num_heads * hd, cfg.hidden_size, False, rngs)
+    self.q_proj = _linear(cfg, "q_proj", cfg.hidden_size, cfg.num_heads * hd, cfg.qkv_bias, rngs)
+    self.k_proj = _linear(cfg, "k_proj", cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias, rngs)
+    self.v_proj = _linear(cfg, "v_proj", cfg.hidden_size, cfg.num_kv_heads * hd, cfg.qkv_bias, rngs)
+    self.o_proj = _linear(cfg, "o_proj", cfg.num_heads * hd, cfg.hidden_size, False, rngs)
     if cfg.qk_norm:
       self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.compute_dtype)
       self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.compute_dtype)
     self.cfg = cfg
 
-  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache):
+  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache, dropout_key=None):
     cfg = self.cfg
     b, t = positions.shape  # x: [B * T, D]
     hd, n_kv = cfg.head_dim, cfg.num_kv_heads
-    q = self.q_proj(x).reshape(b, t, cfg.num_heads, hd)
-    k = self.k_proj(x).reshape(b, t, n_kv, hd)
-    v = self.v_proj(x).reshape(b, t, n_kv, hd)
+    q = self.q_proj(x, fold_key(dropout_key, 0)).reshape(b, t, cfg.num_heads, hd)
+    k = self.k_proj(x, fold_key(dropout_key, 1)).reshape(b, t, n_kv, hd)
+    v = self.v_proj(x, fold_key(dropout_key, 2)).reshape(b, t, n_kv, hd)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -207,18 +252,20 @@ class Attention(nnx.Module):
     else:
       out = _attend(q, k, v, visible, cfg)
     out = out.transpose(0, 3, 1, 2, 4)  # [B, T, kv, groups, hd]
-    return self.o_proj(out.reshape(b * t, cfg.num_heads * hd)), cache
+    return self.o_proj(out.reshape(b * t, cfg.num_heads * hd), fold_key(dropout_key, 3)), cache
 
 
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
-    self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
-    self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs)
+    self.gate_proj = _linear(cfg, "gate_proj", cfg.hidden_size, cfg.intermediate_size, False, rngs)
+    self.up_proj = _linear(cfg, "up_proj", cfg.hidden_size, cfg.intermediate_size, False, rngs)
+    self.down_proj = _linear(cfg, "down_proj", cfg.intermediate_size, cfg.hidden_size, False, rngs)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, dropout_key=None):
+    gate = self.gate_proj(x, fold_key(dropout_key, 0))
+    return self.down_proj(jax.nn.silu(gate) * self.up_proj(x, fold_key(dropout_key, 1)),
+                          fold_key(dropout_key, 2))
 
 
 MLP_CHUNK_BYTES = 32 * 2**20  # one [tokens, intermediate] activation per chunk, per device
@@ -240,15 +287,15 @@ def mlp_chunks(tokens_per_row: int, rows_per_device: int, intermediate: int, ite
 
 
 def _in_row_chunks(fn, x, chunks: int, axes, remat: bool):
-  """fn over [N, D] rows, `chunks` at a time (lax.map); chunk j holds rows j, j + chunks,
+  """fn(rows, j) over [N, D] rows, `chunks` at a time (lax.map); chunk j holds rows j, j + chunks,
   ...: with N = rows * tokens and `chunks` dividing tokens, each chunk is spread evenly
   over the devices the rows are split over. With `remat` each chunk is recomputed in the
   backward pass rather than saving its activations (one more MLP forward pass: on a TPU
   chip with Qwen2.5-0.5B, 0.2 GiB less in the update)."""
   n, d = x.shape
   xs = sharding.constrain(x.reshape(n // chunks, chunks, d).swapaxes(0, 1), None, axes, None)
-  one = lambda part: fn(sharding.rows(part, axes))
-  out = jax.lax.map(jax.checkpoint(one) if remat else one, xs)
+  one = lambda part_and_index: fn(sharding.rows(part_and_index[0], axes), part_and_index[1])
+  out = jax.lax.map(jax.checkpoint(one) if remat else one, (xs, jnp.arange(chunks)))
   return out.swapaxes(0, 1).reshape(n, -1)
 
 
@@ -260,7 +307,8 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache):
+  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache, dropout_key=None):
+    """`dropout_key`: LoRA dropout's key in a train pass (None: no dropout)."""
     # The projections see [B * T, D] rows: with 3-D activations XLA transposes the
     # [B, T, F] gradients before each weight-gradient matmul (the MLP's backward pass ran
     # 1.4x slower on CPU).
@@ -269,10 +317,11 @@ class Block(nnx.Module):
     axes = sharding.BATCH_AXES if cache is None else sharding.DECODE_AXES
     shape = x.shape
     x = sharding.rows(x.reshape(-1, shape[-1]), axes)
-    attn, cache = self.self_attn(
-        self.input_layernorm(x), positions, inv_freq, key_mask, query_slots, cache)
+    attn, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, key_mask,
+                                 query_slots, cache, fold_key(dropout_key, 0))
     x = sharding.rows(x + attn, axes)
-    mlp = lambda h: self.mlp(self.post_attention_layernorm(h))
+    mlp_key = fold_key(dropout_key, 1)
+    mlp = lambda h, chunk=0: self.mlp(self.post_attention_layernorm(h), fold_key(mlp_key, chunk))
     chunks = 1 if cache is not None else mlp_chunks(
         shape[1], sharding.rows_per_device(shape[0], axes), self.mlp.up_proj.out_features,
         jnp.dtype(x.dtype).itemsize)
@@ -318,7 +367,8 @@ class Transformer(nnx.Module):
     return tuple(jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(self.cfg.num_layers))
 
   def hidden_states(self, input_ids, positions, key_mask, cache: Cache | None = None,
-                    cache_index=0, layer_params: tuple[nnx.State, ...] | None = None):
+                    cache_index=0, layer_params: tuple[nnx.State, ...] | None = None,
+                    dropout_key: jax.Array | None = None):
     """Final-norm hidden states [B, T, D] (and the updated cache, or None).
 
     key_mask: [B, S] validity of every key slot: S = T without a cache, the cache length
@@ -329,6 +379,9 @@ class Transformer(nnx.Module):
     weights and writes its own cache buffers in place, where a scan would copy the layer's
     weights and cache slice out of the stacked arrays at every decoded token. A decode loop
     should slice the weights once, before the loop, with `layer_params()` and pass them in.
+
+    `dropout_key`: a train pass's key for LoRA dropout (full-sequence passes only; None,
+    the default, is every other pass: sampling, old and reference log-probs).
     """
     cfg = self.cfg
     x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(cfg.compute_dtype)
@@ -338,13 +391,15 @@ class Transformer(nnx.Module):
     block_def, block_params = nnx.split(self.blocks)
 
     if cache is None:
-      def layer(x, params):
+      def layer(x, params_and_key):
+        params, key = params_and_key
         block = nnx.merge(block_def, params)
-        return block(x, positions, inv_freq, key_mask, query_slots, None)[0], None
+        return block(x, positions, inv_freq, key_mask, query_slots, None, key)[0], None
 
       if cfg.remat:
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-      x, _ = jax.lax.scan(layer, x, block_params, unroll=1 if cfg.scan_layers else True)
+      keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+      x, _ = jax.lax.scan(layer, x, (block_params, keys), unroll=1 if cfg.scan_layers else True)
       return self.norm(x), None
 
     new_cache = []
