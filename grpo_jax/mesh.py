@@ -42,12 +42,20 @@ BATCH_AXES = sharding.BATCH_AXES
 _SPLIT = ("tensor", "fsdp")  # tensor-major: after the fsdp all-gather each tensor rank
                              # holds a contiguous block of heads / MLP units
 
-# (parameter path pattern, partition of its trailing dims). Kernels are [in, out].
+# (parameter path pattern, partition of its trailing dims). Kernels are [in, out]; a
+# quantised kernel (QLoRA's base) is a qwix QArray whose qvalue [in, out] and scale
+# [in / block or 1, out] split like the kernel (an axis that does not divide stays whole).
+# LoRA adapters follow their base matrix: B [r, out] of a column-split projection splits
+# its output like the kernel, A [in, r] of a row-split one its input; the rank-r sides are
+# small and stay whole.
+_KERNEL = r"/kernel(/qvalue|/scale)?$"
 PARTITION_RULES = (
     (r"(embed_tokens|lm_head)$", ("tensor", "fsdp")),  # [V, D]
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, _SPLIT)),
-    (r"(o_proj|down_proj)/kernel$", (_SPLIT, None)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)" + _KERNEL, (None, _SPLIT)),
+    (r"(o_proj|down_proj)" + _KERNEL, (_SPLIT, None)),
     (r"(q_proj|k_proj|v_proj)/bias$", (_SPLIT,)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", (None, _SPLIT)),
+    (r"(o_proj|down_proj)/lora_a$", (_SPLIT, None)),
 )
 
 
