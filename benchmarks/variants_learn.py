@@ -38,6 +38,12 @@ VARIANTS = {
     "cispo": {"loss_type": "cispo", "epsilon_high": 5.0},
     "sapo": {"loss_type": "sapo"},
     "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+    # LoRA rank 8 on every projection (alpha 16: scale 2), the base frozen; adapters take a
+    # larger learning rate than full fine-tuning, as usual for LoRA.
+    "lora": {"lora.rank": 8, "lora.alpha": 16.0, "lora.target_modules": "all-linear",
+             "learning_rate": 1e-3},
+    "qlora_nf4": {"lora.rank": 8, "lora.alpha": 16.0, "lora.target_modules": "all-linear",
+                  "lora.base_quantization": "nf4", "learning_rate": 1e-3},
 }
 
 
@@ -66,7 +72,7 @@ def run_variant(name: str, overrides: dict, steps: int, num_iterations: int, out
   config.max_steps = steps
   config.num_iterations = num_iterations
   config.checkpoint_every = 0
-  config.update(overrides)
+  config.update_from_flattened_dict(overrides)  # dotted keys for nested fields (lora.rank)
   started = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   seconds = time.perf_counter() - started

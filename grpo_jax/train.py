@@ -188,15 +188,20 @@ def make_optimizer(config):
       weight_decay=config.weight_decay, b1=config.adam_beta1, b2=config.adam_beta2)
 
 
-def fingerprint(s: Setup) -> dict[str, Any]:
-  """What a checkpoint must match to be restored into this run."""
+def architecture(s: Setup) -> dict[str, Any]:
+  """The model's shape (runtime settings and the adapters, which the config holds, aside)."""
   arch = dataclasses.asdict(s.model_config)
-  for runtime_only in ("dtype", "remat", "scan_layers", "lora"):  # lora.*: in the config
+  for runtime_only in ("dtype", "remat", "scan_layers", "lora"):
     arch.pop(runtime_only)
-  out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
-  if s.reference_def is not None:  # LoRA adapters are only meaningful on their base
-    out["lora_base_weights"] = lora.weights_digest(s.init_params)
-  return out
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
+
+
+def fingerprint(s: Setup) -> dict[str, Any]:
+  """What a checkpoint must match to be restored into this run: the architecture and, with
+  LoRA, the digest of the base weights (adapters are only meaningful on their base)."""
+  if s.reference_def is None:
+    return architecture(s)
+  return {**architecture(s), "lora_base_weights": lora.weights_digest(s.init_params)}
 
 
 def uses_warmup(config) -> bool:
@@ -210,7 +215,7 @@ def warmup_key(config, s: Setup) -> dict[str, Any]:
   fields = ("sft_steps", "sft_batch_size", "sft_learning_rate", "sft_reasoning_prob",
             "dataset", "prompt_column", "max_prompt_length", "max_completion_length", "seed",
             "param_dtype")
-  return {**{f: config[f] for f in fields}, "model": fingerprint(s)}
+  return {**{f: config[f] for f in fields}, "model": architecture(s)}
 
 
 def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
