@@ -21,6 +21,8 @@ RECIPES = {  # field -> value, against configs/gsm8k.py
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "none", "beta": 0.0},
     "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
              "beta": 0.0, "loss_type": "grpo", "num_iterations": 4},
+    "gsm8k_lora": {"lora.rank": 16, "lora.alpha": 32.0, "lora.base_dtype": "bfloat16",
+                   "learning_rate": 1e-5},
 }
 
 
