@@ -113,3 +113,47 @@ def test_bad_lora_fields_are_one_line_config_errors(field, value, message):
   config.update_from_flattened_dict({field: value})
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("export_format", ["merged"])
+def test_the_final_export_loads_in_transformers_with_the_trained_logits(files, tmp_path,
+                                                                       monkeypatch,
+                                                                       export_format):
+  """The CLI's export of a LoRA run (the demo model's base: written beside a PEFT adapter)
+  gives, in transformers (+ peft), the logits grpo_jax computes from the final checkpoint."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from grpo_jax.models import lora  # noqa: PLC0415
+  config = with_data(lora_config(export_hf="export", export_format=export_format,
+                                 lora={"target_modules": "q_proj,v_proj,up_proj"}), files)
+  train_on_reward_files(files, tmp_path / "run", config)
+  monkeypatch.syspath_prepend(str(files))
+  s = train.setup(config)
+  _, saved = restored_state(tmp_path / "run")
+  adapters = jax.tree.unflatten(jax.tree.structure(s.adapters_like),
+                                jax.tree.leaves(saved["params"]))
+  ids = np.array([[0, 0, 5, 9, 12, 7], [3, 4, 8, 8, 10, 11]], np.int32)
+  mask = (np.arange(6)[None] >= np.array([[2], [0]])).astype(np.int32)
+  ours = np.asarray(nnx.merge(s.model_def, lora.policy_params(s.init_params, adapters))(
+      jnp.asarray(ids), jnp.asarray(mask)))
+  export = tmp_path / "run" / "export"
+  if export_format == "peft":
+    import peft  # noqa: PLC0415
+    assert (export / "adapter_model.safetensors").exists()
+    base = transformers.AutoModelForCausalLM.from_pretrained(export / "base", dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, export)
+  else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+  positions = np.maximum(mask.cumsum(-1) - 1, 0)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                   attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+                   ).logits.float().numpy()
+  real = mask.astype(bool)
+  assert np.abs(ours - theirs)[real].max() < 1e-4
+  base_logits = np.asarray(nnx.merge(s.reference_def, s.init_params)(jnp.asarray(ids),
+                                                                     jnp.asarray(mask)))
+  assert np.abs(ours - base_logits)[real].max() > 1e-3  # the adapters trained
