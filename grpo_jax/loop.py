@@ -26,7 +26,7 @@ from grpo_jax import (checkpoint, dynamic_sampling, grpo, metrics, preemption, r
 from grpo_jax import config as config_lib
 from grpo_jax.data import batching
 from grpo_jax.errors import UserError
-from grpo_jax.models import hf, lora
+from grpo_jax.models import hf, lora, peft_format
 
 log = logging.getLogger("grpo_jax")
 
@@ -351,7 +351,6 @@ class TrainLoop:
       base_path = os.fspath(path / "base")
       hf.save_pretrained(nnx.merge(self.s.reference_def, lora.merged_kernels(
           base, jax.tree.map(jnp.zeros_like, params), lora_cfg)), base_path, self.s.tokenizer)
-    from grpo_jax.models import peft_format  # noqa: PLC0415  TODO(lead): top-level import
     peft_format.save_adapter(params, self.s.model_config, os.fspath(path), base_path,
                              self.s.tokenizer)
     log.info("Exported the LoRA adapters (PEFT format, base %s) to %s", base_path, path)

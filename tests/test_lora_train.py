@@ -115,7 +115,7 @@ def test_bad_lora_fields_are_one_line_config_errors(field, value, message):
     config_lib.validate(config)
 
 
-@pytest.mark.parametrize("export_format", ["merged"])
+@pytest.mark.parametrize("export_format", ["merged", "peft"])
 def test_the_final_export_loads_in_transformers_with_the_trained_logits(files, tmp_path,
                                                                        monkeypatch,
                                                                        export_format):
