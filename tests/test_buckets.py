@@ -100,9 +100,9 @@ class RecordingStep:
     self.widths["score"].append(rollout.completion_ids.shape[-1])
     return self._step_fn.score(state, reference, rollout, rewards)
 
-  def update(self, state, scored):
+  def update(self, state, scored, reference_params=None):
     self.widths["update"].append(scored.rollout.completion_ids.shape[-1])
-    return self._step_fn.update(state, scored)
+    return self._step_fn.update(state, scored, reference_params)
 
 
 def test_a_run_compiles_at_most_the_bounded_number_of_widths(tmp_path, monkeypatch, caplog):

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from grpo_jax import train
@@ -238,3 +239,86 @@ def test_a_refused_program_is_sized_from_what_xla_says(message, temp_gib):
                                   resident)
   assert phase.out_of_memory and abs(phase.temp_bytes / 2**30 - temp_gib) < 0.01
   assert phase.total(resident) == resident + batch + phase.temp_bytes
+
+
+def _lora_config(base_dtype="bfloat16", quantization="nf4", rank=8, **changes):
+  sys.path.insert(0, str(ROOT / "configs"))
+  import gsm8k
+  c = gsm8k.get_config()  # bfloat16 compute
+  c.update(model_path="preset:smollm2-135m", **changes)
+  c.mesh.update(data=1, fsdp=4)
+  c.lora.update(rank=rank, base_dtype=base_dtype, base_quantization=quantization)
+  return c
+
+
+def _leaf_names(tree) -> set[str]:
+  from grpo_jax import mesh as mesh_lib
+  return {mesh_lib._path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@needs_libtpu
+def test_lora_state_of_a_preset_trains_adapters_on_one_quantised_base():
+  devices = topology.parse("v5e:2x2").devices()
+  # float32 compute: a bfloat16 one would narrow a float32 base to bfloat16 where it is
+  # placed (grpo.as_reference), as the loop does
+  on_mesh = dict(parallelism="mesh", dtype="float32")
+  full = programs.resident_state(_lora_config(rank=0, **on_mesh), devices)
+  full_opt = full.bytes(full.state_s.opt_state)
+  bases = {}
+  for base_dtype, quantization in [("float32", "none"), ("bfloat16", "none"),
+                                   ("bfloat16", "int8"), ("bfloat16", "nf4")]:
+    c = _lora_config(base_dtype, quantization, **on_mesh)
+    s = programs.resident_state(c, devices)
+    # the trainable params and the optimizer's moments are the adapters alone
+    assert _leaf_names(s.params_s) and all(n.endswith(("lora_a", "lora_b"))
+                                           for n in _leaf_names(s.params_s))
+    opt = s.bytes(s.state_s.opt_state)
+    assert 0 < opt < 0.05 * full_opt, (opt, full_opt)
+    # the reference is the base itself (the plain model's leaves, no adapters): no copy
+    assert not any("lora" in n for n in _leaf_names(s.reference_s))
+    assert s.step_fn.step.reference_def is not None
+    bases[quantization if quantization != "none" else base_dtype] = s.bytes(s.reference_s)
+    if quantization != "none":
+      assert any(n.endswith("q_proj/kernel/qvalue") for n in _leaf_names(s.reference_s))
+  assert bases["nf4"] < bases["int8"] < bases["bfloat16"] < bases["float32"], bases
+  assert bases["float32"] == 2 * bases["bfloat16"]  # everything is floating there
+
+
+@needs_libtpu
+def test_nf4_base_counts_half_a_byte_per_weight():
+  c = _lora_config("bfloat16", "nf4", parallelism="pmap")
+  s = programs.resident_state(c, topology.parse("v5e:2x2").devices())
+  cfg = s.cfg
+  d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
+      cfg.num_kv_heads * cfg.head_dim
+  kernels = cfg.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * f)
+  others = cfg.num_params() - kernels
+  # replicated per chip: 4 bits a weight, a bfloat16 scale per 64 input rows, the rest bf16
+  assert s.bytes(s.reference_s) == kernels // 2 + 2 * kernels // 64 + 2 * others
+
+
+@needs_libtpu
+@pytest.mark.parametrize("parallelism", ["mesh", "pmap"])
+def test_lora_programs_compile_for_v5e_2x2(parallelism):
+  config = _demo_config(parallelism=parallelism)
+  config.mesh.update(data=1, fsdp=4)
+  config.lora.update(rank=4, base_dtype="bfloat16", base_quantization="nf4")
+  s = topology.parse("v5e:2x2")
+  plan = programs.compile_plan(config, s.devices())
+  d = report.plan_dict(plan, s, config)
+  lo = d["lora"]
+  assert (lo["rank"], lo["quantization"], lo["base_dtype"]) == (4, "nf4", "bfloat16")
+  assert lo["adapter_bytes"] == plan.params and lo["base_bytes"] == plan.reference
+  assert 0 < lo["adapter_params"] < 0.1 * lo["base_params"]
+  assert lo["xla_base_bytes"] >= lo["base_bytes"]  # (a tiny model's arrays are tile-padded)
+  for name, p in d["phases"].items():
+    parts = (p["params_bytes"] + p["optimizer_bytes"] + p["reference_bytes"] + p["temp_bytes"]
+             + p["other_bytes"])
+    assert parts == p["total_bytes"] and p["fits"], name
+  # the sampler reads the base and the adapters; the update the base too (it is passed)
+  phases = plan.phases
+  assert phases["sampler"].argument_bytes >= plan.reference + plan.params
+  assert phases["update"].argument_bytes >= plan.reference + plan.params + plan.optimizer
+  text = report.format_plan(d)
+  assert "LoRA rank 4" in text and "nf4" in text and "is the reference (one copy)" in text
+  assert "base = ref" in text and "FITS" in text

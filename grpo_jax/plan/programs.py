@@ -7,12 +7,18 @@ out as the trainer lays out the real one. Per chip, each phase's HBM is the resi
 training state (actor, reference, AdamW moments, which stay in HBM through every phase)
 plus what the phase's program adds: its other arguments, its outputs that do not reuse a
 donated buffer, and XLA's temporaries.
+
+With LoRA (`lora.rank > 0`) the trainable params are the adapters (AdamW over them alone)
+and the reference is the frozen base as the loop places it (`lora.prepare_base`, then
+`grpo.as_reference`): one copy, read by the sampler (with the adapters), the reference pass
+and the update. Resident bytes count 4-bit values at half a byte (`quantize.stored_bytes`'s
+rule, per shard: XLA on TPU packs them); `Plan.lora["xla_base_bytes"]` is the same base as
+the TPU compiler sizes it, from the sampler's argument bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import time
@@ -24,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import grpo, mesh as mesh_lib, parallel
 from grpo_jax import config as config_lib
-from grpo_jax.models import ModelConfig, Transformer
+from grpo_jax.models import ModelConfig, Transformer, lora as lora_lib, quantize
 from grpo_jax.plan import hlo, roofline
 
 DUMP_DIR = os.environ.get("GRPO_JAX_PLAN_DUMP", "")  # a folder: write each program's HLO there
@@ -62,11 +68,14 @@ class Phase:
 class Plan:
   model: ModelConfig
   layout: str  # e.g. "mesh data=1 fsdp=8 tensor=1" or "pmap x8"
-  params: int  # bytes per chip of the actor
+  params: int  # bytes per chip of the trainable params: the actor, or the LoRA adapters
   optimizer: int
-  reference: int
+  reference: int  # with LoRA the frozen base (it is the reference: one copy)
   kv_cache: int  # per chip, inside the sampler's temporaries
   phases: dict[str, Phase]
+  # LoRA: rank, alpha, targets, base_dtype, quantization, adapter / base parameter counts,
+  # xla_base_bytes (see the module doc); None for full fine-tuning.
+  lora: dict | None = None
 
   @property
   def resident(self) -> int:
@@ -74,8 +83,9 @@ class Plan:
 
 
 def _shard_bytes(tree, per_device_axis: bool) -> int:
-  """Bytes on one chip of an abstract tree (leading device axis under pmap)."""
-  total = 0
+  """Bytes on one chip of an abstract tree (leading device axis under pmap), 4-bit values
+  at half a byte (`quantize.stored_bytes`)."""
+  shards = []
   for x in jax.tree.leaves(tree):
     if per_device_axis:
       shape = x.shape[1:]
@@ -83,8 +93,8 @@ def _shard_bytes(tree, per_device_axis: bool) -> int:
       shape = x.sharding.shard_shape(x.shape)
     else:
       shape = x.shape
-    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-  return total
+    shards.append(jax.ShapeDtypeStruct(shape, x.dtype))
+  return quantize.stored_bytes(shards)
 
 
 def _with(tree, shardings):
@@ -125,19 +135,40 @@ def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, layout: dict[str, in
       cfg.compute_dtype).itemsize
 
 
+def abstract_reference(config, cfg: ModelConfig, params):
+  """The reference as the loop places it, abstract: the actor's starting params in the
+  compute dtype (`grpo.as_reference`), or with LoRA the frozen base `params` cast to
+  `lora.base_dtype` and quantised per `lora.base_quantization` first (`lora.prepare_base`)."""
+  prepare = ((lambda p: p) if lora_lib.from_config(config.lora) is None else
+             lambda p: lora_lib.prepare_base(p, config.lora.base_dtype,
+                                             config.lora.base_quantization))
+  return jax.eval_shape(lambda p: grpo.as_reference(prepare(p), cfg.compute_dtype), params)
+
+
 def build(config, devices, model_cfg: ModelConfig | None = None):
-  """(step_fn, graphdef, abstract params, grpo config) for `config` on `devices`."""
+  """(step_fn, model config, abstract trainable params, grpo config, abstract reference)
+  for `config` on `devices`. With LoRA the model config and the step's model are the
+  adapted model's, the trainable params the adapters, and the reference the frozen base
+  (`abstract_reference`), as `train.setup` and the loop build them."""
   from grpo_jax import train  # the trainer's own wiring (a sibling room, not numeric code)
   parallel.check_batch(config.prompts_per_step, config.num_generations,
                        train.batch_divisor(config, devices))
   cfg = model_cfg or train.model_config(config)
   graphdef, params = abstract_model(cfg, config.param_dtype)
+  reference = abstract_reference(config, cfg, params)
+  reference_def = None
+  adapters = lora_lib.from_config(config.lora)
+  if adapters is not None:  # the plain model reads the base; the actor adapts it
+    reference_def = graphdef
+    graphdef, params = lora_lib.adapted_model(cfg, adapters)
+    cfg = cfg.replace(lora=adapters)
   grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0,
                                     platform=devices[0].platform)
   tx, schedule = train.make_optimizer(config)
-  step_fn = train.build_step_fn(config, grpo.GRPOStep(graphdef, tx, schedule, grpo_cfg),
-                                list(devices))
-  return step_fn, cfg, params, grpo_cfg
+  step_fn = train.build_step_fn(
+      config, grpo.GRPOStep(graphdef, tx, schedule, grpo_cfg, reference_def=reference_def),
+      list(devices))
+  return step_fn, cfg, params, grpo_cfg, reference
 
 
 # The TPU compiler's two ways of saying a program does not fit (libtpu 0.0.4x).
@@ -185,82 +216,140 @@ def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
                found, flops, hbm)
 
 
+@dataclasses.dataclass
+class Resident:
+  """The training state as the trainer lays it out on `devices`, abstract: the trainable
+  params (the actor, or the LoRA adapters), their AdamW state and the reference (with
+  LoRA the frozen base), each sharded on a mesh or with a leading device axis (pmap)."""
+
+  step_fn: object
+  cfg: ModelConfig
+  grpo_cfg: grpo.GRPOConfig
+  name: str  # e.g. "mesh data=1 fsdp=8 tensor=1" or "pmap x8"
+  layout: dict[str, int] | None  # the mesh's axis sizes; None under pmap
+  params: object  # abstract, unplaced (for eval_shape)
+  reference: object
+  state: grpo.TrainState
+  params_s: object  # placed: sharded, or with a device axis
+  reference_s: object
+  state_s: grpo.TrainState
+
+  @property
+  def per_device_axis(self) -> bool:
+    return self.layout is None
+
+  @property
+  def is_lora(self) -> bool:
+    return self.step_fn.step.reference_def is not None
+
+  def bytes(self, tree) -> int:
+    """Per chip (4-bit values at half a byte)."""
+    return _shard_bytes(tree, self.per_device_axis)
+
+  def batch(self, tree):
+    """A batch tree laid out as the trainer feeds it: rows over the mesh's (data, fsdp)
+    shards, or [devices, rows / devices, ...] under pmap."""
+    if self.layout is None:
+      return _per_device(tree, len(self.step_fn.devices))
+    return _with(tree, jax.tree.map(lambda _: self.step_fn.batch_sharding, tree))
+
+  def place(self, tree):
+    """Parameters laid out like the trainer's (`place_params`)."""
+    if self.layout is None:
+      return _replicated(tree, len(self.step_fn.devices))
+    return _with(tree, mesh_lib.param_shardings(tree, self.step_fn.mesh))
+
+
+def resident_state(config, devices, model_cfg: ModelConfig | None = None) -> Resident:
+  """`config`'s training state on `devices`, abstract and laid out, nothing compiled."""
+  step_fn, cfg, params, grpo_cfg, reference = build(config, devices, model_cfg)
+  tx = step_fn.step.tx
+  opt_state = jax.eval_shape(tx.init, params)
+  state = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
+  if isinstance(step_fn, mesh_lib.MeshStep):
+    mesh = step_fn.mesh
+    layout = {a: mesh.shape[a] for a in mesh_lib.MESH_AXES}
+    name = "mesh " + " ".join(f"{a}={s}" for a, s in layout.items())
+    params_s = _with(params, mesh_lib.param_shardings(params, mesh))
+    reference_s = _with(reference, mesh_lib.param_shardings(reference, mesh))
+    opt_s = _with(opt_state, step_fn.opt_state_shardings(params_s))
+    state_s = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32,
+                                                   sharding=NamedSharding(mesh, P())),
+                              params_s, opt_s)
+  else:
+    n = len(step_fn.devices)
+    layout, name = None, f"pmap x{n}"
+    params_s, reference_s, state_s = (_replicated(t, n) for t in (params, reference, state))
+  return Resident(step_fn, cfg, grpo_cfg, name, layout, params, reference, state, params_s,
+                  reference_s, state_s)
+
+
 def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                  reuse: dict[str, Phase] | None = None) -> Plan:
   """Compiles the sampler, reference pass and update of `config` for `devices`
   (`model_cfg`: instead of the config's model, e.g. a smaller copy for a quick look;
   `reuse`: phases already compiled for a config that differs only where they do not
   depend on it, e.g. the sampler and reference pass across `remat`)."""
-  step_fn, cfg, params, grpo_cfg = build(config, devices, model_cfg)
+  r = resident_state(config, devices, model_cfg)
+  step_fn, cfg, grpo_cfg, layout, name = r.step_fn, r.cfg, r.grpo_cfg, r.layout, r.name
+  params, reference, state = r.params, r.reference, r.state
+  params_s, reference_s, state_s, opt_s = r.params_s, r.reference_s, r.state_s, r.state_s.opt_state
+  per_device_axis, is_lora = r.per_device_axis, r.is_lora
   n = len(devices)
   prompts, group = config.prompts_per_step, config.num_generations
   prompt_len, length = config.max_prompt_length, config.max_completion_length
   rows = prompts * group
   step = dataclasses.replace(step_fn.step, axis_name=None)  # for shapes: no device axis
-  tx = step.tx
   key = jax.eval_shape(lambda: jax.random.key(0))
   prompt_ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
   rewards = jax.ShapeDtypeStruct((rows, grpo_cfg.num_reward_funcs), jnp.float32)
-  opt_state = jax.eval_shape(tx.init, params)
-  state = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
-  rollout = jax.eval_shape(step.generate, params, prompt_ids, prompt_ids, key)
-  reference = jax.eval_shape(lambda p: grpo.as_reference(p, cfg.compute_dtype), params)
+  policy = jax.eval_shape(step.policy_params, params, reference)
+  rollout = jax.eval_shape(step.generate, policy, prompt_ids, prompt_ids, key)
   scored = jax.eval_shape(step.score, state, reference, rollout, rewards)[0]
-
-  if isinstance(step_fn, mesh_lib.MeshStep):
-    mesh = step_fn.mesh
-    layout = {a: mesh.shape[a] for a in mesh_lib.MESH_AXES}
-    name = "mesh " + " ".join(f"{a}={s}" for a, s in layout.items())
-    batch = lambda t: _with(t, jax.tree.map(lambda _: step_fn.batch_sharding, t))
-    params_s = _with(params, mesh_lib.param_shardings(params, mesh))
-    reference_s = _with(reference, mesh_lib.param_shardings(reference, mesh))
-    rep = NamedSharding(mesh, P())
-    opt_s = _with(opt_state, step_fn.opt_state_shardings(params_s))
-    state_s = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params_s, opt_s)
-    key_s = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-    sampler_args = (params_s, batch(prompt_ids), batch(prompt_ids), key_s)
-    score_args = (state_s, reference_s, batch(rollout), batch(rewards))
-    update_args = (state_s, batch(scored))
-    per_device_axis = False
-  else:
-    layout = None
-    name = f"pmap x{n}"
-    params_s = _replicated(params, n)
-    reference_s = _replicated(reference, n)
-    state_s = _replicated(state, n)
-    opt_s = state_s.opt_state
-    sampler_args = (params_s, _per_device(prompt_ids, n), _per_device(prompt_ids, n), key)
-    score_args = (state_s, reference_s, _per_device(rollout, n), _per_device(rewards, n))
-    update_args = (state_s, _per_device(scored, n))
-    per_device_axis = True
+  # The update reads the base with LoRA (the adapters apply to it); else not at all.
+  base_arg = (reference_s,) if is_lora else ()
+  key_arg = key if per_device_axis else jax.ShapeDtypeStruct(
+      key.shape, key.dtype, sharding=NamedSharding(step_fn.mesh, P()))
+  sampler_args = (r.place(policy), r.batch(prompt_ids), r.batch(prompt_ids), key_arg)
+  score_args = (state_s, reference_s, r.batch(rollout), r.batch(rewards))
+  update_args = (state_s, r.batch(scored)) + base_arg
 
   param_bytes = _shard_bytes(params_s, per_device_axis)
   reference_bytes = _shard_bytes(reference_s, per_device_axis)
   opt_bytes = _shard_bytes(opt_s, per_device_axis)
+  policy_bytes = param_bytes + reference_bytes if is_lora else param_bytes
   kv = kv_cache_bytes(cfg, rows, prompt_len + length, layout, n)
   flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
   # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its KV
   # cache (half full on average) and, on a mesh, the whole LM head gathered for decoding at
   # every token; a full-sequence pass reads the gathered weights once per pass (update:
   # forward, backward, and a recompute with remat) and writes and reads its temporaries
-  # about once.
+  # about once. Full fine-tuning reads its weights in the compute dtype; LoRA reads the
+  # base as it is stored (quantised kernels are dequantised where they are used) and the
+  # adapters.
   itemsize = jnp.dtype(cfg.compute_dtype).itemsize
   head_bytes = cfg.vocab_size * cfg.hidden_size * itemsize if layout else 0
-  sampler_hbm = length * (param_bytes * itemsize / jnp.dtype(config.param_dtype).itemsize
-                          + head_bytes + kv / 2)
+  if is_lora:
+    sampler_weights = policy_bytes
+    pass_weights = quantize.stored_bytes(reference) + quantize.stored_bytes(params)
+  else:
+    sampler_weights = param_bytes * itemsize / jnp.dtype(config.param_dtype).itemsize
+    pass_weights = cfg.num_params() * itemsize
+  sampler_hbm = length * (sampler_weights + head_bytes + kv / 2)
   batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
   programs = {
       "sampler": lambda: _compile("sampler", step_fn.generate, sampler_args, length - 1,
                                   flops["sampling"] / n, sampler_hbm,
-                                  batch_bytes(sampler_args[1:3]), param_bytes),
+                                  batch_bytes(sampler_args[1:3]), policy_bytes),
       "reference": lambda: _compile("reference", step_fn.score, score_args, 1,
                                     flops["reference"] / n, 0.0, batch_bytes(score_args[2:]),
                                     resident),
       # remat recomputes the forward pass in the backward one: 4 forward passes, not 3
       "update": lambda: _compile("update", step_fn.update, update_args, 1,
                                  flops["train"] * (4 / 3 if config.remat else 1) / n,
-                                 0.0, batch_bytes(update_args[1:]), param_bytes + opt_bytes),
+                                 0.0, batch_bytes(update_args[1:2]),
+                                 param_bytes + opt_bytes + (reference_bytes if is_lora else 0)),
   }
   reuse = reuse or {}
   phases = {phase: reuse[phase] if phase in reuse else build_phase()
@@ -268,9 +357,22 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if config.remat else 2}
   for phase_name, count in passes.items():
     phase = phases[phase_name]
-    phase.hbm_bytes_per_chip = count * cfg.num_params() * itemsize + 2 * phase.temp_bytes
-  return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases)
+    phase.hbm_bytes_per_chip = count * pass_weights + 2 * phase.temp_bytes
+  lora_info = None
+  if is_lora:
+    sampler = phases["sampler"]
+    lora_info = {
+        "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
+        "base_dtype": config.lora.base_dtype, "quantization": config.lora.base_quantization,
+        "adapter_params": lora_lib.num_params(params),
+        "base_params": lora_lib.num_params(reference),
+        # the TPU compiler's size of the base (4-bit packed or not, padded to its tiles):
+        # the sampler's arguments are the base, the adapters and the batch
+        "xla_base_bytes": (None if sampler.out_of_memory else sampler.argument_bytes
+                           - param_bytes - batch_bytes(sampler_args[1:3])),
+    }
+  return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases, lora_info)
 
 
-__all__ = ["Phase", "Plan", "build", "compile_plan", "kv_cache_bytes",
-           "abstract_model"]
+__all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan", "kv_cache_bytes",
+           "abstract_model", "abstract_reference"]

@@ -44,7 +44,22 @@ def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, 
       "max_completion_length": config.max_completion_length,
       "phases": phases, "peak_bytes": peak, "fits": peak <= slice_.chip.hbm_bytes,
       "estimated_step_seconds": sum(p["estimated_seconds"] for p in phases.values()),
+      "lora": lora_figures(plan),
   }
+
+
+def lora_figures(plan: programs.Plan) -> dict[str, Any] | None:
+  """With LoRA, per chip: the adapters (the trainable params), their AdamW state, and the
+  frozen base, which is the reference (one copy; the phases' reference_bytes). Bytes count
+  4-bit values at half a byte (`quantize.stored_bytes`' rule, as XLA on TPU packs them);
+  `xla_base_bytes` is the base as the TPU compiler sizes it (the sampler's argument bytes
+  less the adapters and the batch), None where it refused the sampler."""
+  if plan.lora is None:
+    return None
+  return {**plan.lora, "adapter_bytes": plan.params, "adapter_optimizer_bytes": plan.optimizer,
+          "base_bytes": plan.reference,
+          "bytes_counted": "4-bit values at half a byte (quantize.stored_bytes); "
+                           "xla_base_bytes: the TPU compiler's argument bytes"}
 
 
 def _gib(x: float) -> str:
@@ -59,26 +74,41 @@ def _collectives(collectives: dict[str, dict[str, float]]) -> str:
   return ", ".join(parts) or "-"
 
 
+def _lora_line(lo: dict[str, Any]) -> str:
+  quant = "not quantised" if lo["quantization"] == "none" else f"{lo['quantization']} kernels"
+  xla = ("" if lo.get("xla_base_bytes") is None
+         else f"; TPU compiler: {_gib(lo['xla_base_bytes'])} GiB")
+  return (f"LoRA rank {lo['rank']}, alpha {lo['alpha']:g}, on {','.join(lo['targets'])}: "
+          f"{lo['adapter_params'] / 1e6:.2f}M float32 adapter parameters trained "
+          f"({_gib(lo['adapter_bytes'])} GiB + AdamW {_gib(lo['adapter_optimizer_bytes'])} GiB"
+          f" per chip); frozen base {lo['base_dtype']}, {quant}, is the reference (one copy):"
+          f" {_gib(lo['base_bytes'])} GiB per chip (4-bit values at half a byte{xla})")
+
+
 def format_plan(d: dict[str, Any]) -> str:
   chip = topology.CHIPS[d["generation"]]
+  lo = d.get("lora")
+  stored = "LoRA adapters on a frozen base" if lo else f"{d['param_dtype']} parameters"
+  columns = (("adapters", "AdamW", "base = ref") if lo else ("params", "AdamW", "reference"))
   lines = [
       f"model {d['model_path']}: {d['num_params'] / 1e9:.3f}B parameters, {d['dtype']} "
-      f"compute, {d['param_dtype']} parameters, remat {'on' if d['remat'] else 'off'}",
+      f"compute, {stored}, remat {'on' if d['remat'] else 'off'}",
+      *([_lora_line(lo)] if lo else []),
       f"slice {d['topology']}: {d['chips']} x {d['generation']} chips, "
       f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
       f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, {chip.ici_bandwidth / 1e9:.0f} GB/s ICI each",
       f"layout {d['layout']}; batch {d['prompts_per_step']} prompts x G={d['num_generations']},"
       f" {d['max_prompt_length']} + {d['max_completion_length']} tokens",
       "",
-      "per chip, GiB   | params | AdamW | reference | KV cache | temporaries | other | total"
-      " | fits | collectives sent, GB | est. time | bound | compile",
-      "----------------|--------|-------|-----------|----------|-------------|-------|------"
+      f"per chip, GiB   | {columns[0]:>8} | {columns[1]} | {columns[2]:>10} | KV cache | "
+      "temporaries | other | total | fits | collectives sent, GB | est. time | bound | compile",
+      "----------------|----------|-------|------------|----------|-------------|-------|------"
       "-|------|----------------------|-----------|-------|--------",
   ]
   for name, p in d["phases"].items():
     lines.append(
-        f"{name:<15} | {_gib(p['params_bytes']):>6} | {_gib(p['optimizer_bytes']):>5} | "
-        f"{_gib(p['reference_bytes']):>9} | {_gib(p['kv_cache_bytes']):>8} | "
+        f"{name:<15} | {_gib(p['params_bytes']):>8} | {_gib(p['optimizer_bytes']):>5} | "
+        f"{_gib(p['reference_bytes']):>10} | {_gib(p['kv_cache_bytes']):>8} | "
         f"{_gib(p['temp_bytes']):>11} | {_gib(p['other_bytes']):>5} | "
         f"{_gib(p['total_bytes']):>5} | {'yes' if p['fits'] else 'NO':<4} | "
         f"{_collectives(p['collectives']):<20} | {p['estimated_seconds']:>8.3f}s | "

@@ -2,7 +2,9 @@
 
 Tried, in order: the mesh splits of the slice (all FSDP, FSDP x data 2, FSDP x tensor 2 and
 4), pmap where the replicated state could fit; then, for the fastest that fits, remat off
-(faster when memory allows); if nothing fits, bfloat16 parameters and remat on.
+(faster when memory allows); if nothing fits, bfloat16 parameters (with LoRA: a bfloat16
+base, `lora.base_dtype`, which is what the base is stored in whatever `param_dtype` it is
+read in) and remat on.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def _with(config, changes: dict[str, Any]):
   c = config.copy_and_resolve_references()
   c.unlock()
   for key, value in changes.items():
-    if key == "mesh":
-      c.mesh.update(value)
+    if isinstance(value, dict):  # a group: mesh, lora
+      c[key].update(value)
     else:
       c[key] = value
   return c
@@ -36,8 +38,8 @@ def _with(config, changes: dict[str, Any]):
 def _describe(changes: dict[str, Any]) -> str:
   parts = []
   for key, value in changes.items():
-    if key == "mesh":
-      parts += [f"--config.mesh.{a}={s}" for a, s in value.items()]
+    if isinstance(value, dict):
+      parts += [f"--config.{key}.{a}={s}" for a, s in value.items()]
     else:
       parts.append(f"--config.{key}={value}")
   return " ".join(parts)
@@ -51,26 +53,29 @@ def suggest(config, slice_: topology.Slice) -> tuple[dict | None, list[dict]]:
 
   def attempt(changes):
     c = _with(config, changes)
-    if c.parallelism == "pmap":  # replicated state alone (16 bytes per parameter) too big?
-      cfg = programs.build(c, devices[:1])[1]
-      if 16 * cfg.num_params() > slice_.chip.hbm_bytes:
+    if c.parallelism == "pmap":  # the replicated training state alone too big?
+      state = programs.resident_state(c, devices[:1])
+      held = sum(state.bytes(t) for t in (state.params_s, state.state_s.opt_state,
+                                          state.reference_s))
+      if held > slice_.chip.hbm_bytes:
         return None
     d = report.plan_dict(programs.compile_plan(c, devices), slice_, c)
-    d["flags"] = _describe(changes)
+    d["flags"], d["changes"] = _describe(changes), changes
     tried.append(d)
     return d
 
+  narrower = ({"lora": {"base_dtype": "bfloat16"}} if int(config.lora.rank) > 0
+              else {"param_dtype": "bfloat16"})
   fitting = [d for d in (attempt(ch) for ch in layouts) if d and d["fits"]]
   if not fitting:
     for layout in layouts[:2]:
-      d = attempt({**layout, "param_dtype": "bfloat16", "remat": True})
+      d = attempt({**layout, **narrower, "remat": True})
       if d and d["fits"]:
         fitting.append(d)
   if fitting:
     best = min(fitting, key=lambda d: d["estimated_step_seconds"])
     if best["remat"]:
-      layout = next(ch for ch in layouts if _describe(ch) in best["flags"])
-      d = attempt({**layout, "remat": False, "param_dtype": best["param_dtype"]})
+      d = attempt({**best["changes"], "remat": False})
       if d and d["fits"]:
         fitting.append(d)
   best = min(fitting, key=lambda d: d["estimated_step_seconds"]) if fitting else None
