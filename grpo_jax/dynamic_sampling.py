@@ -36,7 +36,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from grpo_jax import rollouts, sampling
 
@@ -167,20 +166,6 @@ class GroupGatherer:
     return np.concatenate([np.ones(kept_rows, np.float32), np.zeros(filler_rows, np.float32)])
 
 
-def _every_host(full: bool) -> bool:
-  """Whether every host has gathered its share (all hosts must agree on the rounds: each
-  round's sampler is one collective program over all of them)."""
-  if jax.process_count() == 1:
-    return full
-  return bool(np.all(multihost_utils.process_allgather(np.int32(full))))
-
-
-def _global_sum(count: int) -> int:
-  if jax.process_count() == 1:
-    return count
-  return int(np.sum(multihost_utils.process_allgather(np.int32(count))))
-
-
 def gather(sample_round: Callable[[int], tuple | None], gatherer: GroupGatherer,
            max_rounds: int) -> Gathered | None:
   """Runs sampling rounds 0, 1, ... until every host's gatherer is full or `max_rounds`
@@ -193,7 +178,9 @@ def gather(sample_round: Callable[[int], tuple | None], gatherer: GroupGatherer,
       return None
     gatherer.add(*sampled)
     rounds += 1
-    if gatherer.keep is None or rounds >= max_rounds or _every_host(gatherer.full):
+    # every host must agree on the rounds: each round's sampler is one collective program
+    if (gatherer.keep is None or rounds >= max_rounds
+        or rollouts.across_hosts(gatherer.full, np.all)):
       return gatherer.batch(rounds)
 
 
@@ -208,7 +195,7 @@ def with_sampling_metrics(gathered: Gathered, metrics: dict[str, float], total_g
   """A step's metrics with the filler left out of the reward metrics
   (`kept_group_metrics`), and `dynamic_sampling/rounds` and `dynamic_sampling/kept_groups`
   (informative sampled groups, over all hosts, of `total_groups` = prompts_per_step)."""
-  kept = _global_sum(gathered.kept_groups)
+  kept = rollouts.across_hosts(gathered.kept_groups)
   return {**kept_group_metrics(metrics, kept, total_groups, per_group_std),
           "dynamic_sampling/rounds": float(gathered.rounds),
           "dynamic_sampling/kept_groups": float(kept)}

@@ -187,6 +187,11 @@ class MeshStep:
   def _rows_sharded(self, rollout):
     return jax.lax.with_sharding_constraint(rollout, self.batch_sharding)
 
+  def _turns_sharded(self, state: sampling.TurnState) -> sampling.TurnState:
+    """A multi-turn state's rows split like a batch's; its KV cache keeps the layout the
+    model gave it (sharding.kv_cache: kv heads may also split over "tensor")."""
+    return self._rows_sharded(state._replace(cache=None))._replace(cache=state.cache)
+
   def sampler(self, cfg: sampling.SamplingConfig):
     """A jitted sampler with other settings (e.g. greedy evaluation)."""
     fn = functools.partial(sampling.generate, self.step.model_def, cfg=cfg)
@@ -198,6 +203,18 @@ class MeshStep:
   @functools.cached_property
   def generate(self):
     return self._jit(lambda *a: self._rows_sharded(self.step.generate(*a)))
+
+  def turn_phases(self, cfg: sampling.SamplingConfig) -> sampling.TurnPhases:
+    """The multi-turn phases (sampling.multi_turn) for `cfg`, jitted on the mesh: the
+    state's rows split like a batch's."""
+    model_def, rows = self.step.model_def, self._turns_sharded
+    return sampling.TurnPhases(
+        begin=self._jit(lambda *a: rows(sampling.begin_turns(model_def, *a, cfg=cfg))),
+        decode=self._jit(lambda *a: rows(sampling.decode_turn(model_def, *a, cfg=cfg)),
+                         donate_argnums=(1,)),
+        append=self._jit(lambda *a: rows(sampling.append_turn(model_def, *a)),
+                         donate_argnums=(1,)),
+        finish=self._jit(lambda s: self._rows_sharded(sampling.finish_turns(s))))
 
   @functools.cached_property
   def score(self):

@@ -137,6 +137,18 @@ class PmappedStep:
   def generate(self):
     return jax.pmap(self.step.generate, AXIS, in_axes=(0, 0, 0, None), devices=self.devices)
 
+  def turn_phases(self, cfg: sampling.SamplingConfig) -> sampling.TurnPhases:
+    """The multi-turn phases (sampling.multi_turn) for `cfg`, pmapped: the state is sharded
+    by rows like a batch, the key shared."""
+    model_def = self.step.model_def
+    pmap = functools.partial(jax.pmap, axis_name=AXIS, devices=self.devices)
+    return sampling.TurnPhases(
+        begin=pmap(functools.partial(sampling.begin_turns, model_def, cfg=cfg)),
+        decode=pmap(functools.partial(sampling.decode_turn, model_def, cfg=cfg, axis_name=AXIS),
+                    in_axes=(0, 0, None), donate_argnums=(1,)),
+        append=pmap(functools.partial(sampling.append_turn, model_def), donate_argnums=(1,)),
+        finish=pmap(sampling.finish_turns))
+
   @functools.cached_property
   def score(self):
     return jax.pmap(self.step.score, AXIS, devices=self.devices)

@@ -80,6 +80,15 @@ class AbstentionWarnings:
                     self.consequence, so_far)
 
 
+def across_hosts(value, reduce=np.sum):
+  """`reduce` (np.sum, np.max, np.any, np.all) of an integer or boolean over every host: what
+  all hosts must agree on (how many sampling rounds or turns to run: each is one collective
+  program over all of them). One host: the value itself."""
+  if jax.process_count() == 1:
+    return reduce(np.asarray(value)).item()
+  return reduce(multihost_utils.process_allgather(np.int32(value))).item()
+
+
 def is_power_of_ten(count: int) -> bool:
   """1, 10, 100, ...: the occurrences a repeated warning is logged on."""
   while count % 10 == 0:

@@ -200,6 +200,18 @@ def _attend(q, k, v, visible, cfg: ModelConfig):
   return out.reshape(b, n_kv, groups, t, hd)
 
 
+def _write_cache(cache, k, v, start):
+  """The cache with keys k [B, kv, hd, T] / values v [B, kv, T, hd] written from slot `start`:
+  one slot for all rows (a scalar), or each row's own ([B]: multi-turn rows)."""
+  k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+  if jnp.ndim(start) == 0:
+    return {"k": jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, start)),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, start, 0))}
+  row_k = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, 0, s)))
+  row_v = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, s, 0)))
+  return {"k": row_k(cache["k"], k, start), "v": row_v(cache["v"], v, start)}
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -228,15 +240,12 @@ class Attention(nnx.Module):
     # the order they need it (3x faster per decoded token than [B, S, kv_heads, hd]).
     k, v = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)
     if cache is not None:  # write this step's keys/values, then attend over the whole cache
-      start = query_slots[0]
-      cache = {"k": jax.lax.dynamic_update_slice(
-                   cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, start)),
-               "v": jax.lax.dynamic_update_slice(
-                   cache["v"], v.astype(cache["v"].dtype), (0, 0, start, 0))}
-      cache = sharding.kv_cache(cache)
+      cache = sharding.kv_cache(_write_cache(cache, k, v, query_slots[..., 0]))
       k, v = cache["k"], cache["v"]
     key_slots = jnp.arange(v.shape[2])
-    visible = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :].astype(bool)
+    # query_slots: [T] (every row at the same slots) or [B, T] (multi-turn rows, each at its own)
+    row_slots = query_slots if query_slots.ndim == 2 else query_slots[None]
+    visible = (key_slots[None, None, :] <= row_slots[..., None]) & key_mask[:, None, :].astype(bool)
     groups = cfg.num_heads // n_kv
     q = q.reshape(b, t, n_kv, groups, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, groups, T, hd]
     if cache is None and t > ATTENTION_BLOCK:
@@ -372,7 +381,8 @@ class Transformer(nnx.Module):
     """Final-norm hidden states [B, T, D] (and the updated cache, or None).
 
     key_mask: [B, S] validity of every key slot: S = T without a cache, the cache length
-    with one. Input token t sits at slot `cache_index + t`.
+    with one. Input token t sits at slot `cache_index + t`; `cache_index` is one slot for
+    all rows or [B], each row's own.
 
     Without a cache the layers run unrolled, or under one `lax.scan` with
     `cfg.scan_layers`. With one they are always unrolled: each layer then reads its
@@ -386,7 +396,8 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(cfg.compute_dtype)
     x = sharding.rows(x, sharding.BATCH_AXES if cache is None else sharding.DECODE_AXES)
-    query_slots = cache_index + jnp.arange(input_ids.shape[1])
+    # cache_index: a slot for every row, or [B] (each row's own: multi-turn continuation)
+    query_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(input_ids.shape[1])
     inv_freq = rope_inverse_frequencies(cfg)
     block_def, block_params = nnx.split(self.blocks)
 

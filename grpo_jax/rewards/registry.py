@@ -36,7 +36,8 @@ from grpo_jax.rewards.builtin import BUILTIN_REWARDS, CONFIGURED_REWARDS
 RewardFunc = Callable[..., Sequence[float | None]]
 # Column names that would collide with the arguments the trainer passes (or, for "prompt",
 # that TRL does not pass either: the prompt is already the first argument).
-RESERVED_COLUMNS = ("prompt", "prompts", "completion", "completions", "completion_ids")
+RESERVED_COLUMNS = ("prompt", "prompts", "completion", "completions", "completion_ids",
+                    "environments")
 BUILTIN_NAMES = (*BUILTIN_REWARDS, *CONFIGURED_REWARDS)
 
 
@@ -152,13 +153,15 @@ _SUM_LIMIT = FLOAT32_MAX * (1.0 - 2.0**-20)
 def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Sequence[Any],
                     completions: Sequence[Any], columns: dict[str, Sequence[Any]],
                     reward_weights: Sequence[float] | None = None,
-                    completion_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+                    completion_ids: Sequence[Sequence[int]] | None = None,
+                    environments: Sequence[Any] | None = None) -> np.ndarray:
   """Rewards float32 [N, F]: column f holds function f's scores, None (n/a) becomes NaN.
 
   `columns` are the dataset's columns aligned with the completions (repeated per
   generation); each function gets them as keyword arguments, TRL-style, and
-  `completion_ids` (one list of token ids per completion; None: not passed) where it
-  accepts them (see the module docstring).
+  `completion_ids` (one list of token ids per completion; None: not passed) and
+  `environments` (TRL's: one environment_factory instance per completion, after its
+  rollout; None: not passed) where it accepts them (see the module docstring).
   Every returned value is finite or NaN: a function returning inf (or a number beyond
   float32's range) is a UserError, and so is a row whose total weighted by
   `reward_weights` (None: every function weighs 1) would overflow float32.
@@ -177,10 +180,13 @@ def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Seq
     completion_ids = [list(ids) for ids in completion_ids]
   prompts = list(prompts)
   rewards = np.empty((n, len(reward_funcs)), np.float32)
+  if environments is not None and len(environments) != n:
+    raise ValueError(f"{len(environments)} environments for {n} completions")
+  optional = {"completion_ids": completion_ids,
+              "environments": None if environments is None else list(environments)}
   for f, (name, fn) in enumerate(reward_funcs):
-    extra = kwargs
-    if completion_ids is not None and accepts_keyword(fn, "completion_ids"):
-      extra = {**kwargs, "completion_ids": completion_ids}
+    extra = {**kwargs, **{key: values for key, values in optional.items()
+                          if values is not None and accepts_keyword(fn, key)}}
     rewards[:, f] = _call(name, fn, prompts, list(completions), extra, n)
   check_weighted_totals(rewards, [name for name, _ in reward_funcs], reward_weights, prompts)
   return rewards

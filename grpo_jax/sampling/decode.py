@@ -1,4 +1,4 @@
-"""Sampling G completions per prompt: one jit-compiled prefill, then a KV-cached decode loop.
+"""Single-turn sampling of G completions per prompt: one prefill, then a KV-cached decode loop.
 
 Pure: arrays in, arrays out. The whole decode runs inside one `lax.while_loop`, which
 stops early once every row has emitted EOS. Each prompt is prefilled once and its KV
@@ -37,6 +37,8 @@ class SamplingConfig:
   top_k: int = 0  # 0: no top-k filter
   top_p: float = 1.0  # 1.0: no nucleus filter
   greedy: bool = False  # argmax decoding (evaluation); log-probs then use temperature 1
+  # Multi-turn decoding also pauses a row at these (a tool-call closer, e.g. `</tool_call>`).
+  stop_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_completion_length < 1:
@@ -66,6 +68,18 @@ class Rollout(NamedTuple):
   # [N] bool: the completion ended with EOS (the sampler's own flag). Not derivable from the
   # mask: a completion whose EOS is its last allowed token fills the mask like a truncated one.
   eos_terminated: jax.Array
+  # [N, L] 1 where a token came from a tool (multi-turn rollouts): context for the model and
+  # text for the rewards, but no part of the loss, the KL, the entropy or any token metric.
+  # None: every completion token is the model's (single-turn).
+  tool_mask: jax.Array | None = None
+
+
+def model_token_mask(rollout: Rollout) -> jax.Array:
+  """[N, L] 1 for the tokens the model sampled: the completion mask without tool responses.
+  The loss and every token metric count these; attention sees all of `completion_mask`."""
+  if rollout.tool_mask is None:
+    return rollout.completion_mask
+  return rollout.completion_mask * (1 - rollout.tool_mask.astype(rollout.completion_mask.dtype))
 
 
 def trimmed_width(longest: int, bucket: int, max_completion_length: int) -> int:
@@ -83,10 +97,11 @@ def trim_completions(rollout: Rollout, width: int) -> Rollout:
   """The rollout's completions cut to their first `width` positions (only padding beyond:
   `width` from trimmed_width). NumPy or JAX arrays. `eos_terminated` is kept: it is the
   sampler's, not the trimmed mask's."""
-  cut = lambda x: x[..., :width]
+  cut = lambda x: None if x is None else x[..., :width]
   return rollout._replace(completion_ids=cut(rollout.completion_ids),
                           completion_mask=cut(rollout.completion_mask),
-                          sampling_logprobs=cut(rollout.sampling_logprobs))
+                          sampling_logprobs=cut(rollout.sampling_logprobs),
+                          tool_mask=cut(rollout.tool_mask))
 
 
 def filter_logits(scaled_logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -136,7 +151,7 @@ def sample_inverse_cdf(probs: jax.Array, uniforms: jax.Array, block: int = 256) 
   return chosen * block + jnp.minimum(offset, _last_positive(within))
 
 
-def _choose_tokens(logits, keys, cfg: SamplingConfig):
+def choose_tokens(logits, keys, cfg: SamplingConfig):
   """One token per row and its log-prob under softmax(logits / T). logits: [N, V] float32."""
   scaled = logits / cfg.logprob_temperature
   logprobs = jax.nn.log_softmax(scaled, axis=-1)
@@ -150,6 +165,34 @@ def _choose_tokens(logits, keys, cfg: SamplingConfig):
     tokens = sample_inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
   tokens = tokens.astype(jnp.int32)
   return tokens, jnp.take_along_axis(logprobs, tokens[:, None], -1)[:, 0]
+
+
+def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, cache_length: int,
+            num_generations: int):
+  """Runs the prompts through the model once and shares each prompt's KV cache with its G
+  samples. (cache [B*G rows], last hidden state [B*G, D], per-layer params, LM head).
+
+  On a mesh the LM head is gathered once, before any decoding, and each chip scores only
+  its own rows against the whole vocabulary: the [rows, V] logits never cross chips (a head
+  split on its hidden dimension would all-reduce them at every token).
+  """
+  batch, prompt_len = prompt_ids.shape
+  key_mask = jnp.concatenate(
+      [prompt_mask, jnp.ones((batch, cache_length - prompt_len), jnp.int32)], axis=1)
+  cache = model.init_cache(batch, cache_length)
+  layers = model.layer_params()  # sliced once here, not at every decoded token
+  head = sharding.replicated(model.head_weight.astype(model.cfg.compute_dtype))
+  hidden, cache = model.hidden_states(
+      prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0, layers)
+  repeat = lambda x: jnp.repeat(x, num_generations, axis=0)
+  cache = tuple(sharding.kv_cache(jax.tree.map(repeat, c)) for c in cache)
+  return cache, repeat(hidden[:, -1]), layers, head
+
+
+def row_keys(rng: jax.Array, rows: int, axis_name: str | None) -> jax.Array:
+  """One key per completion row, by its global index (pmap: offset by the device's rows)."""
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, offset + jnp.arange(rows))
 
 
 def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
@@ -167,31 +210,20 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   rows = batch * group
   prompt_mask = prompt_mask.astype(jnp.int32)
 
-  key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, length), jnp.int32)], axis=1)
-  cache = model.init_cache(batch, prompt_len + length)
-  layers = model.layer_params()  # sliced once here, not at every decoded token
-  # On a mesh the LM head is gathered once, before the loop, and each chip scores only its
-  # own rows against the whole vocabulary: the [rows, V] logits never cross chips (a head
-  # split on its hidden dimension would all-reduce them at every token).
-  head = sharding.replicated(model.head_weight.astype(model.cfg.compute_dtype))
+  cache, hidden, layers, head = prefill(model, prompt_ids, prompt_mask, prompt_len + length,
+                                        group)
   next_logits = lambda h: model.logits(sharding.rows(h), head)
-  hidden, cache = model.hidden_states(
-      prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0, layers)
-  logits = next_logits(hidden[:, -1])
-
-  # Share each prompt's prefill across its G samples.
-  repeat = lambda x, axis=0: jnp.repeat(x, group, axis=axis)
-  cache = tuple(sharding.kv_cache(jax.tree.map(repeat, c)) for c in cache)  # [B, ...] arrays
-  logits, key_mask = repeat(logits), repeat(key_mask)
+  logits = next_logits(hidden)
+  repeat = lambda x: jnp.repeat(x, group, axis=0)
+  key_mask = repeat(jnp.concatenate([prompt_mask, jnp.ones((batch, length), jnp.int32)], axis=1))
   first_position = repeat(prompt_mask.sum(-1))
-  row_offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
-  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_offset + jnp.arange(rows))
+  keys = row_keys(rng, rows, axis_name)
   eos_ids = jnp.asarray(cfg.eos_token_ids, jnp.int32)
 
   def step_keys(t):
-    return jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, t)
 
-  token, logprob = _choose_tokens(logits, step_keys(0), cfg)
+  token, logprob = choose_tokens(logits, step_keys(0), cfg)
   tokens = jnp.full((rows, length), cfg.pad_token_id, jnp.int32).at[:, 0].set(token)
   logprobs = jnp.zeros((rows, length), jnp.float32).at[:, 0].set(logprob)
   mask = jnp.zeros((rows, length), jnp.int32).at[:, 0].set(1)
@@ -206,7 +238,7 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     hidden, cache = model.hidden_states(
         token[:, None], (first_position + t - 1)[:, None], key_mask, cache, prompt_len + t - 1,
         layers)
-    token, logprob = _choose_tokens(next_logits(hidden[:, 0]), step_keys(t), cfg)
+    token, logprob = choose_tokens(next_logits(hidden[:, 0]), step_keys(t), cfg)
     token = jnp.where(done, cfg.pad_token_id, token)
     tokens = tokens.at[:, t].set(token)
     logprobs = logprobs.at[:, t].set(jnp.where(done, 0.0, logprob))

@@ -1,0 +1,176 @@
+"""Multi-turn sampling (sampling.multi_turn driven by tools.turns.run_turns) with a scripted
+tool: rows stop on chosen tokens, the "tool" answers with ragged token lists, the rows go
+on from their KV cache. Checked against full-sequence recomputation, single-turn decoding,
+and across layouts (one device, pmap over 4, a mesh)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_model
+from grpo_jax import grpo, mesh, parallel, sampling
+from grpo_jax.grpo.logprobs import completion_logprobs
+from grpo_jax.tools import turns
+
+PROMPTS = np.array([[0, 0, 0, 7, 8, 9], [3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 11],
+                    [0, 2, 9, 4, 1, 5]], np.int32)
+MASK = (np.arange(6)[None] >= np.array([3, 0, 5, 1])[:, None]).astype(np.int32)
+STOPS = (3, 17, 22, 29)  # "tool-call closers": frequent enough in a tiny random model's output
+EOS = (31,)
+
+
+def scripted_tool(turns_seen):
+  """Answers every stopped row with a response whose length depends on the row and on how
+  many times it was answered (1..7 tokens, ragged); never answers a row a 4th time."""
+  def respond(waiting, eos):
+    out = {}
+    for r, ids in waiting.items():
+      turns_seen.setdefault(r, 0)
+      if turns_seen[r] >= 3:
+        continue
+      turns_seen[r] += 1
+      out[r] = [(5 * r + 3 * turns_seen[r] + k) % 30 + 1 for k in range(1 + (r + turns_seen[r]) % 7)]
+    return out
+  return respond
+
+
+def layout(kind, model, cfg):
+  step = grpo.GRPOStep(nnx.graphdef(model), None, None,
+                       grpo.GRPOConfig(sampling=cfg, num_reward_funcs=1))
+  if kind == "one":
+    return parallel.pmap_step(step, jax.local_devices()[:1])
+  if kind == "pmap":
+    return parallel.pmap_step(step, jax.local_devices()[:4])
+  return mesh.mesh_step(step, mesh.make_mesh(data=2, fsdp=1, tensor=2))
+
+
+def rollout_of(kind, model, cfg, respond, max_iterations=3, rng=0):
+  step_fn = layout(kind, model, cfg)
+  params = step_fn.place_params(nnx.state(model))
+  placed, counts = turns.run_turns(step_fn, step_fn.turn_phases(cfg), params, PROMPTS, MASK,
+                                   jax.random.key(rng), respond, max_iterations, cfg)
+  return jax.tree.map(np.asarray, step_fn.to_host(placed)), counts
+
+
+def cfg_of(**kw):
+  return sampling.SamplingConfig(**{"max_completion_length": 40, "eos_token_ids": EOS,
+                                    "stop_token_ids": STOPS, "num_generations": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def sampled(model):
+  seen = {}
+  return rollout_of("one", model, cfg_of(), scripted_tool(seen)), seen
+
+
+def test_the_script_makes_three_tool_turns_with_ragged_responses(sampled):
+  (rollout, counts), seen = sampled
+  tool = rollout.tool_mask.astype(bool)
+  assert max(seen.values()) == 3 and sum(v == 3 for v in seen.values()) >= 2
+  assert counts.turns.max() == 4  # 3 responses: 4 model turns
+  # every response lands right after a stop token, packed: no holes in the mask
+  mask = rollout.completion_mask.astype(bool)
+  assert all(np.all(m[:m.sum()]) for m in mask)
+  for r in range(len(tool)):
+    starts = np.flatnonzero(tool[r] & ~np.roll(tool[r], 1))
+    for s in starts:
+      assert rollout.completion_ids[r, s - 1] in STOPS + EOS
+  lengths = {int(t.sum()) for t in tool}
+  assert len(lengths) > 2  # ragged
+
+
+def full_logprobs(model, rollout, temperature=1.0):
+  graphdef, params = nnx.split(model)
+  lp, _ = completion_logprobs(graphdef, params, sampling.Rollout(*map(jnp.asarray, rollout[:6])),
+                              temperature, 0)
+  return np.asarray(lp)
+
+
+def test_sampler_logprobs_of_model_tokens_equal_one_full_pass(model, sampled):
+  (rollout, _), _ = sampled
+  model_tokens = np.asarray(sampling.model_token_mask(rollout)).astype(bool)
+  recomputed = full_logprobs(model, rollout)
+  # 1e-5, relative for the few log-probs far from 0 (float32 sums in another order)
+  np.testing.assert_allclose(rollout.sampling_logprobs[model_tokens], recomputed[model_tokens],
+                             atol=1e-5, rtol=1e-5)
+  assert np.all(rollout.sampling_logprobs[~model_tokens] == 0)
+
+
+def test_greedy_continuation_equals_reprefilling_the_whole_conversation(model):
+  cfg = cfg_of(greedy=True)
+  rollout, _ = rollout_of("one", model, cfg, scripted_tool({}))
+  assert rollout.tool_mask.sum() > 0
+  # Teacher-forced full pass over prompt + completion: the argmax after each position is
+  # what re-prefilling the conversation so far and decoding one token would give.
+  ids = np.concatenate([rollout.prompt_ids, rollout.completion_ids], 1)
+  mask = np.concatenate([rollout.prompt_mask, rollout.completion_mask], 1)
+  logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  p = rollout.prompt_ids.shape[1]
+  predicted = logits[:, p - 1:-1].argmax(-1)
+  model_tokens = np.asarray(sampling.model_token_mask(rollout)).astype(bool)
+  np.testing.assert_array_equal(rollout.completion_ids[model_tokens], predicted[model_tokens])
+
+
+def test_without_tool_calls_it_is_the_single_turn_sampler(model):
+  cfg = cfg_of(stop_token_ids=())
+  multi, counts = rollout_of("one", model, cfg, lambda waiting, eos: {})
+  graphdef, params = nnx.split(model)
+  single = jax.jit(sampling.generate, static_argnums=(0, 5))(
+      graphdef, params, PROMPTS, MASK, jax.random.key(0), cfg)
+  np.testing.assert_array_equal(multi.completion_ids, single.completion_ids)
+  np.testing.assert_array_equal(multi.completion_mask, single.completion_mask)
+  np.testing.assert_array_equal(multi.eos_terminated, single.eos_terminated)
+  np.testing.assert_allclose(multi.sampling_logprobs, single.sampling_logprobs, atol=1e-5)
+  assert multi.tool_mask.sum() == 0 and np.all(counts.turns == 1)
+
+
+@pytest.mark.parametrize("kind", ["pmap", "mesh"])
+def test_layouts_sample_the_same_conversations(model, sampled, kind):
+  (expected, expected_counts), _ = sampled
+  got, counts = rollout_of(kind, model, cfg_of(), scripted_tool({}))
+  np.testing.assert_array_equal(got.completion_ids, expected.completion_ids)
+  np.testing.assert_array_equal(got.tool_mask, expected.tool_mask)
+  np.testing.assert_array_equal(got.completion_mask, expected.completion_mask)
+  np.testing.assert_allclose(got.sampling_logprobs, expected.sampling_logprobs, atol=1e-5,
+                             rtol=1e-5)
+  np.testing.assert_array_equal(counts.turns, expected_counts.turns)
+
+
+def test_a_response_longer_than_the_append_width_goes_in_several_chunks(model):
+  cfg = cfg_of(max_completion_length=200)
+  width = sampling.append_width(cfg)
+  long = [(7 * k) % 30 + 1 for k in range(width + 9)]
+  answered = set()
+
+  def respond(waiting, eos):
+    out = {r: long for r in waiting if r not in answered}
+    answered.update(out)
+    return out
+
+  rollout, counts = rollout_of("one", model, cfg, respond, max_iterations=1)
+  tool = rollout.tool_mask.astype(bool)
+  row = int(np.argmax(tool.sum(1)))
+  assert tool[row].sum() == len(long)
+  np.testing.assert_array_equal(rollout.completion_ids[row][tool[row]], long)
+  model_tokens = np.asarray(sampling.model_token_mask(rollout)).astype(bool)
+  np.testing.assert_allclose(rollout.sampling_logprobs[model_tokens],
+                             full_logprobs(model, rollout)[model_tokens], atol=1e-5, rtol=1e-5)
+
+
+def test_a_response_that_runs_past_the_length_truncates_the_row(model):
+  cfg = cfg_of(max_completion_length=24)
+  rollout, _ = rollout_of("one", model, cfg, lambda waiting, eos: {r: [5] * 30 for r in waiting},
+                          max_iterations=2)
+  full = rollout.completion_mask.sum(1) == 24
+  ends_in_tool = rollout.tool_mask[:, -1].astype(bool)
+  assert ends_in_tool.any()
+  assert np.all(full[ends_in_tool]) and not rollout.eos_terminated[ends_in_tool].any()
