@@ -153,7 +153,10 @@ def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int 
   return SoftOverlongPunishment(max_completion_length, cache)
 
 
-BUILTIN_REWARDS = {fn.__name__: fn for fn in (correctness_reward, format_reward)}
+from grpo_jax.rewards.sandbox import code_execution_reward  # noqa: E402 (it imports this lazily)
+
+BUILTIN_REWARDS = {fn.__name__: fn for fn in (correctness_reward, format_reward,
+                                              code_execution_reward)}
 # Built-in name -> (factory, the builtin_options it takes: required, then optional).
 CONFIGURED_REWARDS = {
     "soft_overlong_punishment": (soft_overlong_punishment, ("max_completion_length",),
