@@ -2,7 +2,6 @@
 scores 0, is logged once per kind, and leaves the test process and its files untouched)."""
 
 import json
-import logging
 import os
 import socket
 import struct
@@ -33,7 +32,9 @@ def _fresh_warnings():
 
 
 def sandbox_processes(marker):
-  """Pids of live processes whose command line holds `marker`."""
+  """Pids of live processes whose command line holds `marker` ("grpo_sandbox_": the driver's
+  temp directory; --dist loadfile keeps this file's tests, which run one at a time, in one
+  worker)."""
   found = []
   for entry in os.listdir("/proc"):
     if entry.isdigit() and int(entry) != os.getpid():
@@ -107,7 +108,9 @@ def test_stdout_is_returned_and_a_forged_result_line_changes_nothing():
 # --- hostile programs --------------------------------------------------------------------
 
 def test_infinite_loop_hits_the_cpu_limit(caplog):
-  result = run_tests("while True:\n  pass\n", ["assert True"], LIMITS)
+  # Wall time to spare: under `-n 2` the other worker may share the cores.
+  limits = SandboxLimits(cpu_seconds=2, wall_seconds=15)
+  result = run_tests("while True:\n  pass\n", ["assert True"], limits)
   assert_contained(caplog, result, sandbox.CPU_LIMIT)
 
 
@@ -137,6 +140,14 @@ def test_a_daemon_left_behind_is_killed():
   result = run_tests(code, ["assert f() == 1"], LIMITS)
   assert result.reward == 1.0
   assert sandbox_processes(marker) == []
+
+
+@namespaces
+def test_an_honest_subprocess_still_works():
+  code = ("import subprocess, sys\n"
+          "out = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True,"
+          " text=True, check=True).stdout\n")
+  assert run_tests(code, ["assert out.strip() == '42'"], LIMITS).reward == 1.0
 
 
 def test_printing_100_mb_is_capped(caplog):

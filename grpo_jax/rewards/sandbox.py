@@ -551,6 +551,14 @@ def _probe() -> tuple[str, bool]:
     result = _run(mode, mounts, "import fractions\nx = fractions.Fraction(1, 2)",
                   ["assert x * 2 == 1"], DEFAULT_LIMITS, warn=False)
     if result.kind is None and result.passed == 1:
+      if not mounts:
+        logger.warning("code_execution_reward: no private mount setup here: sandboxed programs "
+                       "can read and write what their uid can outside the work directory "
+                       "(warned once)")
+      if mode == "userns" and os.geteuid() == 0:
+        logger.warning("code_execution_reward: running as root without the root sandbox: "
+                       "RLIMIT_NPROC does not bind uid 0, so a fork bomb is stopped only by "
+                       "the wall timeout (warned once)")
       return mode, mounts
   logger.warning("code_execution_reward: no working `unshare` (Linux namespaces) here: "
                  "programs run without PID/network/mount isolation, guarded only by rlimits, "
