@@ -15,6 +15,7 @@ from ml_collections import config_dict
 from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
 from grpo_jax.models import lora
+from grpo_jax.tools.calls import FORMATS as TOOL_CALL_FORMATS
 
 PARALLELISM = ("pmap", "mesh")
 DEMO_DATASET = "demo:arithmetic"
@@ -76,6 +77,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.temperature = 1.0
   c.top_p = 1.0
   c.top_k = 0
+
+  # Tools (TRL's names): multi-turn rollouts in which the model calls Python functions. A
+  # row stops at EOS or at the end of a tool call; its calls run on the host (each with
+  # tool_timeout_seconds); their responses, rendered by the chat template, are prefilled
+  # into the row's KV cache and it decodes on, up to max_tool_calling_iterations responses,
+  # all within max_completion_length tokens. Response tokens are context and reward text,
+  # but out of the loss, the KL, the entropy and every token metric (README: "Tools").
+  c.tools = ""  # comma-separated: built-in names (calculator) or module:function paths
+  # module:Class: one instance per completion, reset(**row) first, its public methods the
+  # completion's tools; reward functions get the instances as environments=.
+  c.environment_factory = ""
+  c.max_tool_calling_iterations = 5
+  # How calls are written: auto (from the chat template), hermes (Qwen2.5 / Qwen3 /
+  # SmolLM2: <tool_call>{json}</tool_call>), llama3 (a JSON turn), or module:function.
+  c.tool_call_format = "auto"
+  c.tool_timeout_seconds = 10.0
 
   # Optimisation and loss.
   c.learning_rate = 5e-7
@@ -174,7 +191,8 @@ RESUME_FREE_FIELDS = frozenset({
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_sample_texts",
     "accuracy_reward", "export_hf", "distributed", "parallelism", "mesh", "remat",
     "scan_layers", "micro_batch_size", "logprob_chunk_size", "train_length_bucket",
-    "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change"})
+    "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change",
+    "tool_timeout_seconds"})
 
 
 def from_file(path) -> ml_collections.ConfigDict:
@@ -262,7 +280,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive = ("num_generations", "prompts_per_step", "max_prompt_length",
               "max_completion_length", "max_steps", "log_every", "keep_checkpoints",
               "num_iterations", "sft_batch_size", "max_nonfinite_steps", "ref_model_sync_steps",
-              "max_num_gen_batches")
+              "max_num_gen_batches", "max_tool_calling_iterations")
   for field in positive:
     _require(int(config[field]) >= 1, field, config[field], "an integer >= 1")
   for field in ("eval_every", "checkpoint_every"):
@@ -290,6 +308,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.weight_decay >= 0, "weight_decay", config.weight_decay, "a number >= 0")
   for field in ("adam_beta1", "adam_beta2"):
     _require(0 <= config[field] < 1, field, config[field], "0 <= x < 1")
+  _require(config.tool_timeout_seconds > 0, "tool_timeout_seconds", config.tool_timeout_seconds,
+           "a number of seconds > 0")
+  _require(config.tool_call_format in TOOL_CALL_FORMATS or ":" in config.tool_call_format,
+           "tool_call_format", config.tool_call_format,
+           f"{', '.join(TOOL_CALL_FORMATS)}, or a module:function parser")
   _require(config.preemption_grace_seconds > 0, "preemption_grace_seconds",
            config.preemption_grace_seconds, "a number of seconds > 0")
   if not config.model_path:  # the fresh model's shape (a checkpoint's is checked on load)
@@ -319,22 +342,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   grpo_config(config, eos_token_ids=(0,), pad_token_id=0)  # loss / sampling field checks
 
 
-def sampling_config(config, eos_token_ids, pad_token_id) -> sampling.SamplingConfig:
+def sampling_config(config, eos_token_ids, pad_token_id, stop_token_ids=()
+                    ) -> sampling.SamplingConfig:
   return sampling.SamplingConfig(
       max_completion_length=config.max_completion_length, eos_token_ids=tuple(eos_token_ids),
       pad_token_id=pad_token_id, num_generations=config.num_generations,
-      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+      stop_token_ids=tuple(stop_token_ids))
 
 
-def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None
-                ) -> grpo.GRPOConfig:
-  """The step's static config; `platform`: the one it is compiled for (None: this host's)."""
+def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None,
+                stop_token_ids=()) -> grpo.GRPOConfig:
+  """The step's static config; `platform`: the one it is compiled for (None: this host's);
+  `stop_token_ids`: where multi-turn decoding also pauses a row (a tool call's end)."""
   weights = config.reward_weights
   if weights is not None and not all(isinstance(w, (int, float)) for w in weights):
     raise ConfigError(f"config.reward_weights={weights!r}; allowed: a tuple of numbers, "
                       "one per reward function, e.g. '(1.0, 0.5)'")
   return grpo.GRPOConfig(
-      sampling=sampling_config(config, eos_token_ids, pad_token_id),
+      sampling=sampling_config(config, eos_token_ids, pad_token_id, stop_token_ids),
       beta=config.beta, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
       loss_type=config.loss_type, scale_rewards=config.scale_rewards,
       reward_weights=None if weights is None else tuple(float(w) for w in weights),

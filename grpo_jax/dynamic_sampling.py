@@ -136,7 +136,7 @@ class GroupGatherer:
     self._parts.append((rollout, rewards) if keep.all() else
                        (jax.tree.map(lambda x: np.asarray(x)[rows], rollout), rewards[rows]))
     self._kept += int(keep.sum())
-    self._sampled_tokens += int(np.sum(rollout.completion_mask))
+    self._sampled_tokens += int(np.sum(sampling.model_token_mask(rollout)))
     self._last = (rollout, rewards, placed)
 
   def batch(self, rounds: int) -> Gathered:

@@ -27,6 +27,7 @@ from grpo_jax import config as config_lib
 from grpo_jax.data import batching
 from grpo_jax.errors import UserError
 from grpo_jax.models import hf, lora, peft_format
+from grpo_jax.tools import host as tools_host
 
 log = logging.getLogger("grpo_jax")
 
@@ -71,22 +72,34 @@ class TrainLoop:
   def __init__(self, config, s, step_fn, ckpt: checkpoint.Checkpointer, writer, logdir):
     self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
     self.step_fn = step_fn
+    schemas = s.tools.schemas if s.tools else None
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
-                                      config.num_generations)
+                                      config.num_generations, schemas)
+    self.sampler = self.make_sampler(s.grpo_config.sampling)
+    self.tool_stats: list[rollouts.ToolStats] = []  # this step's, over its sampling rounds
     self.train_width = rollouts.TrainWidths(config.train_length_bucket,
                                             config.max_completion_length)
     # Each host feeds its own devices: a disjoint share of every global batch.
     self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-    self.evaluate = (rollouts.Evaluator(s, config, step_fn)
-                     if s.eval_data is not None and config.eval_every else None)
+    self.evaluate = (rollouts.Evaluator(
+        s, config, step_fn, self.make_sampler(rollouts.greedy_config(s.grpo_config.sampling)),
+        schemas) if s.eval_data is not None and config.eval_every else None)
     self.nonfinite = NonFiniteWatch(config.max_nonfinite_steps)
     self.short_batches = dynamic_sampling.ShortBatchWarnings(config.max_num_gen_batches)
     self.window = metrics.MetricWindow()
     self.updates = 0  # optimizer updates so far (state.step), read when the reference syncs
     self.saved_any = False
     self.saved_step = 0  # the newest step handed to the checkpointer (or resumed from)
+
+  def make_sampler(self, cfg: sampling.SamplingConfig):
+    """Single-turn decoding, or with tools / environment_factory multi-turn rollouts."""
+    if self.s.tools is None:
+      return rollouts.SingleTurnSampler(self.step_fn, cfg)
+    return tools_host.ToolSampler(self.s.tools, self.s.tokenizer, self.step_fn, cfg,
+                                  self.config.max_tool_calling_iterations,
+                                  self.config.tool_timeout_seconds)
 
   def resume_hint(self) -> str:
     if not self.config.checkpoint_every:
@@ -234,6 +247,7 @@ class TrainLoop:
     requested before the update began (state untouched)."""
     config, step_fn = self.config, self.step_fn
     times = {"time/sampling": 0.0, "time/rewards": 0.0}
+    self.tool_stats = []
     started = time.perf_counter()
     batch = self.sample(self.policy(state, reference), key, stop, times)
     if batch is None:
@@ -253,6 +267,8 @@ class TrainLoop:
           batch, step_metrics, config.prompts_per_step, dynamic_sampling.scales_per_group(
               config.scale_rewards, config.multi_objective_aggregation))
       self.short_batches(step_metrics, config.prompts_per_step)
+    if self.tool_stats:  # calls, failures and turns of every completion sampled this step
+      step_metrics.update(rollouts.concatenate_tool_stats(self.tool_stats).metrics())
     finished = time.perf_counter()
     step_metrics.update(dynamic_sampling.throughput(batch, finished - started))
     # Where the step went: prompts + sampling, host reward functions, reference + update.
@@ -278,14 +294,15 @@ class TrainLoop:
       started = time.perf_counter()
       rows = self.stream.next_batch()
       prompt_ids, prompt_mask = self.host.encode(rows)
-      placed = self.step_fn.generate(params, *self.step_fn.place_batch((prompt_ids,
-                                                                        prompt_mask)),
-                                     round_key)
+      placed, tool_stats, environments = self.sampler(params, prompt_ids, prompt_mask,
+                                                      round_key, rows)
       host_rollout = self.step_fn.to_host(placed)  # waits for the sampler
       if stop.requested():
         return None
       sampled = time.perf_counter()
-      rewards, _ = self.host.score(rows, host_rollout)
+      rewards, _ = self.host.score(rows, host_rollout, environments=environments)
+      if tool_stats is not None:
+        self.tool_stats.append(tool_stats)
       if stop.requested():
         return None
       times["time/sampling"] += sampled - started

@@ -99,8 +99,10 @@ def is_power_of_ten(count: int) -> bool:
 class HostRollouts:
   """Encodes prompts and scores completions with the configured reward functions."""
 
-  def __init__(self, tokenizer, reward_funcs, config, num_generations: int):
+  def __init__(self, tokenizer, reward_funcs, config, num_generations: int,
+               tool_schemas: list[dict] | None = None):
     self.tokenizer = tokenizer
+    self.tool_schemas = tool_schemas  # shown to the model by the chat template
     self.reward_funcs = reward_funcs
     self.names = [name for name, _ in reward_funcs]
     self.prompt_column = config.prompt_column
@@ -118,17 +120,20 @@ class HostRollouts:
   def encode(self, rows: dict[str, list]):
     texts, add_special_tokens = chat.render_prompts(
         self.tokenizer, list(rows[self.prompt_column]), system_prompt=self.system_prompt,
-        mode=self.chat_template)
+        mode=self.chat_template, tools=self.tool_schemas)
     return batching.encode_prompts(self.tokenizer, texts, self.max_prompt_length,
                                    truncate=self.truncate, add_special_tokens=add_special_tokens)
 
   def score(self, rows: dict[str, list], rollout: sampling.Rollout,
-            warn_abstentions: bool = True):
+            warn_abstentions: bool = True, environments: list | None = None):
     """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout.
 
     Rewards are finite or NaN (inf, or a weighted total beyond float32, is a UserError).
     `warn_abstentions`: warn (see AbstentionWarnings) when functions return None for the
     whole batch; the evaluator checks its whole evaluation at once instead.
+    `environments`: the completions' environment_factory instances, for the functions
+    that take `environments=`. A multi-turn completion's text and ids hold its tool
+    responses too (what the model read), as TRL's do.
     """
     ids = completion_id_lists(rollout.completion_ids, rollout.completion_mask)
     # The text drops the EOS (a special token); the ids keep it, as TRL's do.
@@ -137,7 +142,8 @@ class HostRollouts:
     prompts = columns.pop(self.prompt_column)
     rewards = compute_rewards(self.reward_funcs, prompts,
                               chat.completions_for_rewards(prompts, completions), columns,
-                              self.reward_weights, completion_ids=ids)
+                              self.reward_weights, completion_ids=ids,
+                              environments=environments)
     if warn_abstentions:
       self.abstentions(rewards)
     return rewards, completions
@@ -183,8 +189,50 @@ class TrainWidths:
 
 
 def throughput(rollout: sampling.Rollout, seconds: float) -> dict[str, float]:
-  tokens = float(np.sum(rollout.completion_mask))
+  tokens = float(np.sum(sampling.model_token_mask(rollout)))  # sampled, not tool tokens
   return {"step_time": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+class ToolStats(NamedTuple):
+  """Per completion: tool calls, failed calls, model turns."""
+
+  calls: np.ndarray
+  failures: np.ndarray
+  turns: np.ndarray
+
+  def metrics(self, prefix: str = "") -> dict[str, float]:
+    """tools/calls_per_completion, tools/failure_rate (failed / all calls; 0 with no call),
+    tools/turns (model turns per completion), over every host's completions."""
+    total = lambda x: float(across_hosts(int(np.sum(x))))
+    completions, calls = total(np.ones_like(self.calls)), total(self.calls)
+    return {f"{prefix}tools/calls_per_completion": calls / max(completions, 1.0),
+            f"{prefix}tools/failure_rate": total(self.failures) / max(calls, 1.0),
+            f"{prefix}tools/turns": total(self.turns) / max(completions, 1.0)}
+
+
+def concatenate_tool_stats(stats: list[ToolStats]) -> ToolStats:
+  """The stats of several batches (evaluation) or sampling rounds (dynamic sampling)."""
+  return ToolStats(*(np.concatenate(parts) for parts in zip(*stats)))
+
+
+class SingleTurnSampler:
+  """One decoding turn per completion, in `step_fn`'s layout. Called like
+  tools.host.ToolSampler: (params, prompt_ids, prompt_mask, rng, rows) -> (placed Rollout,
+  tool stats, environments), the last two None here."""
+
+  def __init__(self, step_fn, cfg: sampling.SamplingConfig | None = None):
+    self.step_fn = step_fn
+    self.generate = step_fn.generate if cfg is None else step_fn.sampler(cfg)
+
+  def __call__(self, params, prompt_ids, prompt_mask, rng, rows):
+    del rows  # no environment to reset
+    placed = self.generate(params, *self.step_fn.place_batch((prompt_ids, prompt_mask)), rng)
+    return placed, None, None
+
+
+def greedy_config(cfg: sampling.SamplingConfig) -> sampling.SamplingConfig:
+  """The held-out evaluation's decoding: greedy, one completion per prompt."""
+  return dataclasses.replace(cfg, greedy=True, num_generations=1)
 
 
 class EvalResult(NamedTuple):
@@ -195,11 +243,11 @@ class EvalResult(NamedTuple):
 class Evaluator:
   """Greedy decoding on held-out prompts; `eval/accuracy` is the accuracy reward's mean."""
 
-  def __init__(self, setup: Any, config, step_fn):
-    self.host = HostRollouts(setup.tokenizer, setup.reward_funcs, config, 1)
-    greedy = dataclasses.replace(setup.grpo_config.sampling, greedy=True, num_generations=1)
+  def __init__(self, setup: Any, config, step_fn, sampler, tool_schemas=None):
+    """`sampler`: a SingleTurnSampler (or tools.host.ToolSampler) for greedy_config."""
+    self.host = HostRollouts(setup.tokenizer, setup.reward_funcs, config, 1, tool_schemas)
     self.step_fn = step_fn
-    self.generate = step_fn.sampler(greedy)
+    self.sample = sampler
     self.divisor = step_fn.batch_divisor
     self.data = setup.eval_data
     self.batch_size = config.prompts_per_step * config.num_generations
@@ -213,19 +261,23 @@ class Evaluator:
                                           "the eval/ reward metrics are NaN")
 
   def __call__(self, placed_params) -> EvalResult:
-    rewards, texts, prompts, lengths = [], [], [], []
+    rewards, texts, prompts, lengths, tool_stats = [], [], [], [], []
     for start in range(0, len(self.data), self.batch_size):
       rows = self.data[start:start + self.batch_size]
       count = len(rows[self.host.prompt_column])
       padded = {k: list(v) + [v[-1]] * (-count % self.divisor) for k, v in rows.items()}
       ids, mask = self.host.encode(padded)
-      rollout = self.step_fn.to_host(self.generate(
-          placed_params, *self.step_fn.place_batch((ids, mask)), jax.random.key(0)))
-      batch_rewards, completions = self.host.score(padded, rollout, warn_abstentions=False)
+      placed, stats, environments = self.sample(placed_params, ids, mask, jax.random.key(0),
+                                                padded)
+      rollout = self.step_fn.to_host(placed)
+      batch_rewards, completions = self.host.score(padded, rollout, warn_abstentions=False,
+                                                   environments=environments)
+      if stats is not None:
+        tool_stats.append(jax.tree.map(lambda x, n=count: x[:n], stats))
       rewards.append(batch_rewards[:count])
       texts += completions[:count]
       prompts += padded[self.host.prompt_column][:count]
-      lengths.append(np.asarray(rollout.completion_mask)[:count].sum(-1))
+      lengths.append(np.asarray(sampling.model_token_mask(rollout))[:count].sum(-1))
     rewards = np.concatenate(rewards)
     self.abstentions(rewards)
     with warnings.catch_warnings():  # an all-None column: NaN mean, warned about just above
@@ -234,6 +286,8 @@ class Evaluator:
     result = {f"eval/rewards/{name}/mean": float(m) for name, m in zip(self.host.names, means)}
     result["eval/accuracy"] = float(means[self.accuracy_index])
     result["eval/completions/mean_length"] = float(np.mean(np.concatenate(lengths)))
+    if tool_stats:
+      result.update(concatenate_tool_stats(tool_stats).metrics("eval/"))
     samples = [f"{p!r} -> {c!r} (reward {r})"
                for p, c, r in zip(prompts, texts, rewards[:, self.accuracy_index])]
     return EvalResult(result, "\n\n".join(samples[:self.num_samples]))

@@ -36,6 +36,7 @@ from grpo_jax.errors import UserError
 from grpo_jax.loop import NonFiniteWatch, TrainLoop, is_primary  # noqa: F401  (train.TrainLoop)
 from grpo_jax.models import ModelConfig, Transformer, hf, lora, presets
 from grpo_jax.rewards import resolve_reward_funcs
+from grpo_jax.tools import host as tools_host
 
 log = logging.getLogger("grpo_jax")
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
@@ -59,6 +60,7 @@ class Setup:
   # reference; `adapters_like` the adapters' shapes. Both None without LoRA.
   reference_def: nnx.GraphDef | None = None
   adapters_like: nnx.State | None = None
+  tools: tools_host.ToolSetup | None = None  # config.tools / environment_factory, if any
 
   @property
   def base_def(self) -> nnx.GraphDef:
@@ -79,8 +81,8 @@ def model_config(config) -> ModelConfig:
     return hf.config_from_hf(presets.hf_config(config.model_path)).replace(**runtime)
   if config.model_path:
     return hf.config_from_hf(hf.read_config(config.model_path)).replace(**runtime)
-  return ModelConfig(vocab_size=len(demo.build_demo_tokenizer()), **runtime,
-                     **config.model.to_dict())
+  return ModelConfig(vocab_size=len(demo.build_demo_tokenizer(tools_host.uses_tools(config))),
+                     **runtime, **config.model.to_dict())
 
 
 def build_model(config):
@@ -97,7 +99,7 @@ def build_model(config):
       raise UserError(f"config.model_path={config.model_path!r} holds no tokenizer files")
     eos_ids = hf.eos_token_ids(config.model_path, tokenizer)
   else:
-    tokenizer = demo.build_demo_tokenizer()
+    tokenizer = demo.build_demo_tokenizer(tools_host.uses_tools(config))
     model = Transformer(model_config(config), nnx.Rngs(config.seed))
     eos_ids = (tokenizer.eos_token_id,)
   graphdef, params = nnx.split(model)
@@ -123,10 +125,12 @@ def setup(config) -> Setup:
       "soft_punish_cache": config.soft_punish_cache})
   tokenizer, eos_ids, model_config, model_def, params = build_model(config)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+  tools = tools_host.tool_setup(config, tokenizer)
   grpo_config = config_lib.grpo_config(config, eos_ids, pad_id,
-                                       platform=jax.devices()[0].platform)
+                                       platform=jax.devices()[0].platform,
+                                       stop_token_ids=tools.stop_token_ids if tools else ())
   s = Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
-            reward_funcs, grpo_config)
+            reward_funcs, grpo_config, tools=tools)
   adapters = lora.from_config(config.lora)
   if adapters is not None:  # the plain model becomes the reference; the actor adapts it
     s.reference_def = model_def
@@ -214,7 +218,7 @@ def warmup_key(config, s: Setup) -> dict[str, Any]:
   """What produced a cached warm-up: a cache made under other values is rebuilt."""
   fields = ("sft_steps", "sft_batch_size", "sft_learning_rate", "sft_reasoning_prob",
             "dataset", "prompt_column", "max_prompt_length", "max_completion_length", "seed",
-            "param_dtype")
+            "param_dtype", "tools")
   return {**{f: config[f] for f in fields}, "model": architecture(s)}
 
 
@@ -226,8 +230,19 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   def make_demo(i, rng):
     return demo.demonstration(prompts[i], answers[i], rng, config.sft_reasoning_prob)
 
+  calculator = ({t.name: t.function for t in s.tools.tools}.get("calculator")
+                if s.tools else None)
+  if calculator is not None:  # the tools demo: calls of the calculator, or guesses
+    render = tools_host.ResponseRenderer(s.tokenizer, s.tools.schemas)
+    respond = lambda expression: render.text(
+        [tools_host.ToolResult("calculator", calculator(expression), False)], after_eos=False)
+
+    def make_demo(i, rng):  # noqa: F811
+      return demo.tool_demonstration(prompts[i], rng, config.sft_reasoning_prob, respond)
+
   def run():
-    log.info("Supervised warm-up: %d steps on imperfect demonstrations", config.sft_steps)
+    log.info("Supervised warm-up: %d steps on imperfect demonstrations%s", config.sft_steps,
+             " (calculator calls)" if calculator is not None else "")
     params, loss = warmup.supervised_warmup(
         s.base_def, s.init_params, s.tokenizer, prompts, make_demo, steps=config.sft_steps,
         batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,

@@ -34,9 +34,11 @@ log = logging.getLogger("grpo_jax")
 
 
 class CompletionEncoder:
-  """Right-padded completion ids [B, L] ending with EOS, and their mask.
+  """Right-padded completion ids [B, L] ending with EOS, their mask, and their tool mask.
 
-  Demonstrations repeat, so each distinct text is tokenized once.
+  A completion is a text, or (text, is_tool_response) segments (tool-using demonstrations:
+  the response segments are context, out of the loss). Demonstrations repeat, so each
+  distinct text is tokenized once.
   """
 
   def __init__(self, tokenizer, length: int):
@@ -44,22 +46,30 @@ class CompletionEncoder:
     self._tokens = functools.lru_cache(maxsize=1 << 16)(self._tokenize)
 
   def _tokenize(self, text: str) -> tuple[int, ...]:
-    tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.length - 1]
-    return tuple(tokens) + (self.tokenizer.eos_token_id,)
+    return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-  def __call__(self, completions: list[str]):
+  def __call__(self, completions: list):
     ids = np.full((len(completions), self.length), self.tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(completions), self.length), np.int32)
-    for row, text in enumerate(completions):
-      tokens = self._tokens(text)
+    tool = np.zeros((len(completions), self.length), np.int32)
+    for row, completion in enumerate(completions):
+      segments = [(completion, False)] if isinstance(completion, str) else completion
+      tokens, from_tool = [], []
+      for text, is_tool in segments:
+        part = self._tokens(text)
+        tokens += part
+        from_tool += [is_tool] * len(part)
+      tokens = tokens[:self.length - 1] + [self.tokenizer.eos_token_id]
+      from_tool = from_tool[:self.length - 1] + [False]
       ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
-    return ids, mask
+      tool[row, :len(tokens)] = from_tool
+    return ids, mask, tool
 
 
 def sft_loss(params, model_def, batch: sampling.Rollout, chunk_size: int):
-  """Mean negative log-likelihood of the completion tokens."""
+  """Mean negative log-likelihood of the completion tokens (not of tool responses)."""
   logps, _ = grpo.completion_logprobs(model_def, params, batch, 1.0, chunk_size)
-  mask = batch.completion_mask.astype(jnp.float32)
+  mask = sampling.model_token_mask(batch).astype(jnp.float32)
   return -jnp.sum(logps * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -74,7 +84,8 @@ def supervised_warmup(model_def: nnx.GraphDef, params: nnx.State, tokenizer, pro
                       make_demo: Callable[[int, np.random.Generator], str], *, steps: int,
                       batch_size: int, learning_rate: float, max_prompt_length: int,
                       max_completion_length: int, seed: int, chunk_size: int = 256):
-  """Trains on `make_demo(prompt_index, rng)` completions; returns (params, final loss)."""
+  """Trains on `make_demo(prompt_index, rng)` completions (texts, or (text, is_tool)
+  segments: see CompletionEncoder); returns (params, final loss)."""
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(optax.cosine_decay_schedule(learning_rate, steps)))
   opt_state = tx.init(params)
@@ -86,9 +97,10 @@ def supervised_warmup(model_def: nnx.GraphDef, params: nnx.State, tokenizer, pro
   losses = []
   for _ in range(steps):
     picks = rng.integers(0, len(prompts), size=batch_size)
-    completion_ids, completion_mask = encode([make_demo(int(i), rng) for i in picks])
+    completion_ids, completion_mask, tool_mask = encode([make_demo(int(i), rng) for i in picks])
     batch = sampling.Rollout(all_prompt_ids[picks], all_prompt_mask[picks], completion_ids,
-                             completion_mask, no_logprobs, eos_terminated=ends_with_eos)
+                             completion_mask, no_logprobs, eos_terminated=ends_with_eos,
+                             tool_mask=tool_mask if tool_mask.any() else None)
     params, opt_state, loss = sft_step(params, model_def, opt_state, batch, tx, chunk_size)
     losses.append(loss)
   return params, float(np.mean(jax.device_get(losses[-20:])))

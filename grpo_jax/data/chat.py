@@ -31,10 +31,11 @@ def _messages(prompt, system_prompt: str) -> list[dict[str, str]]:
 
 
 def render_prompts(tokenizer, prompts: list, *, system_prompt: str = "",
-                   mode: str = "auto") -> tuple[list[str], bool]:
+                   mode: str = "auto", tools: list[dict] | None = None) -> tuple[list[str], bool]:
   """(prompt texts, whether the tokenizer should still add its special tokens).
 
   Rendered templates already hold BOS and role markers, so no special tokens are added.
+  `tools`: JSON schemas of the tools the model may call, for the template to show it.
   """
   if mode not in CHAT_TEMPLATE_MODES:
     raise UserError(f"chat_template={mode!r}; allowed: {', '.join(CHAT_TEMPLATE_MODES)}")
@@ -50,8 +51,9 @@ def render_prompts(tokenizer, prompts: list, *, system_prompt: str = "",
       raise UserError("system_prompt needs a tokenizer with a chat template "
                       "(and chat_template='auto')")
     return [str(p) for p in prompts], True
+  extra = {"tools": tools} if tools else {}
   texts = [tokenizer.apply_chat_template(_messages(p, system_prompt), tokenize=False,
-                                         add_generation_prompt=True) for p in prompts]
+                                         add_generation_prompt=True, **extra) for p in prompts]
   return texts, False
 
 

@@ -11,6 +11,7 @@ N; GRPO has to discover that writing the reasoning ("3+4=7 7-2=5 #### 5") pays.
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 
 import datasets
@@ -108,17 +109,58 @@ def demonstration(prompt: str, answer: str, rng: np.random.Generator,
   return f"#### {int(rng.integers(low, high + 1))}"
 
 
-def build_demo_tokenizer() -> transformers.PreTrainedTokenizerFast:
-  """A character-level tokenizer: one token per printable ASCII char, plus <pad> <eos> <unk>.
+# The tools demo (configs/tools_demo.py): tool-call markers as single tokens (after the
+# characters, so the plain demo's ids do not move) and a chat template in the hermes style
+# of Qwen2.5 / SmolLM2, reduced to what a 0.1M-parameter model can take in: messages
+# concatenated, tool results in <tool_response> blocks. (It ignores `tools=`: the tiny
+# model learns its one tool from the warm-up, not from a schema in the prompt.)
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+DEMO_TOOLS_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'tool' -%}<tool_response>{{ m['content'] }}</tool_response>"
+    "{%- else -%}{{ m['content'] }}{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def tool_call_text(prompt: str) -> str:
+  """The demo's calculator call for a prompt: `<tool_call>{"name": "calculator",
+  "arguments": {"expression": "3+4-2"}}</tool_call>`."""
+  call = {"name": "calculator", "arguments": {"expression": prompt.removesuffix("=")}}
+  return f"{TOOL_TOKENS[0]}{json.dumps(call)}{TOOL_TOKENS[1]}"
+
+
+def tool_demonstration(prompt: str, rng: np.random.Generator, call_prob: float,
+                       respond) -> list[tuple[str, bool]]:
+  """A tools-demo completion as (text, is_tool_response) segments: with probability
+  `call_prob` it calls the calculator and copies the answer (`respond(expression)`: the
+  rendered tool response), otherwise it guesses "#### N" like `demonstration`."""
+  if not 0.0 <= call_prob <= 1.0:
+    raise UserError(f"call_prob={call_prob}; must be in [0, 1]")
+  if rng.random() < call_prob:
+    return [(tool_call_text(prompt), False), (respond(prompt.removesuffix("=")), True),
+            (f"#### {evaluate(prompt)}", False)]
+  low, high = answer_range()
+  return [(f"#### {int(rng.integers(low, high + 1))}", False)]
+
+
+def build_demo_tokenizer(tools: bool = False) -> transformers.PreTrainedTokenizerFast:
+  """A character-level tokenizer: one token per printable ASCII char, plus <pad> <eos> <unk>
+  (and with `tools` the TOOL_TOKENS and DEMO_TOOLS_CHAT_TEMPLATE).
 
   Built in memory, so the demo needs no tokenizer files. The Fuse decoder concatenates
   tokens (the default would join them with spaces).
   """
-  vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + PRINTABLE_ASCII)}
+  vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + PRINTABLE_ASCII
+                                              + (TOOL_TOKENS if tools else ()))}
   backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   # Every character is its own piece; "[\s\S]" also isolates newlines (which become <unk>).
   backend.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
   backend.decoder = decoders.Fuse()
-  return transformers.PreTrainedTokenizerFast(
+  tokenizer = transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
       padding_side="left", clean_up_tokenization_spaces=False)
+  if tools:  # whole tokens even inside text (the character split would break them up)
+    tokenizer.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                          for t in TOOL_TOKENS])
+    tokenizer.chat_template = DEMO_TOOLS_CHAT_TEMPLATE
+  return tokenizer

@@ -187,7 +187,7 @@ def reward_metrics(rewards, adv: Advantages, rollout: sampling.Rollout, num_gene
   reward_mean = jnp.where(counted(adv.rewards), reward_mean[0], jnp.nan)
   group_std = adv.group_std.reshape(-1, num_generations)[:, 0]
   num_groups = _psum(jnp.float32(group_std.shape[0]), axis_name)
-  lengths = rollout.completion_mask.sum(-1).astype(jnp.float32)
+  lengths = sampling.model_token_mask(rollout).sum(-1).astype(jnp.float32)  # no tool tokens
   rows = _psum(jnp.float32(lengths.shape[0]), axis_name)
   zero_std = jnp.abs(adv.scale_std) <= ZERO_STD_ATOL
   return {

@@ -193,10 +193,11 @@ def loss_mask(scored: ScoredRollout, cfg: GRPOConfig) -> jax.Array:
   """[N, L] float32: the tokens the loss (and its token counts and metrics) is over.
 
   mask_truncated_completions leaves out completions that did not end with EOS (the
-  sampler's flag: an EOS in the last slot is not a truncation); filler rows are out.
+  sampler's flag: an EOS in the last slot is not a truncation); filler rows are out; so
+  are tool-response tokens (multi-turn rollouts): only the model's own tokens count.
   """
   rollout = scored.rollout
-  mask = rollout.completion_mask.astype(jnp.float32)
+  mask = sampling.model_token_mask(rollout).astype(jnp.float32)
   if cfg.mask_truncated_completions:
     mask = mask * rollout.eos_terminated[:, None]
   if scored.rows_in_loss is not None:

@@ -72,16 +72,13 @@ def _resolve(spec: str | RewardFunc, builtin_options: dict[str, Any]) -> tuple[s
     from grpo_jax.rewards.model import RewardModel  # loads JAX models: imported on demand
     fn = RewardModel(spec[len("reward_model:"):])
   elif ":" in spec:
-    location, attribute = spec.rsplit(":", 1)
-    module = _load_file(location) if location.endswith(".py") else _import(location, spec)
-    fn = _attribute(module, attribute, spec)
+    fn = load_callable(spec)
   elif spec in BUILTIN_REWARDS:
     fn = BUILTIN_REWARDS[spec]
   elif spec in CONFIGURED_REWARDS:
     fn = _configured(spec, builtin_options)
   elif "." in spec:
-    location, attribute = spec.rsplit(".", 1)
-    fn = _attribute(_import(location, spec), attribute, spec)
+    fn = load_callable(spec)
   else:
     raise UserError(f"reward function {spec!r} is not a built-in ({', '.join(BUILTIN_NAMES)}) "
                     "nor an import path module:function or file.py:function")
@@ -99,18 +96,38 @@ def _configured(spec: str, options: dict[str, Any]) -> RewardFunc:
                     if options.get(key) is not None})
 
 
-def _import(module_name: str, spec: str):
+def load_callable(spec: str, what: str = "reward function") -> Callable:
+  """The callable at an import path: `package.module:name`, TRL's dotted
+  `package.module.name`, or `path/to/file.py:name` (relative to the working directory).
+  Errors are UserErrors that begin with `what` and the spec (e.g. "tool 'm:f': ...")."""
+  if ":" in spec:
+    location, attribute = spec.rsplit(":", 1)
+  elif "." in spec:
+    location, attribute = spec.rsplit(".", 1)
+  else:
+    raise UserError(f"{what} {spec!r} is not an import path module:name or file.py:name")
+  module = (_load_file(location, what) if location.endswith(".py")
+            else _import(location, spec, what))
+  if not hasattr(module, attribute):
+    raise UserError(f"{what} {spec!r}: {module.__name__} has no attribute {attribute!r}")
+  fn = getattr(module, attribute)
+  if not callable(fn):
+    raise UserError(f"{what} {spec!r} is a {type(fn).__name__}, not callable")
+  return fn
+
+
+def _import(module_name: str, spec: str, what: str):
   try:
     return importlib.import_module(module_name)
   except Exception as e:  # ImportError, or any error raised by the module's own code
-    raise UserError(f"reward function {spec!r}: module {module_name!r} does not import: "
+    raise UserError(f"{what} {spec!r}: module {module_name!r} does not import: "
                     f"{type(e).__name__}: {e}") from e
 
 
-def _load_file(path: str):
-  """Executes a reward file as a module (registered in sys.modules, so pickling works)."""
+def _load_file(path: str, what: str):
+  """Executes a user file as a module (registered in sys.modules, so pickling works)."""
   if not os.path.isfile(path):
-    raise UserError(f"reward function file not found: {path}")
+    raise UserError(f"{what} file not found: {path}")
   module_name = f"grpo_jax_user_rewards_{os.path.splitext(os.path.basename(path))[0]}"
   file_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(file_spec)
@@ -119,19 +136,9 @@ def _load_file(path: str):
     file_spec.loader.exec_module(module)
   except Exception as e:
     del sys.modules[module_name]
-    raise UserError(f"reward function file {path} does not import: "
+    raise UserError(f"{what} file {path} does not import: "
                     f"{type(e).__name__}: {e}") from e
   return module
-
-
-def _attribute(module, attribute: str, spec: str) -> RewardFunc:
-  if not hasattr(module, attribute):
-    raise UserError(f"reward function {spec!r}: {module.__name__} has no attribute "
-                    f"{attribute!r}")
-  fn = getattr(module, attribute)
-  if not callable(fn):
-    raise UserError(f"reward function {spec!r} is a {type(fn).__name__}, not callable")
-  return fn
 
 
 def _name(fn: RewardFunc) -> str:
