@@ -13,6 +13,7 @@ from flax import nnx
 
 from conftest import tiny_model
 from grpo_jax import grpo, mesh, parallel, sampling
+from grpo_jax.grpo import loss as loss_lib
 from grpo_jax.grpo.logprobs import completion_logprobs
 from grpo_jax.tools import turns
 
@@ -174,3 +175,101 @@ def test_a_response_that_runs_past_the_length_truncates_the_row(model):
   ends_in_tool = rollout.tool_mask[:, -1].astype(bool)
   assert ends_in_tool.any()
   assert np.all(full[ends_in_tool]) and not rollout.eos_terminated[ends_in_tool].any()
+
+
+# ---------------------------------------------------------------------------------------
+# Tool-response tokens in the loss: none. Masking them must equal deleting them.
+
+def _loss_inputs(rollout, seed=0):
+  """Current / old / reference log-probs and entropies for a rollout, random but fixed;
+  advantages with a zero one (degenerate group)."""
+  rng = np.random.default_rng(seed)
+  shape = rollout.completion_ids.shape
+  logp = -rng.uniform(0.05, 3.0, shape)
+  old = logp + rng.normal(0, 0.3, shape)  # ratios != 1 (num_iterations = 2)
+  ref = logp + rng.normal(0, 0.5, shape)
+  entropy = rng.uniform(0.1, 2.5, shape)
+  adv = rng.normal(0, 1, shape[0])
+  adv[:2] = 0.0
+  return logp, old, ref, entropy, adv
+
+
+def _loss(rollout, logp, old, ref, entropy, adv, cfg):
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  scored = grpo.ScoredRollout(sampling.Rollout(*map(jnp.asarray, rollout)), f32(adv), f32(old),
+                              f32(ref))
+  norms = grpo.loss_normalizers(loss_lib.loss_mask(scored, cfg), None,
+                                cfg.sampling.max_completion_length)
+  fn = lambda lp: loss_lib.loss_from_logprobs(lp, f32(entropy), scored, norms, cfg)
+  (loss, metrics), grad = jax.value_and_grad(fn, has_aux=True)(f32(logp))
+  return float(loss), {k: float(v) for k, v in metrics.items()}, np.asarray(grad)
+
+
+def _without_tool_tokens(rollout, *arrays):
+  """The rollout and per-token arrays with the tool tokens deleted (model tokens packed
+  to the left), as if the model had never read them."""
+  keep = ~rollout.tool_mask.astype(bool) & rollout.completion_mask.astype(bool)
+  width = rollout.completion_ids.shape[1]
+
+  def pack(x, fill=0):
+    out = np.full_like(x, fill)
+    for r in range(x.shape[0]):
+      kept = x[r][keep[r]]
+      out[r, :len(kept)] = kept
+    return out
+
+  mask = pack(rollout.completion_mask)
+  packed = rollout._replace(completion_ids=pack(rollout.completion_ids),
+                            completion_mask=mask,
+                            sampling_logprobs=pack(rollout.sampling_logprobs),
+                            tool_mask=np.zeros((len(mask), width), np.int32))
+  return packed, [pack(a) for a in arrays]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+def test_tool_tokens_change_neither_loss_nor_gradient_nor_token_metrics(sampled, loss_type):
+  (rollout, _), _ = sampled
+  assert rollout.tool_mask.sum() > 20
+  cfg = grpo.GRPOConfig(sampling=cfg_of(), num_reward_funcs=1, loss_type=loss_type, beta=0.04,
+                        num_iterations=2, top_entropy_quantile=0.5, epsilon_high=0.28)
+  logp, old, ref, entropy, adv = _loss_inputs(rollout)
+  loss, metrics, grad = _loss(rollout, logp, old, ref, entropy, adv, cfg)
+  tool = rollout.tool_mask.astype(bool)
+  assert np.all(grad[tool] == 0.0) and np.abs(grad).max() > 1e-4
+
+  # Anything at the tool positions: the same loss, gradient and metrics.
+  noise = np.random.default_rng(7).normal(0, 5, logp.shape)
+  changed = [np.where(tool, x + noise, x) for x in (logp, old, ref)]
+  changed.append(np.where(tool, 9.0, entropy))  # high entropy: would pass any threshold
+  loss2, metrics2, grad2 = _loss(rollout, *changed, adv, cfg)
+  assert loss2 == loss and metrics2 == metrics
+  np.testing.assert_array_equal(grad2, grad)
+
+  # Deleting the tool tokens gives the same numbers: they count for nothing.
+  packed, (p_logp, p_old, p_ref, p_entropy) = _without_tool_tokens(rollout, logp, old, ref,
+                                                                   entropy)
+  loss3, metrics3, grad3 = _loss(packed, p_logp, p_old, p_ref, p_entropy, adv, cfg)
+  assert loss3 == pytest.approx(loss, rel=1e-6)
+  assert metrics3.keys() == metrics.keys()
+  for k in metrics:
+    assert metrics3[k] == pytest.approx(metrics[k], rel=1e-6, abs=1e-7), k
+  model_tokens = ~tool & rollout.completion_mask.astype(bool)
+  np.testing.assert_allclose(_without_tool_tokens(rollout, grad)[1][0][packed.completion_mask > 0],
+                             grad[model_tokens], rtol=1e-6)
+  del grad3
+
+  # ... and counting them (no tool mask) would not: the test can fail.
+  as_model_tokens = rollout._replace(tool_mask=np.zeros_like(rollout.tool_mask))
+  assert _loss(as_model_tokens, logp, old, ref, entropy, adv, cfg)[0] != pytest.approx(loss)
+
+
+def test_length_metrics_count_model_tokens_only(sampled):
+  (rollout, _), _ = sampled
+  placed = sampling.Rollout(*map(jnp.asarray, rollout))
+  cfg = grpo.GRPOConfig(sampling=cfg_of(), num_reward_funcs=1)
+  rewards = jnp.arange(len(rollout.completion_ids), dtype=jnp.float32)[:, None]
+  adv = grpo.group_advantages(rewards, (1.0,), cfg.sampling.num_generations)
+  metrics = grpo.reward_metrics(rewards, adv, placed, cfg.sampling.num_generations)
+  model_tokens = sampling.model_token_mask(rollout).sum(1)
+  assert float(metrics["completions/mean_length"]) == pytest.approx(model_tokens.mean())
+  assert model_tokens.mean() < rollout.completion_mask.sum(1).mean()

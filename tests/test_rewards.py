@@ -173,7 +173,7 @@ def test_resolve_errors(tmp_path, monkeypatch):
       "rewards_mod_b:missing": "has no attribute 'missing'",
       "rewards_mod_b:not_a_function": "is a int, not callable",
       "correctness": ("not a built-in \\(correctness_reward, format_reward, "
-                      "soft_overlong_punishment\\)"),
+                      "code_execution_reward, soft_overlong_punishment\\)"),
       f"{tmp_path}/absent.py:f": "file not found: .*absent.py",
       "": "reward_funcs is empty",
   }
@@ -191,7 +191,7 @@ def test_resolve_file_that_fails_to_import(tmp_path):
 
 
 def test_builtins_registry_lists_them_all():
-  assert set(BUILTIN_REWARDS) == {"correctness_reward", "format_reward"}
+  assert set(BUILTIN_REWARDS) == {"correctness_reward", "format_reward", "code_execution_reward"}
   assert set(CONFIGURED_REWARDS) == {"soft_overlong_punishment"}
 
 
