@@ -36,6 +36,7 @@ from grpo_jax.errors import UserError
 from grpo_jax.loop import NonFiniteWatch, TrainLoop, is_primary  # noqa: F401  (train.TrainLoop)
 from grpo_jax.models import ModelConfig, Transformer, hf, lora, presets
 from grpo_jax.rewards import resolve_reward_funcs
+from grpo_jax.tools import builtin as tools_builtin
 from grpo_jax.tools import host as tools_host
 
 log = logging.getLogger("grpo_jax")
@@ -230,8 +231,10 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   def make_demo(i, rng):
     return demo.demonstration(prompts[i], answers[i], rng, config.sft_reasoning_prob)
 
-  calculator = ({t.name: t.function for t in s.tools.tools}.get("calculator")
-                if s.tools else None)
+  names = ([t.name for t in s.tools.tools] + (s.tools.environments.method_names
+                                               if s.tools.environments else [])
+           if s.tools else [])
+  calculator = tools_builtin.calculator if "calculator" in names else None
   if calculator is not None:  # the tools demo: calls of the calculator, or guesses
     render = tools_host.ResponseRenderer(s.tokenizer, s.tools.schemas)
     respond = lambda expression: render.text(
