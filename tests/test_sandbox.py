@@ -238,7 +238,7 @@ def test_other_modes_run_a_solution(mode, monkeypatch):
   """The fallbacks (a non-root user's namespaces; no namespaces at all) still score."""
   if mode == "userns" and MODE == "none":
     pytest.skip("no namespaces")
-  monkeypatch.setattr(sandbox, "_force_mode", (mode, mode != "none"))
+  monkeypatch.setattr(sandbox.runner, "_force_mode", (mode, mode != "none"))
   assert run_tests(SQUARE, SQUARE_TESTS + ["assert f(1) == 2"], LIMITS).passed == 2
   result = run_tests("import os\nos.kill(os.getppid(), 9)\n", ["assert True"], LIMITS)
   assert result.kind == sandbox.BLOCKED_SIGNAL
