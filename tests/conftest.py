@@ -111,3 +111,19 @@ def train_on_reward_files(files, workdir, config, stop_at: int = 0) -> dict[int,
     finally:
       sys.modules.pop("my_rewards", None)
   return {r["step"]: r for r in metrics.read_metrics(workdir / "grpo_metrics") if "loss" in r}
+
+
+TIMING = ("step_time", "tokens_per_second", "steps_per_sec", "uptime")
+
+
+def assert_same_run(resumed: dict, rows: dict, workdir, resumed_workdir) -> None:
+  """A resumed run (`resumed`, {step: record}) equals the straight one (`rows`): every
+  step's metrics (timings aside) and the final params, bit for bit."""
+  import numpy as np  # noqa: PLC0415
+  from test_train import final_params  # noqa: PLC0415
+  assert sorted(resumed) == sorted(rows)
+  strip = lambda r: {k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")}
+  assert {s: strip(r) for s, r in resumed.items()} == {s: strip(r) for s, r in rows.items()}
+  (_, a), (_, b) = final_params(workdir), final_params(resumed_workdir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

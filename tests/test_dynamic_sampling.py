@@ -13,7 +13,7 @@ import pytest
 from grpo_jax import dynamic_sampling, grpo, metrics, parallel, preemption, train
 from grpo_jax.errors import UserError
 from test_parallel import G, PROMPTS, make_step, prompts
-from conftest import train_on_reward_files
+from conftest import assert_same_run, train_on_reward_files
 from test_train import final_params, tiny_config
 
 WEIGHTS = (1.0, 0.5)  # make_step's reward weights
@@ -210,9 +210,6 @@ def test_the_update_on_kept_plus_filler_groups_is_the_update_on_the_kept_alone(
 
 # -- end to end -----------------------------------------------------------------------------
 
-TIMING = ("step_time", "tokens_per_second", "steps_per_sec", "uptime")
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   """conftest's reward module (stop_at: length parity, so about half of the G=2 groups
@@ -260,16 +257,6 @@ def test_a_run_resumed_in_the_middle_equals_the_uninterrupted_one(files, straigh
   assert final_params(files / "resumed")[0] == 2
   resumed = run(files, files / "resumed")
   assert_same_run(resumed, rows, workdir, files / "resumed")
-
-
-def assert_same_run(resumed, rows, workdir, resumed_workdir):
-  """Every step's metrics (timings aside) and the final params equal, bit for bit."""
-  assert sorted(resumed) == [1, 2, 3, 4]
-  strip = lambda r: {k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")}
-  assert {s: strip(r) for s, r in resumed.items()} == {s: strip(r) for s, r in rows.items()}
-  (_, a), (_, b) = final_params(workdir), final_params(resumed_workdir)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_a_stop_between_rounds_gives_the_step_back_and_the_rerun_matches(files, straight,

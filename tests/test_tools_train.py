@@ -5,17 +5,14 @@ environment_factory instances that the reward functions read."""
 import shutil
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import train_on_reward_files, write_reward_files
+from conftest import assert_same_run, train_on_reward_files, write_reward_files
 from grpo_jax import metrics, train
 from grpo_jax.config import from_file
 from grpo_jax.errors import UserError
 from test_train import ROOT, final_params
-
-TIMING = ("step_time", "tokens_per_second", "steps_per_sec", "uptime")
 
 ENVIRONMENTS = '''
 calls_made = []
@@ -106,15 +103,6 @@ def test_rollouts_call_the_tool_and_log_the_tool_metrics(straight):
     # a call is ~61 model tokens, its response 3-5 tool tokens, not counted
     assert r["completions/mean_length"] < 80
   assert any(r["rewards/correctness_reward/mean"] > 0 for r in rows.values())
-
-
-def assert_same_run(resumed, rows, workdir, resumed_workdir):
-  assert sorted(resumed) == sorted(rows)
-  strip = lambda r: {k: v for k, v in r.items() if k not in TIMING and not k.startswith("time/")}
-  assert {s: strip(r) for s, r in resumed.items()} == {s: strip(r) for s, r in rows.items()}
-  (_, a), (_, b) = final_params(workdir), final_params(resumed_workdir)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_a_crash_and_rerun_equals_the_uninterrupted_run(files, straight):
