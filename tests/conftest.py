@@ -72,6 +72,12 @@ def stop_at(prompts, completions, **columns):
 
 def broken(prompts, completions, **columns):
   raise ZeroDivisionError("user bug")
+
+
+def call_at_every_eos(text):
+  """A tool_call_format hook: every turn the model ends (EOS) calls the calculator, with
+  an expression made from the turn's length (so the responses differ in length)."""
+  return [{"name": "calculator", "arguments": {"expression": f"{len(text)}*{len(text)}"}}]
 '''
 
 

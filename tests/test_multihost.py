@@ -76,3 +76,26 @@ def test_dynamic_sampling_rounds_are_agreed_by_both_hosts(user_files):
     assert row["dynamic_sampling/kept_groups"] == 4 or row["dynamic_sampling/rounds"] == 3
   meta = json.loads((workdir / "checkpoints" / "3" / "meta" / "metadata").read_text())
   assert meta["data"]["position"] == 4 * sum(rounds)
+
+
+def test_tool_turns_are_agreed_by_both_hosts(user_files):
+  """Multi-turn rollouts: a host whose rows made no call still runs every decode and
+  append phase the other host needs (each is one collective program), so the pod finishes
+  and trains like one process with 4 devices."""
+  tools = dict(tools="calculator", tool_call_format="my_rewards:call_at_every_eos",
+               max_completion_length=48, max_tool_calling_iterations=2, max_steps=2,
+               checkpoint_every=2, eval_size=0)
+  workdir, data = user_files / "pod", user_files / "data.jsonl"
+  run_pod(user_files, workdir, **tools)
+  config = tiny_config(dataset=f"json:{data}", prompt_column="question",
+                       reward_funcs="my_rewards:stop_at", **tools)
+  train.train_and_evaluate(config, user_files / "single")
+  pod, single = ([r for r in metrics.read_metrics(w / "grpo_metrics") if "loss" in r]
+                 for w in (workdir, user_files / "single"))
+  assert len(pod) == len(single) == 2
+  assert sum(r["tools/calls_per_completion"] for r in single) > 0
+  for a, b in zip(pod, single):
+    for key in ("tools/calls_per_completion", "tools/turns", "completions/mean_length",
+                "reward"):
+      assert a[key] == b[key], key
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
