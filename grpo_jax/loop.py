@@ -294,15 +294,14 @@ class TrainLoop:
       started = time.perf_counter()
       rows = self.stream.next_batch()
       prompt_ids, prompt_mask = self.host.encode(rows)
-      placed, tool_stats, environments = self.sampler(params, prompt_ids, prompt_mask,
-                                                      round_key, rows)
+      placed, turns = self.sampler(params, prompt_ids, prompt_mask, round_key, rows)
       host_rollout = self.step_fn.to_host(placed)  # waits for the sampler
       if stop.requested():
         return None
       sampled = time.perf_counter()
-      rewards, _ = self.host.score(rows, host_rollout, environments=environments)
-      if tool_stats is not None:
-        self.tool_stats.append(tool_stats)
+      rewards, _ = self.host.score(rows, host_rollout, turns=turns)
+      if turns is not None:
+        self.tool_stats.append(turns.stats)
       if stop.requested():
         return None
       times["time/sampling"] += sampled - started

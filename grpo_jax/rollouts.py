@@ -125,25 +125,28 @@ class HostRollouts:
                                    truncate=self.truncate, add_special_tokens=add_special_tokens)
 
   def score(self, rows: dict[str, list], rollout: sampling.Rollout,
-            warn_abstentions: bool = True, environments: list | None = None):
+            warn_abstentions: bool = True, turns: ToolTurns | None = None):
     """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout.
 
     Rewards are finite or NaN (inf, or a weighted total beyond float32, is a UserError).
     `warn_abstentions`: warn (see AbstentionWarnings) when functions return None for the
     whole batch; the evaluator checks its whole evaluation at once instead.
-    `environments`: the completions' environment_factory instances, for the functions
-    that take `environments=`. A multi-turn completion's text and ids hold its tool
-    responses too (what the model read), as TRL's do.
+    `turns`: a multi-turn rollout's host record: its environments go to the functions
+    that take `environments=`; a completion's ids and plain text hold its tool responses
+    too (what the model read), and for chat prompts it is TRL's list of assistant and
+    tool messages.
     """
     ids = completion_id_lists(rollout.completion_ids, rollout.completion_mask)
     # The text drops the EOS (a special token); the ids keep it, as TRL's do.
     completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
     columns = repeat_columns(rows, self.num_generations)
     prompts = columns.pop(self.prompt_column)
-    rewards = compute_rewards(self.reward_funcs, prompts,
-                              chat.completions_for_rewards(prompts, completions), columns,
+    for_rewards = chat.completions_for_rewards(prompts, completions)
+    if turns is not None and prompts and chat.is_conversational(prompts[0]):
+      for_rewards = tool_conversations(self.tokenizer, rollout, turns.results)
+    rewards = compute_rewards(self.reward_funcs, prompts, for_rewards, columns,
                               self.reward_weights, completion_ids=ids,
-                              environments=environments)
+                              environments=turns.environments if turns else None)
     if warn_abstentions:
       self.abstentions(rewards)
     return rewards, completions
@@ -215,10 +218,48 @@ def concatenate_tool_stats(stats: list[ToolStats]) -> ToolStats:
   return ToolStats(*(np.concatenate(parts) for parts in zip(*stats)))
 
 
+class ToolTurns(NamedTuple):
+  """The host side of a multi-turn rollout, per completion: its tool statistics, its
+  environment_factory instance (None without), and each tool response's results as
+  (tool name, content) pairs, for TRL's conversational completions."""
+
+  stats: ToolStats
+  environments: list | None
+  results: list[list[list[tuple[str, str]]]]
+
+
+def tool_conversations(tokenizer, rollout: sampling.Rollout, results) -> list[list[dict]]:
+  """Each multi-turn completion as TRL's messages: its model turns (assistant, split where
+  tool tokens sit) with the tool messages of each response between them."""
+  ids, mask = np.asarray(rollout.completion_ids), np.asarray(rollout.completion_mask) > 0
+  tool = np.asarray(rollout.tool_mask) > 0
+  conversations = []
+  for row, responses in enumerate(results):
+    turns, current = [], []
+    for position in np.flatnonzero(mask[row]):
+      if tool[row, position]:
+        if current or not turns:
+          turns.append(current)
+        current = []
+      else:
+        current.append(int(ids[row, position]))
+    if current or not turns:  # (a completion cut off inside a response ends with it)
+      turns.append(current)
+    messages = []
+    for k, turn in enumerate(turns):
+      messages.append({"role": "assistant",
+                       "content": tokenizer.decode(turn, skip_special_tokens=True)})
+      if k < len(responses):
+        messages += [{"role": "tool", "name": name, "content": content}
+                     for name, content in responses[k]]
+    conversations.append(messages)
+  return conversations
+
+
 class SingleTurnSampler:
   """One decoding turn per completion, in `step_fn`'s layout. Called like
   tools.host.ToolSampler: (params, prompt_ids, prompt_mask, rng, rows) -> (placed Rollout,
-  tool stats, environments), the last two None here."""
+  ToolTurns or None), None here."""
 
   def __init__(self, step_fn, cfg: sampling.SamplingConfig | None = None):
     self.step_fn = step_fn
@@ -227,7 +268,7 @@ class SingleTurnSampler:
   def __call__(self, params, prompt_ids, prompt_mask, rng, rows):
     del rows  # no environment to reset
     placed = self.generate(params, *self.step_fn.place_batch((prompt_ids, prompt_mask)), rng)
-    return placed, None, None
+    return placed, None
 
 
 def greedy_config(cfg: sampling.SamplingConfig) -> sampling.SamplingConfig:
@@ -267,13 +308,12 @@ class Evaluator:
       count = len(rows[self.host.prompt_column])
       padded = {k: list(v) + [v[-1]] * (-count % self.divisor) for k, v in rows.items()}
       ids, mask = self.host.encode(padded)
-      placed, stats, environments = self.sample(placed_params, ids, mask, jax.random.key(0),
-                                                padded)
+      placed, turns = self.sample(placed_params, ids, mask, jax.random.key(0), padded)
       rollout = self.step_fn.to_host(placed)
       batch_rewards, completions = self.host.score(padded, rollout, warn_abstentions=False,
-                                                   environments=environments)
-      if stats is not None:
-        tool_stats.append(jax.tree.map(lambda x, n=count: x[:n], stats))
+                                                   turns=turns)
+      if turns is not None:
+        tool_stats.append(jax.tree.map(lambda x, n=count: x[:n], turns.stats))
       rewards.append(batch_rewards[:count])
       texts += completions[:count]
       prompts += padded[self.host.prompt_column][:count]

@@ -207,3 +207,35 @@ def test_tools_need_a_schema_and_unique_names():
   with pytest.raises(UserError, match="tool 'no_such_module_q:f': module 'no_such_module_q'"):
     registry.load_tools("no_such_module_q:f")
   assert "no_such_module_q" not in sys.modules
+
+
+def test_chat_completions_reach_the_rewards_as_assistant_and_tool_messages():
+  """TRL's conversational format for a multi-turn completion: each model turn an assistant
+  message, each response's results tool messages between them."""
+  import numpy as np  # noqa: PLC0415
+
+  from grpo_jax import rollouts, sampling  # noqa: PLC0415
+  tok = demo.build_demo_tokenizer(tools=True)
+  call = demo.tool_call_text("2+3=")
+  pieces = [(call, 0), ("<tool_response>5</tool_response>", 1), ("#### 5", 0)]
+  ids, tool = [], []
+  for text, is_tool in pieces:
+    part = tok(text, add_special_tokens=False)["input_ids"]
+    ids += part
+    tool += [is_tool] * len(part)
+  ids += [tok.eos_token_id]
+  tool += [0]
+  width = len(ids) + 3
+  pad = lambda x: np.array([x + [0] * (width - len(x))], np.int32)
+  rollout = sampling.Rollout(np.ones((1, 2), np.int32), np.ones((1, 2), np.int32), pad(ids),
+                             pad([1] * len(ids)), np.zeros((1, width), np.float32),
+                             np.array([True]), pad(tool))
+  truncated = rollout._replace(completion_mask=pad([1] * (len(ids) - 8)))  # ends in the response
+  results = [[[("calculator", "5")]]]
+  assert rollouts.tool_conversations(tok, rollout, results) == [[
+      {"role": "assistant", "content": call},
+      {"role": "tool", "name": "calculator", "content": "5"},
+      {"role": "assistant", "content": "#### 5"}]]
+  assert rollouts.tool_conversations(tok, truncated, results) == [[
+      {"role": "assistant", "content": call},
+      {"role": "tool", "name": "calculator", "content": "5"}]]

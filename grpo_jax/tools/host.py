@@ -73,8 +73,8 @@ class ToolSampler:
     self.plain = {t.name: t.function for t in setup.tools}
 
   def __call__(self, params, prompt_ids, prompt_mask, rng, rows: dict[str, list]):
-    """(placed Rollout, rollouts.ToolStats, environments or None) for this host's prompts;
-    `rows`: their dataset columns (an environment's reset(**row) gets its completion's)."""
+    """(placed Rollout, rollouts.ToolTurns) for this host's prompts; `rows`: their dataset
+    columns (an environment's reset(**row) gets its completion's)."""
     group = self.cfg.num_generations
     count = prompt_ids.shape[0] * group
     per_completion = [{k: v[i // group] for k, v in rows.items()} for i in range(count)]
@@ -83,6 +83,7 @@ class ToolSampler:
     toolsets = [{**self.plain, **(self.setup.environments.tools_of(envs[i]) if envs else {})}
                 for i in range(count)]
     calls, failures = np.zeros(count, np.int64), np.zeros(count, np.int64)
+    results: list[list[list[tuple[str, str]]]] = [[] for _ in range(count)]
 
     def respond(waiting: dict[int, np.ndarray], eos: np.ndarray) -> dict[int, list[int]]:
       parsed = {r: self.setup.parse(self.tokenizer.decode(ids.tolist(),
@@ -90,15 +91,17 @@ class ToolSampler:
                 for r, ids in waiting.items()}
       parsed = {r: found for r, found in parsed.items() if found}
       jobs = [(call, toolsets[r]) for r, found in parsed.items() for call in found]
-      results = iter(self.runner.run(jobs))
+      answers = iter(self.runner.run(jobs))
       out = {}
       for r, found in parsed.items():
-        mine = [next(results) for _ in found]
+        mine = [next(answers) for _ in found]
         calls[r] += len(mine)
         failures[r] += sum(res.failed for res in mine)
+        results[r].append([(res.name, res.content) for res in mine])
         out[r] = self.render(mine, after_eos=bool(eos[r]))
       return out
 
     placed, counts = turns.run_turns(self.step_fn, self.phases, params, prompt_ids,
                                      prompt_mask, rng, respond, self.max_iterations, self.cfg)
-    return placed, rollouts.ToolStats(calls, failures, counts.turns), envs
+    return placed, rollouts.ToolTurns(rollouts.ToolStats(calls, failures, counts.turns), envs,
+                                      results)
