@@ -113,6 +113,15 @@ def _write_rows(buffer, values, start, count):
   return jnp.where(hit, picked.astype(buffer.dtype), buffer)
 
 
+def _write_token(buffer, value, position, active):
+  """buffer [N, L] with value [N] at each active row's `position` (a scatter of one entry
+  per row: O(N) per decoded token, where _write_rows' select is O(N L))."""
+  rows = jnp.arange(buffer.shape[0])
+  position = jnp.minimum(position, buffer.shape[1] - 1)
+  return buffer.at[rows, position].set(
+      jnp.where(active, value.astype(buffer.dtype), buffer[rows, position]))
+
+
 def decode_turn(model_def: nnx.GraphDef, params: nnx.State, state: TurnState, rng: jax.Array,
                 cfg: SamplingConfig, axis_name: str | None = None) -> TurnState:
   """Samples every row that is neither stopped nor done until it stops or is full."""
@@ -134,8 +143,8 @@ def decode_turn(model_def: nnx.GraphDef, params: nnx.State, state: TurnState, rn
     token, logprob = choose_tokens(next_logits(s.hidden), step_keys, cfg)
     token = jnp.where(active, token, cfg.pad_token_id)
     written = jnp.where(active, 1, 0)
-    tokens = _write_rows(s.tokens, token[:, None], s.length, written)
-    logprobs = _write_rows(s.logprobs, logprob[:, None], s.length, written)
+    tokens = _write_token(s.tokens, token, s.length, active)
+    logprobs = _write_token(s.logprobs, logprob, s.length, active)
     # Inactive rows feed a pad at their next free slot: after all their queries, and
     # overwritten before it is ever read.
     hidden, cache = model.hidden_states(
