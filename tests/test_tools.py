@@ -239,3 +239,20 @@ def test_chat_completions_reach_the_rewards_as_assistant_and_tool_messages():
   assert rollouts.tool_conversations(tok, truncated, results) == [[
       {"role": "assistant", "content": call},
       {"role": "tool", "name": "calculator", "content": "5"}]]
+
+
+def test_a_tool_that_never_returns_does_not_hold_up_the_exit():
+  """The timed-out call's thread is a daemon: the process exits (a thread pool would join
+  it at exit and hang for good)."""
+  import subprocess  # noqa: PLC0415
+  program = (
+      "import threading\n"
+      "from grpo_jax.tools import calls\n"
+      "def hang() -> str:\n"
+      "  threading.Event().wait()\n"
+      "r, = calls.ToolRunner(0.2).run([(calls.ToolCall('hang', {}), {'hang': hang})])\n"
+      "print(r.content)\n")
+  done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "Error: tool 'hang' timed out after 0.2 s"

@@ -16,9 +16,9 @@ tool errors. Nothing a tool does can stop the run.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import re
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -126,38 +126,58 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-class ToolRunner:
-  """Runs calls on a thread pool, each with a wall-clock timeout. A tool that overruns is
-  reported as timed out and left to finish in the background (Python threads cannot be
-  killed: tools that may hang for good belong in a subprocess, see rewards.sandbox)."""
+class _Call(threading.Thread):
+  """One tool call on a daemon thread: a tool that never returns cannot hold up the
+  trainer's exit (a thread pool's workers are joined at exit)."""
 
-  def __init__(self, timeout_seconds: float, workers: int = 16):
+  def __init__(self, function: Callable, arguments: dict[str, Any]):
+    super().__init__(name="grpo_jax_tool", daemon=True)
+    self.function, self.arguments = function, arguments
+    self.value: Any = None
+    self.error: BaseException | None = None
+
+  def run(self):
+    try:
+      self.value = self.function(**self.arguments)
+    except BaseException as e:  # noqa: BLE001: a tool's exception is its answer
+      self.error = e
+
+
+class ToolRunner:
+  """Runs a turn's calls side by side, one thread each, within one wall-clock timeout. A
+  tool that overruns is reported as timed out and left to finish in the background
+  (Python threads cannot be killed: tools that may hang for good belong in a subprocess,
+  as rewards.sandbox runs code)."""
+
+  def __init__(self, timeout_seconds: float):
     self.timeout = timeout_seconds
-    self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grpo_tool")
 
   def run(self, calls: list[tuple[ToolCall, dict[str, Callable]]]) -> list[ToolResult]:
     """One result per (call, the tools this completion may use)."""
-    futures = []
+    started = []
     for call, tools in calls:
       if call.error:
-        futures.append(ToolResult(call.name, f"Error: {call.error}", True))
+        started.append(ToolResult(call.name, f"Error: {call.error}", True))
       elif call.name not in tools:
-        futures.append(ToolResult(call.name, f"Error: unknown tool {call.name!r}; available: "
+        started.append(ToolResult(call.name, f"Error: unknown tool {call.name!r}; available: "
                                   f"{', '.join(sorted(tools))}", True))
       else:
-        futures.append(self.pool.submit(tools[call.name], **call.arguments))
-    deadline = time.monotonic() + self.timeout  # the calls run side by side
+        thread = _Call(tools[call.name], call.arguments)
+        thread.start()
+        started.append(thread)
+    deadline = time.monotonic() + self.timeout
     results = []
-    for (call, _), future in zip(calls, futures):
-      if isinstance(future, ToolResult):
-        results.append(future)
+    for (call, _), thread in zip(calls, started):
+      if isinstance(thread, ToolResult):
+        results.append(thread)
         continue
-      try:
-        value = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        results.append(ToolResult(call.name, _as_text(value), False))
-      except concurrent.futures.TimeoutError:
+      thread.join(max(0.0, deadline - time.monotonic()))
+      if thread.is_alive():
         results.append(ToolResult(call.name, f"Error: tool {call.name!r} timed out after "
                                   f"{self.timeout:g} s", True))
-      except Exception as e:  # noqa: BLE001: a tool's exception is its answer
+      elif thread.error is not None:
+        e = thread.error
         results.append(ToolResult(call.name, f"Error: {type(e).__name__}: {e}", True))
+      else:
+        results.append(ToolResult(call.name, _as_text(thread.value), False))
     return results
