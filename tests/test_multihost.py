@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from grpo_jax import metrics, train
 from test_train import final_params, tiny_config
@@ -78,6 +79,7 @@ def test_dynamic_sampling_rounds_are_agreed_by_both_hosts(user_files):
   assert meta["data"]["position"] == 4 * sum(rounds)
 
 
+@pytest.mark.slow  # a third 2-process pod (about a minute)
 def test_tool_turns_are_agreed_by_both_hosts(user_files):
   """Multi-turn rollouts: a host whose rows made no call still runs every decode and
   append phase the other host needs (each is one collective program), so the pod finishes

@@ -115,6 +115,7 @@ def test_a_crash_and_rerun_equals_the_uninterrupted_run(files, straight):
   assert_same_run(run(files, files / "resumed"), rows, workdir, files / "resumed")
 
 
+@pytest.mark.slow  # the default run checks the mesh sampler (test_multi_turn) and pmap here
 def test_a_mesh_samples_the_same_conversations_as_pmap(files, straight):
   _, rows = straight
   sharded = run(files, files / "mesh", parallelism="mesh", mesh={"data": 2, "fsdp": 2,
