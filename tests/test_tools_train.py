@@ -127,6 +127,7 @@ def test_a_mesh_samples_the_same_conversations_as_pmap(files, straight):
     np.testing.assert_allclose(sharded[step]["loss"], rows[step]["loss"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # a third training run; test_tools.py checks Environments in the default run
 def test_environments_are_reset_per_completion_and_read_by_the_rewards(files, straight):
   workdir = files / "envs"
   share_warmup(files / "straight", workdir)
