@@ -228,24 +228,23 @@ def run_warmup(config, s: Setup, workdir: epath.Path, writer) -> nnx.State:
   prompts = list(s.train_data[config.prompt_column])
   answers = list(s.train_data["answer"])
 
-  def make_demo(i, rng):
-    return demo.demonstration(prompts[i], answers[i], rng, config.sft_reasoning_prob)
-
-  names = ([t.name for t in s.tools.tools] + (s.tools.environments.method_names
-                                               if s.tools.environments else [])
-           if s.tools else [])
-  calculator = tools_builtin.calculator if "calculator" in names else None
-  if calculator is not None:  # the tools demo: calls of the calculator, or guesses
+  # The tools demo (a tool or environment method named calculator): demonstrations that
+  # call the calculator, or guess.
+  tool_names = {schema["function"]["name"] for schema in s.tools.schemas} if s.tools else set()
+  calls_calculator = "calculator" in tool_names
+  if calls_calculator:
     render = tools_host.ResponseRenderer(s.tokenizer, s.tools.schemas)
-    respond = lambda expression: render.text(
-        [tools_host.ToolResult("calculator", calculator(expression), False)], after_eos=False)
+    respond = lambda expression: render.text([tools_host.ToolResult(
+        "calculator", tools_builtin.calculator(expression), False)], after_eos=False)
 
-    def make_demo(i, rng):  # noqa: F811
+  def make_demo(i, rng):
+    if calls_calculator:
       return demo.tool_demonstration(prompts[i], rng, config.sft_reasoning_prob, respond)
+    return demo.demonstration(prompts[i], answers[i], rng, config.sft_reasoning_prob)
 
   def run():
     log.info("Supervised warm-up: %d steps on imperfect demonstrations%s", config.sft_steps,
-             " (calculator calls)" if calculator is not None else "")
+             " (calculator calls)" if calls_calculator else "")
     params, loss = warmup.supervised_warmup(
         s.base_def, s.init_params, s.tokenizer, prompts, make_demo, steps=config.sft_steps,
         batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,
