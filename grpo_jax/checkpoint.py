@@ -34,6 +34,7 @@ A full or read-only disk at the time of `save` fails at once, in a one-byte writ
 
 from __future__ import annotations
 
+import atexit
 import errno
 import itertools
 import logging
@@ -192,8 +193,29 @@ class _QuietOrbaxWriteErrors(logging.Filter):
       if operation:
         self.failed_operations.add(operation.group(1))
       return False
+    if _ORBAX_OPERATION_FAILED.is_set() and _orbax_task_debris(record):
+      return False
     # The rest of a refused save: its other threads fail in turn, e.g. at interpreter exit.
     return not (operation and operation.group(1) in self.failed_operations)
+
+
+def _shutdown_error(exc: BaseException | None) -> bool:
+  """What an Orbax task still in flight dies of once its failed save (or the interpreter's
+  exit) shut its executor or its event loop down."""
+  return isinstance(exc, RuntimeError) and (
+      str(exc) == "Event loop is closed"
+      or str(exc).startswith("cannot schedule new futures after"))  # [interpreter] shutdown
+
+
+def _orbax_task_debris(record: logging.LogRecord) -> bool:
+  """asyncio's report of an abandoned Orbax task that died of the shutdown of a failed save."""
+  if record.name != "asyncio" or not _shutdown_error(record.exc_info and record.exc_info[1]):
+    return False
+  try:
+    message = record.getMessage()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return f"{os.sep}orbax{os.sep}" in message
 
 
 def _in_orbax(obj) -> bool:
@@ -208,15 +230,47 @@ def _quiet_unraisable(unraisable) -> None:
   Event loop is closed"), and its coroutines are closed unfinished (their error chains
   end in GeneratorExit), at the latest at interpreter exit."""
   exc = unraisable.exc_value
-  if (_ORBAX_OPERATION_FAILED.is_set() and isinstance(exc, RuntimeError)
-      and str(exc) == "Event loop is closed"):
-    return
+  if _shutdown_error(exc):
+    if _ORBAX_OPERATION_FAILED.is_set():
+      return
+    if unraisable.object is None and not _HELD.exiting:
+      # From a TensorStore callback thread, which cannot say whose loop it was: it can
+      # arrive before the save's failure reaches the main thread. Held until then.
+      _HELD.hold(unraisable)
+      return
   if _in_orbax(unraisable.object) and (_ORBAX_OPERATION_FAILED.is_set() or any(
       isinstance(e, GeneratorExit) for e in _exception_chain(exc))):
     return
   _previous_unraisablehook(unraisable)
 
 
+class _HeldReports:
+  """Unraisable reports that are debris if an Orbax operation failed: dropped once one
+  did, printed as they came once a save completed, or at exit, if none did."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._reports: list = []
+    self.exiting = False
+
+  def hold(self, unraisable) -> None:
+    with self._lock:
+      self._reports.append(unraisable)
+
+  def release(self) -> None:
+    with self._lock:
+      reports, self._reports = self._reports, []
+    if not _ORBAX_OPERATION_FAILED.is_set():
+      for unraisable in reports:
+        _previous_unraisablehook(unraisable)
+
+  def release_at_exit(self) -> None:
+    self.exiting = True
+    self.release()
+
+
+_HELD = _HeldReports()
+atexit.register(_HELD.release_at_exit)
 _LOG_FILTER = _QuietOrbaxWriteErrors()
 _previous_unraisablehook = sys.unraisablehook
 
@@ -558,6 +612,7 @@ class Checkpointer:
         raise
       raise error from None
     self._pending_step = None
+    _HELD.release()  # this save went well: what came in meanwhile was not its debris
 
   def close(self) -> None:
     """Waits for the pending save and closes. A write failure already raised as a
@@ -580,3 +635,4 @@ class Checkpointer:
       if not already_reported:
         raise error from None
     self._pending_step = None
+    _HELD.release()  # this save went well: what came in meanwhile was not its debris
