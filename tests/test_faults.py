@@ -264,6 +264,7 @@ def kill_nine_many_times(tmp_path, count: int):
   assert_same_run(straight, workdir, 6)
 
 
+@pytest.mark.slow  # the default run kills -9 once in test_train.py's resume test
 def test_kill_9_at_random_moments_leaves_a_resumable_workdir(tmp_path):
   kill_nine_many_times(tmp_path, 3)
 

@@ -215,6 +215,7 @@ def test_plan_command_prints_its_table(tmp_path):
       "grpo_jax.plan: error: ")
 
 
+@pytest.mark.slow  # compiles every layout; the default run compiles them in the tests above
 @needs_libtpu
 def test_suggest_names_the_fastest_layout_that_fits():
   from grpo_jax.plan import suggest
