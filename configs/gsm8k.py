@@ -36,7 +36,6 @@ def get_config():
   c.loss_type = "dapo"  # long reasoning: no length bias (see README)
   c.temperature = 1.0
   c.dtype = "bfloat16"
-  c.remat = True
   c.scan_layers = True  # 24+ layers: one compiled block keeps compiles short
   c.max_steps = 1000
   c.eval_every = 100

@@ -33,7 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0, tie_word_embeddings=True, qkv_bias=False, qk_norm=False))
   c.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.param_dtype = "float32"  # storage of actor, reference and AdamW moments: float32, bfloat16
-  c.remat = False
+  # The train pass recomputes each layer in its backward pass (less memory, one more
+  # forward pass). None: the memory plan decides (on only where the update would not fit
+  # otherwise); True / False: as set.
+  c.remat = config_dict.placeholder(bool)
   c.scan_layers = False  # True: one lax.scan over layers (faster compiles of deep models)
   c.export_hf = ""  # directory (relative to the workdir) for the final actor as a HF checkpoint
   # With LoRA: merged (base + adapters as one HF checkpoint) or peft (a PEFT adapter folder,
@@ -149,7 +152,12 @@ def base_config() -> ml_collections.ConfigDict:
   # (0: a fifth of max_completion_length, DAPO's 4k of 20k).
   c.soft_punish_cache = 0
   c.logprob_chunk_size = 0  # vocabulary entries per log-prob chunk; 0: ~16 MiB of logits
-  c.micro_batch_size = 0  # completions per train forward/backward on a device; 0: auto
+  # Completions per train forward/backward on a device (gradients accumulated over the
+  # micro-batches); 0: the memory plan chooses (the largest that fits, ~1k tokens on CPU).
+  c.micro_batch_size = 0
+  # Memory per device the plan may fill, in GiB; 0: the device's own (`bytes_limit` on a
+  # GPU / TPU; on a CPU the available RAM less headroom, shared by its devices).
+  c.memory_limit_gib = 0.0
   # Score and update passes run on the batch's longest completion (+1) rounded up to a
   # multiple of this many tokens, so early EOS stops make them cheaper (0: always the full
   # max_completion_length). At most ceil(max_completion_length / this) compiled shapes.
@@ -190,7 +198,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUME_FREE_FIELDS = frozenset({
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_sample_texts",
     "accuracy_reward", "export_hf", "distributed", "parallelism", "mesh", "remat",
-    "scan_layers", "micro_batch_size", "logprob_chunk_size", "train_length_bucket",
+    "scan_layers", "micro_batch_size", "memory_limit_gib", "logprob_chunk_size", "train_length_bucket",
     "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change",
     "tool_timeout_seconds"})
 
@@ -289,7 +297,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "an integer >= 2 (GRPO compares each answer with its siblings)")
   _require(config.sft_steps >= 0, "sft_steps", config.sft_steps, "an integer >= 0")
   _require(config.micro_batch_size >= 0, "micro_batch_size", config.micro_batch_size,
-           "an integer >= 0 (0: auto, about 1k tokens per micro-batch on CPU)")
+           "an integer >= 0 (0: chosen by the memory plan)")
+  _require(config.memory_limit_gib >= 0, "memory_limit_gib", config.memory_limit_gib,
+           "GiB per device, a number >= 0 (0: the device's own memory)")
   _require(config.train_length_bucket >= 0, "train_length_bucket", config.train_length_bucket,
            "an integer >= 0 (0: the passes always run on max_completion_length)")
   _require(config.logprob_chunk_size >= 0, "logprob_chunk_size", config.logprob_chunk_size,
@@ -351,10 +361,11 @@ def sampling_config(config, eos_token_ids, pad_token_id, stop_token_ids=()
       stop_token_ids=tuple(stop_token_ids))
 
 
-def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None,
-                stop_token_ids=()) -> grpo.GRPOConfig:
-  """The step's static config; `platform`: the one it is compiled for (None: this host's);
-  `stop_token_ids`: where multi-turn decoding also pauses a row (a tool call's end)."""
+def grpo_config(config, eos_token_ids, pad_token_id, stop_token_ids=()) -> grpo.GRPOConfig:
+  """The step's static config as the config gives it (`micro_batch_size=0` and
+  `remat=None` are then the whole batch and off: the memory plan, `grpo_jax.memory`,
+  chooses them before anything is compiled); `stop_token_ids`: where multi-turn decoding
+  also pauses a row (a tool call's end)."""
   weights = config.reward_weights
   if weights is not None and not all(isinstance(w, (int, float)) for w in weights):
     raise ConfigError(f"config.reward_weights={weights!r}; allowed: a tuple of numbers, "
@@ -373,7 +384,7 @@ def grpo_config(config, eos_token_ids, pad_token_id, platform: str | None = None
       mask_truncated_completions=config.mask_truncated_completions,
       multi_objective_aggregation=config.multi_objective_aggregation,
       logprob_chunk_size=config.logprob_chunk_size, micro_batch_size=config.micro_batch_size,
-      platform=platform, dropout_seed=config.seed if lora_dropout(config) else None)
+      remat=bool(config.remat), dropout_seed=config.seed if lora_dropout(config) else None)
 
 
 def lora_dropout(config) -> bool:

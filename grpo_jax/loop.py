@@ -190,6 +190,7 @@ class TrainLoop:
     params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
     state, reference, base_key = self.restore_or_init(params, restored)
     del params
+    self.step_fn.note_resident(state, reference)  # the memory plan counts it in every program
     start_step = restored.step if restored else 0
     if stop.requested():  # during setup or the warm-up
       raise preemption.Preempted(stop.signum, (

@@ -131,6 +131,10 @@ class MeshStep:
     """Rows of a batch must split evenly over this many shards (data x fsdp)."""
     return self.step.cfg.token_shards
 
+  def rows_per_shard(self, batch) -> int:
+    """Rows each data x fsdp shard holds of a placed (global) batch array."""
+    return batch.shape[0] // self.batch_divisor
+
   @property
   def batch_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(BATCH_AXES))

@@ -101,6 +101,10 @@ class PmappedStep:
     """Rows of a batch must split evenly over this many shards."""
     return self.num_devices
 
+  def rows_per_shard(self, batch) -> int:
+    """Rows each device holds of a placed batch array ([devices, rows, ...])."""
+    return batch.shape[1]
+
   def place_params(self, params):
     return replicate(params, self.local_devices)
 

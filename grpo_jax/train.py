@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from grpo_jax import checkpoint, grpo, metrics, parallel, preemption, warmup
+from grpo_jax import checkpoint, grpo, memory, metrics, parallel, preemption, warmup
 from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import workdir as workdir_lib
@@ -77,7 +77,7 @@ class Setup:
 def model_config(config) -> ModelConfig:
   """The run's architecture, read without any weights: a checkpoint's config.json, a
   preset's (`preset:<name>`), or the demo model's."""
-  runtime = dict(dtype=config.dtype, remat=config.remat, scan_layers=config.scan_layers)
+  runtime = dict(dtype=config.dtype, scan_layers=config.scan_layers)
   if presets.is_preset(config.model_path):
     return hf.config_from_hf(presets.hf_config(config.model_path)).replace(**runtime)
   if config.model_path:
@@ -94,7 +94,7 @@ def build_model(config):
   param_dtype = jnp.dtype(config.param_dtype)
   if config.model_path:
     model, tokenizer = hf.from_pretrained(config.model_path, dtype=config.dtype,
-                                          param_dtype=param_dtype, remat=config.remat,
+                                          param_dtype=param_dtype,
                                           scan_layers=config.scan_layers)
     if tokenizer is None:
       raise UserError(f"config.model_path={config.model_path!r} holds no tokenizer files")
@@ -117,7 +117,7 @@ def setup(config) -> Setup:
   if config.micro_batch_size:  # it must divide each device's completions: say so now
     grpo.micro_batch_rows(
         config.prompts_per_step * config.num_generations // batch_divisor(config),
-        config.max_prompt_length + config.max_completion_length, config.micro_batch_size)
+        config.micro_batch_size)
   train_data, eval_data = loading.load_prompt_dataset(
       config.dataset, config.prompt_column, eval_split=config.eval_split or None,
       eval_size=config.eval_size, seed=config.seed)
@@ -128,7 +128,6 @@ def setup(config) -> Setup:
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
   tools = tools_host.tool_setup(config, tokenizer)
   grpo_config = config_lib.grpo_config(config, eos_ids, pad_id,
-                                       platform=jax.devices()[0].platform,
                                        stop_token_ids=tools.stop_token_ids if tools else ())
   s = Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
             reward_funcs, grpo_config, tools=tools)
@@ -180,6 +179,14 @@ def build_step_fn(config, step: grpo.GRPOStep, devices=None):
   return parallel.pmap_step(step, jax.local_devices() if jax.process_count() == 1 else None)
 
 
+def planned_step_fn(config, step: grpo.GRPOStep, model_cfg: ModelConfig):
+  """`build_step_fn`'s layout, whose sampler, score pass and update run the settings the
+  memory plan chooses for each shape (`memory.PlannedStep`)."""
+  devices = jax.devices() if config.parallelism == "mesh" else jax.local_devices()
+  return memory.PlannedStep(build_step_fn(config, step), model_cfg, devices,
+                            config.memory_limit_gib, config.micro_batch_size, config.remat)
+
+
 def make_optimizer(config):
   """(optax transformation, learning-rate schedule) of the configured AdamW.
 
@@ -196,7 +203,7 @@ def make_optimizer(config):
 def architecture(s: Setup) -> dict[str, Any]:
   """The model's shape (runtime settings and the adapters, which the config holds, aside)."""
   arch = dataclasses.asdict(s.model_config)
-  for runtime_only in ("dtype", "remat", "scan_layers", "lora"):
+  for runtime_only in ("dtype", "scan_layers", "lora"):
     arch.pop(runtime_only)
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
 
@@ -318,8 +325,9 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         log.info("sft_steps=%d is the demo's warm-up (dataset %r only); dataset %r: skipped",
                  config.sft_steps, config_lib.DEMO_DATASET, config.dataset)
       tx, schedule = make_optimizer(config)
-      step_fn = build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config,
-                                                    reference_def=s.reference_def))
+      step_fn = planned_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config,
+                                                      reference_def=s.reference_def),
+                                s.model_config)
       loop = TrainLoop(config, s, step_fn, ckpt, writer, logdir)
       stop.resume_hint = loop.resume_hint
       loop.run(restored, stop)

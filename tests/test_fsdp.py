@@ -50,14 +50,6 @@ def test_constraints_are_identities_off_a_mesh_and_pin_rows_on_one():
   np.testing.assert_array_equal(pinned, x * 2)
 
 
-def test_auto_micro_batches_follow_the_platform_and_the_shard():
-  assert grpo.micro_batch_rows(32, 96, 0, num_params=14_000_000, platform="cpu") == 8
-  assert grpo.micro_batch_rows(32, 96, 0, num_params=14_000_000, platform="tpu") == 32
-  scfg = sampling.SamplingConfig(4, (1,), num_generations=2)
-  assert grpo.GRPOConfig(sampling=scfg).platform == jax.default_backend()
-  assert grpo.GRPOConfig(sampling=scfg, platform="tpu").platform == "tpu"
-
-
 def test_mesh_step_sizes_chunks_from_one_shard():
   graphdef, _ = nnx.split(tiny_model())
   tx, schedule = grpo.make_optimizer(1e-3, 10)

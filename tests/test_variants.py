@@ -541,7 +541,7 @@ def test_micro_batch_size_counts_completions_per_device_in_both_layouts(policy):
   for layout in LAYOUTS.values():
     with pytest.raises(ConfigError, match="completions each device trains on"):
       run_layout(layout(step), params, "learn", rollout, STEP_REWARDS)
-  assert grpo.micro_batch_rows(16, 11, 8) == 8
+  assert grpo.micro_batch_rows(16, 8) == 8
 
 
 def test_dr_grpo_divides_by_max_completion_length_whatever_the_width_and_no_kl_at_beta_0(

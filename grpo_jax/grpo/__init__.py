@@ -22,16 +22,15 @@ from grpo_jax.grpo.loss import (TOKEN_METRICS, LossNormalizers, ScoredRollout, a
                                 grpo_loss, loss_normalizers, per_token_loss)
 from grpo_jax.grpo.optimizer import make_optimizer
 from grpo_jax.grpo.reference import mix_reference, sync_due
-from grpo_jax.grpo.step import (MICRO_BATCH_MAX_PARAMS, MICRO_BATCH_TOKENS, GRPOStep, RewardFn,
-                                as_reference, init_train_state, loss_and_grads,
-                                micro_batch_rows, policy_params, dropout_key, score_rollout,
-                                update)
+from grpo_jax.grpo.step import (GRPOStep, RewardFn, as_reference, init_train_state, join_rows,
+                                loss_and_grads, micro_batch_rows, policy_params, dropout_key,
+                                score_rollout, split_rows, update)
 from grpo_jax.grpo.types import LOSS_TYPES, SCALE_REWARDS, STD_EPS, GRPOConfig, TrainState
 
 __all__ = ["Advantages", "combine_rewards", "group_advantages", "LOGITS_CHUNK_BYTES",
            "completion_logprobs", "token_logprobs", "vocab_chunk_size", "TOKEN_METRICS",
            "LossNormalizers", "ScoredRollout", "aggregate_loss", "grpo_loss", "loss_normalizers",
-           "per_token_loss", "MICRO_BATCH_MAX_PARAMS", "MICRO_BATCH_TOKENS", "GRPOStep",
+           "per_token_loss", "GRPOStep", "split_rows", "join_rows",
            "RewardFn", "as_reference", "init_train_state", "loss_and_grads", "make_optimizer",
            "micro_batch_rows", "reward_metrics", "score_rollout", "update", "policy_params",
            "dropout_key", "LOSS_TYPES",

@@ -149,14 +149,16 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
 
 def completion_logprobs(model_def: nnx.GraphDef, params: nnx.State, rollout: sampling.Rollout,
                         temperature: float, chunk_size: int, token_shards: int = 1,
-                        dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                        dropout_key: jax.Array | None = None, remat: bool = False
+                        ) -> tuple[jax.Array, jax.Array]:
   """Per-token log-probs and entropies [N, L] of the completion tokens under `params`
-  (`dropout_key`: the train pass's LoRA dropout; None: none)."""
+  (`dropout_key`: the train pass's LoRA dropout; None: none; `remat`: the train pass
+  recomputes each layer in its backward pass)."""
   model = nnx.merge(model_def, params)
   ids = jnp.concatenate([rollout.prompt_ids, rollout.completion_ids], axis=1)
   mask = jnp.concatenate([rollout.prompt_mask, rollout.completion_mask], axis=1)
   hidden, _ = model.hidden_states(ids, positions_from_mask(mask), mask,
-                                  dropout_key=dropout_key)
+                                  dropout_key=dropout_key, remat=remat)
   prompt_len, length = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
   # The hidden state at position p predicts token p + 1: keep only those that predict completions.
   hidden = hidden[:, prompt_len - 1:prompt_len - 1 + length]

@@ -242,5 +242,5 @@ def grpo_loss(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
   """(this device's share of the loss, its shares of the metrics) under `params`."""
   logprobs, entropy = completion_logprobs(model_def, params, scored.rollout, cfg.temperature,
                                           cfg.logprob_chunk_size, cfg.token_shards,
-                                          dropout_key)
+                                          dropout_key, cfg.remat)
   return loss_from_logprobs(logprobs, entropy, scored, norms, cfg, axis_name, entropy_floor)

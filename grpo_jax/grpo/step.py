@@ -44,11 +44,23 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
   """Advantages, old and reference log-probs, and the reward metrics of a rollout.
 
   `reference_def`: with LoRA, the base model's graphdef; the reference is then the base
-  (`reference_params`) with the adapters off, and the actor the adapters on it."""
+  (`reference_params`) with the adapters off, and the actor the adapters on it. The
+  log-probs are computed `cfg.score_micro_batch_size` rows at a time (0: all at once);
+  rows are independent, so the result is the same."""
   adv = group_advantages(rewards, cfg.weights, cfg.num_generations, cfg.scale_rewards,
                          axis_name, cfg.multi_objective_aggregation)
-  no_grad_logprobs = lambda graph, p: jax.lax.stop_gradient(completion_logprobs(
-      graph, p, rollout, cfg.temperature, cfg.logprob_chunk_size, cfg.token_shards)[0])
+  rows = rollout.prompt_ids.shape[0]
+  size = cfg.token_shards * micro_batch_rows(rows // cfg.token_shards,
+                                             cfg.score_micro_batch_size)
+
+  def no_grad_logprobs(graph, p):
+    logprobs = lambda part: completion_logprobs(graph, p, part, cfg.temperature,
+                                                cfg.logprob_chunk_size, cfg.token_shards)[0]
+    if size == rows:
+      return jax.lax.stop_gradient(logprobs(rollout))
+    parts = jax.lax.map(logprobs, split_rows(rollout, rows // size))
+    return jax.lax.stop_gradient(join_rows(parts))
+
   old = (no_grad_logprobs(model_def, policy_params(state.params, reference_params,
                                                    reference_def))
          if cfg.num_iterations > 1 else None)
@@ -59,31 +71,27 @@ def score_rollout(state: TrainState, reference_params, model_def, rollout: sampl
       rewards, adv, rollout, cfg.num_generations, axis_name)
 
 
-MICRO_BATCH_TOKENS = 1024  # prompt + completion tokens per micro-batch when micro_batch_size = 0
-MICRO_BATCH_MAX_PARAMS = 32_000_000  # auto micro-batching: models up to this size
+def micro_batch_rows(rows: int, micro_batch_size: int) -> int:
+  """Rows of one device per micro-batch: `micro_batch_size`, which must divide `rows`, or
+  all of them for 0. (The trainer's `micro_batch_size=0` means "planned": the memory plan,
+  `grpo_jax.memory`, resolves it to a number before the step is compiled.)"""
+  if micro_batch_size and rows % micro_batch_size:
+    raise ConfigError(f"micro_batch_size={micro_batch_size} must divide the {rows} "
+                      "completions each device trains on")
+  return micro_batch_size or rows
 
 
-def micro_batch_rows(rows: int, seq_len: int, micro_batch_size: int, num_params: int = 0,
-                     platform: str = "cpu") -> int:
-  """Rows of one device per micro-batch: `micro_batch_size`, or for 0 (auto) on CPU
-  (`platform`: the one the step is compiled for) the largest divisor
-  of `rows` that keeps a micro-batch within MICRO_BATCH_TOKENS tokens (at least one row).
+def split_rows(tree, parts: int):
+  """[N, ...] -> [parts, N / parts, ...] for every leaf, part j holding rows j, j + parts,
+  j + 2 parts, ...: on a mesh, where rows are split over the shards in contiguous blocks,
+  every part is then spread evenly over all of them. `join_rows` undoes it."""
+  split = lambda x: x.reshape((x.shape[0] // parts, parts) + x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, tree)
 
-  On CPU a micro-batch of ~1k tokens keeps the train pass's activations in cache: the
-  backward pass ran 1.15x (4k-token batch) to 1.6x (3.8k-token batch of a tiny model)
-  faster than on the whole batch at once. Each micro-batch adds a whole parameter
-  gradient, though: with 40M parameters (a 150k vocabulary) the update ran 10% slower, so
-  auto leaves models over MICRO_BATCH_MAX_PARAMS, and accelerators, on the whole batch.
-  """
-  if micro_batch_size:
-    if rows % micro_batch_size:
-      raise ConfigError(f"micro_batch_size={micro_batch_size} must divide the {rows} "
-                        "completions each device trains on")
-    return micro_batch_size
-  if platform != "cpu" or num_params > MICRO_BATCH_MAX_PARAMS:
-    return rows
-  fits = max(1, MICRO_BATCH_TOKENS // seq_len)
-  return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fits)
+
+def join_rows(tree):
+  """The inverse of `split_rows`: [parts, N / parts, ...] -> [N, ...]."""
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:]), tree)
 
 
 def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormalizers,
@@ -103,10 +111,7 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   rollout = scored.rollout
   rows, shards = rollout.prompt_ids.shape[0], cfg.token_shards
-  seq_len = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  size = shards * micro_batch_rows(rows // shards, seq_len, cfg.micro_batch_size, num_params,
-                                   cfg.platform)
+  size = shards * micro_batch_rows(rows // shards, cfg.micro_batch_size)
   if size == rows:
     return grad_fn(params, scored, norms, None, dropout_key)
   entropy_floor = None
@@ -117,11 +122,9 @@ def loss_and_grads(params, model_def, scored: ScoredRollout, norms: LossNormaliz
         model_def, whole(params), rollout, cfg.temperature, cfg.logprob_chunk_size, shards)[1])
     entropy_floor = entropy_threshold(entropy, loss_mask(scored, cfg), cfg.top_entropy_quantile,
                                       axis_name)
-  # Micro-batch j holds rows j, j + k, j + 2k, ... (k micro-batches): on a mesh, where the
-  # rows are split in contiguous blocks over the shards, every micro-batch is then spread
-  # evenly over all of them. Per-row normalisers are split with their rows.
-  split = lambda x: x.reshape((size, rows // size) + x.shape[1:]).swapaxes(0, 1)
-  micro = jax.tree.map(split, (scored, norms.shard_tokens))
+  # Micro-batches spread over the shards (`split_rows`); per-row normalisers are split
+  # with their rows.
+  micro = split_rows((scored, norms.shard_tokens), rows // size)
 
   def accumulate(total, part):
     (part_scored, part_tokens), j = part

@@ -48,12 +48,15 @@ class GRPOConfig:
   multi_objective_aggregation: str = "sum_then_normalize"
   logprob_chunk_size: int = 0  # vocabulary entries per log-prob chunk; 0: auto
   # Completions per forward/backward pass of the train step on each device (gradients
-  # are accumulated over the micro-batches); 0: auto, about MICRO_BATCH_TOKENS tokens.
+  # are accumulated over the micro-batches); 0: the whole batch at once. The trainer's
+  # memory plan (`grpo_jax.memory`) chooses it where the config leaves it at 0.
   micro_batch_size: int = 0
-  # The platform the step is compiled for ("cpu", "tpu", "gpu"; None: the default backend
-  # when this config is built). Auto micro-batching depends on it; a step compiled on a CPU
-  # host for a TPU slice (grpo_jax.plan) must not decide from the host.
-  platform: str | None = None
+  # The train pass recomputes each layer in its backward pass instead of saving its
+  # activations (one more forward pass, a fraction of the memory).
+  remat: bool = False
+  # Completions per no-grad pass of the score step (old and reference log-probs) on each
+  # device; 0: the whole batch at once. Chosen by the memory plan (`grpo_jax.memory`).
+  score_micro_batch_size: int = 0
   # How many ways the token rows of a batch are split over devices inside one program:
   # 1 under pmap and on one device (each program sees its own rows), data x fsdp in mesh
   # mode (the program sees the global batch). Per-device sizes (log-prob chunks,
@@ -65,8 +68,6 @@ class GRPOConfig:
   dropout_seed: int | None = None
 
   def __post_init__(self):
-    if self.platform is None:
-      object.__setattr__(self, "platform", jax.default_backend())
     if self.sampling.num_generations < 2:
       raise ConfigError(
           f"num_generations={self.sampling.num_generations}; must be >= 2 (GRPO compares "
@@ -107,6 +108,9 @@ class GRPOConfig:
           f"{self.num_reward_funcs} reward functions; give one weight per function")
     if self.micro_batch_size < 0:
       raise ConfigError(f"micro_batch_size={self.micro_batch_size}; must be >= 0 (0: auto)")
+    if self.score_micro_batch_size < 0:
+      raise ConfigError(f"score_micro_batch_size={self.score_micro_batch_size}; must be >= 0 "
+                        "(0: the whole batch)")
     if self.logprob_chunk_size < 0:
       raise ConfigError(f"logprob_chunk_size={self.logprob_chunk_size}; must be >= 0 "
                         "(0: sized from the vocabulary)")

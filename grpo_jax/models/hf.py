@@ -323,7 +323,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float32,
-                    remat: bool = False, scan_layers: bool = False
+                    scan_layers: bool = False
                     ) -> tuple[Transformer, Any]:
   """(model, tokenizer) from a local Hugging Face checkpoint directory.
 
@@ -333,8 +333,7 @@ def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float
   `path`: a checkpoint directory, a `.gguf` file, or `pkg:PACKAGE/FILE` (see gguf.py).
   """
   path = gguf.resolve_path(path)
-  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, remat=remat,
-                                                  scan_layers=scan_layers)
+  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, scan_layers=scan_layers)
   model, _ = _load(path, cfg, param_dtype, extra_tensors=())
   return model, load_tokenizer(path)
 

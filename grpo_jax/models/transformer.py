@@ -56,7 +56,6 @@ class ModelConfig:
   # without them reads the same base state (the LoRA run's reference).
   lora: LoraConfig | None = None
   dtype: str = "float32"  # compute dtype of activations; params stay float32
-  remat: bool = False  # recompute each block in the backward pass to save memory
   # Full-sequence passes: one `lax.scan` over the stacked layers (one compiled block: the
   # shortest compile for deep models) or the layers unrolled (default: on CPU the train
   # step ran ~10% faster, for ~2x the compile time of the train step).
@@ -316,8 +315,10 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache, dropout_key=None):
-    """`dropout_key`: LoRA dropout's key in a train pass (None: no dropout)."""
+  def __call__(self, x, positions, inv_freq, key_mask, query_slots, cache, dropout_key=None,
+               remat: bool = False):
+    """`dropout_key`: LoRA dropout's key in a train pass (None: no dropout); `remat`: the
+    MLP's row chunks are recomputed in the backward pass (see `_in_row_chunks`)."""
     # The projections see [B * T, D] rows: with 3-D activations XLA transposes the
     # [B, T, F] gradients before each weight-gradient matmul (the MLP's backward pass ran
     # 1.4x slower on CPU).
@@ -334,7 +335,6 @@ class Block(nnx.Module):
     chunks = 1 if cache is not None else mlp_chunks(
         shape[1], sharding.rows_per_device(shape[0], axes), self.mlp.up_proj.out_features,
         jnp.dtype(x.dtype).itemsize)
-    remat = self.self_attn.cfg.remat
     x = sharding.rows(
         x + (mlp(x) if chunks == 1 else _in_row_chunks(mlp, x, chunks, axes, remat)), axes)
     return x.reshape(shape), cache
@@ -377,7 +377,7 @@ class Transformer(nnx.Module):
 
   def hidden_states(self, input_ids, positions, key_mask, cache: Cache | None = None,
                     cache_index=0, layer_params: tuple[nnx.State, ...] | None = None,
-                    dropout_key: jax.Array | None = None):
+                    dropout_key: jax.Array | None = None, remat: bool = False):
     """Final-norm hidden states [B, T, D] (and the updated cache, or None).
 
     key_mask: [B, S] validity of every key slot: S = T without a cache, the cache length
@@ -392,6 +392,9 @@ class Transformer(nnx.Module):
 
     `dropout_key`: a train pass's key for LoRA dropout (full-sequence passes only; None,
     the default, is every other pass: sampling, old and reference log-probs).
+    `remat`: a train pass that recomputes each layer in its backward pass instead of
+    saving its activations (only the layer inputs are kept: one more forward pass, for a
+    fraction of the memory; chosen by the memory plan, `grpo_jax.memory`).
     """
     cfg = self.cfg
     x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(cfg.compute_dtype)
@@ -405,9 +408,9 @@ class Transformer(nnx.Module):
       def layer(x, params_and_key):
         params, key = params_and_key
         block = nnx.merge(block_def, params)
-        return block(x, positions, inv_freq, key_mask, query_slots, None, key)[0], None
+        return block(x, positions, inv_freq, key_mask, query_slots, None, key, remat)[0], None
 
-      if cfg.remat:
+      if remat:
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
       keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
       x, _ = jax.lax.scan(layer, x, (block_params, keys), unroll=1 if cfg.scan_layers else True)

@@ -38,7 +38,8 @@ FLAGS = flags.FLAGS
 def plan_for(config, slice_: topology.Slice, devices=None) -> dict:
   """Compiles `config` for the slice; the plan as a dict (report.plan_dict)."""
   config_lib.validate(config)
-  plan = programs.compile_plan(config, devices or slice_.devices())
+  plan = programs.compile_plan(config, devices or slice_.devices(),
+                               limit=slice_.memory_limit(config.memory_limit_gib))
   return report.plan_dict(plan, slice_, config)
 
 

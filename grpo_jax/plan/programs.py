@@ -19,16 +19,18 @@ the TPU compiler sizes it, from the sampler's argument bytes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grpo_jax import grpo, mesh as mesh_lib, parallel
+from grpo_jax import grpo, memory, mesh as mesh_lib, parallel
 from grpo_jax import config as config_lib
 from grpo_jax.models import ModelConfig, Transformer, lora as lora_lib, quantize
 from grpo_jax.plan import hlo, roofline
@@ -53,11 +55,16 @@ class Phase:
   out_of_memory: str = ""  # XLA refused to compile it: what it said
 
   def total(self, resident: int) -> int:
-    """Peak HBM per chip while this phase runs: the resident state (in HBM whether this
-    program reads it or not), its batch arguments, outputs that reuse no donated buffer,
-    temporaries and code."""
-    return (resident + self.batch_bytes + self.output_bytes - self.alias_bytes
-            + self.temp_bytes + self.code_bytes)
+    """Peak HBM per chip while this phase runs (`memory.peak_bytes`: the resident state, in
+    HBM whether this program reads it or not, its batch arguments, outputs that reuse no
+    donated buffer, temporaries and code)."""
+    return memory.peak_bytes(self, resident, self.batch_bytes)
+
+  # memory_analysis()'s names, which memory.peak_bytes reads
+  output_size_in_bytes = property(lambda self: self.output_bytes)
+  alias_size_in_bytes = property(lambda self: self.alias_bytes)
+  temp_size_in_bytes = property(lambda self: self.temp_bytes)
+  generated_code_size_in_bytes = property(lambda self: self.code_bytes)
 
   @property
   def ici_bytes(self) -> float:
@@ -76,6 +83,17 @@ class Plan:
   # LoRA: rank, alpha, targets, base_dtype, quantization, adapter / base parameter counts,
   # xla_base_bytes (see the module doc); None for full fine-tuning.
   lora: dict | None = None
+  # The memory plan's choice per phase (memory.Chunks / Score / Update; None: nothing
+  # fits, the phase shown is the smallest setting tried), and its words.
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  described: dict[str, str] = dataclasses.field(default_factory=dict)
+  limit: int = 0  # bytes per chip the plan filled against
+  rows_per_shard: int = 0  # completions each chip (pmap) or data x fsdp shard trains on
+
+  @property
+  def remat(self) -> bool:
+    update = self.settings.get("update")
+    return bool(update and update.remat)
 
   @property
   def resident(self) -> int:
@@ -162,8 +180,7 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
     reference_def = graphdef
     graphdef, params = lora_lib.adapted_model(cfg, adapters)
     cfg = cfg.replace(lora=adapters)
-  grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0,
-                                    platform=devices[0].platform)
+  grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0)
   tx, schedule = train.make_optimizer(config)
   step_fn = train.build_step_fn(
       config, grpo.GRPOStep(graphdef, tx, schedule, grpo_cfg, reference_def=reference_def),
@@ -285,11 +302,16 @@ def resident_state(config, devices, model_cfg: ModelConfig | None = None) -> Res
 
 
 def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
-                 reuse: dict[str, Phase] | None = None) -> Plan:
-  """Compiles the sampler, reference pass and update of `config` for `devices`
-  (`model_cfg`: instead of the config's model, e.g. a smaller copy for a quick look;
-  `reuse`: phases already compiled for a config that differs only where they do not
-  depend on it, e.g. the sampler and reference pass across `remat`)."""
+                 reuse: dict[str, tuple[Any, Phase]] | None = None,
+                 limit: int | None = None) -> Plan:
+  """Chooses and compiles the sampler, reference pass and update of `config` for
+  `devices`, each at the fastest setting of its memory ladder that fits `limit` bytes per
+  chip (default: `memory_limit_gib`, else the device's own memory), as the trainer does
+  (`memory.choose` over the same ladders and figures). `model_cfg`: instead of the
+  config's model, e.g. a smaller copy for a quick look; `reuse`: (setting, phase) already
+  chosen for a config that differs only where that phase does not depend on it."""
+  if limit is None:
+    limit = memory.device_memory(devices, config.memory_limit_gib)
   r = resident_state(config, devices, model_cfg)
   step_fn, cfg, grpo_cfg, layout, name = r.step_fn, r.cfg, r.grpo_cfg, r.layout, r.name
   params, reference, state = r.params, r.reference, r.state
@@ -338,23 +360,70 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   sampler_hbm = length * (sampler_weights + head_bytes + kv / 2)
   batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
-  programs = {
-      "sampler": lambda: _compile("sampler", step_fn.generate, sampler_args, length - 1,
-                                  flops["sampling"] / n, sampler_hbm,
-                                  batch_bytes(sampler_args[1:3]), policy_bytes),
-      "reference": lambda: _compile("reference", step_fn.score, score_args, 1,
-                                    flops["reference"] / n, 0.0, batch_bytes(score_args[2:]),
-                                    resident),
-      # remat recomputes the forward pass in the backward one: 4 forward passes, not 3
-      "update": lambda: _compile("update", step_fn.update, update_args, 1,
-                                 flops["train"] * (4 / 3 if config.remat else 1) / n,
-                                 0.0, batch_bytes(update_args[1:2]),
-                                 param_bytes + opt_bytes + (reference_bytes if is_lora else 0)),
+  rows_shard = rows // step_fn.batch_divisor
+  prompts_shard = prompts // step_fn.batch_divisor
+  seq_len = prompt_len + length
+  trainable = param_bytes
+  variant = memory.with_step_config
+
+  def sampler_fn(setting):
+    cfg_s = dataclasses.replace(grpo_cfg.sampling, row_chunks=setting.chunks)
+    return _compile("sampler", variant(step_fn, sampling=cfg_s).generate, sampler_args,
+                    length - 1, flops["sampling"] / n, sampler_hbm,
+                    batch_bytes(sampler_args[1:3]), policy_bytes)
+
+  def reference_fn(setting):
+    return _compile("reference", variant(step_fn, score_micro_batch_size=setting.rows).score,
+                    score_args, 1, flops["reference"] / n, 0.0, batch_bytes(score_args[2:]),
+                    resident)
+
+  def update_fn(setting):
+    # remat recomputes the forward pass in the backward one: 4 forward passes, not 3
+    return _compile("update", variant(step_fn, micro_batch_size=setting.rows,
+                                      remat=setting.remat).update,
+                    update_args, 1, flops["train"] * (4 / 3 if setting.remat else 1) / n,
+                    0.0, batch_bytes(update_args[1:2]),
+                    param_bytes + opt_bytes + (reference_bytes if is_lora else 0))
+
+  sampler_batch = batch_bytes(sampler_args[1:3])
+  score_batch = batch_bytes(score_args[2:])
+  update_batch = batch_bytes(update_args[1:2])
+  ladders = {
+      "sampler": (memory.chunk_ladder(prompts_shard), sampler_fn,
+                  lambda st: resident + sampler_batch + memory.estimate_sampler(
+                      cfg, st, prompts_shard, group, prompt_len, length)),
+      "reference": (memory.score_ladder(rows_shard), reference_fn,
+                    lambda st: resident + score_batch + memory.estimate_score(cfg, st,
+                                                                              seq_len)),
+      "update": (memory.update_ladder(rows_shard, seq_len, devices[0].platform, cfg,
+                                      config.micro_batch_size, config.remat), update_fn,
+                 lambda st: resident + update_batch + memory.estimate_update(
+                     cfg, st, rows_shard, seq_len, trainable)),
   }
   reuse = reuse or {}
-  phases = {phase: reuse[phase] if phase in reuse else build_phase()
-            for phase, build_phase in programs.items()}
-  passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if config.remat else 2}
+  phases, settings = {}, {}
+  for phase_name, (ladder, compile_fn, estimate) in ladders.items():
+    if phase_name in reuse:
+      settings[phase_name], phases[phase_name] = reuse[phase_name]
+      continue
+    compiled: dict[Any, Phase] = {}
+
+    def measure(setting, compile_fn=compile_fn, compiled=compiled):
+      phase = compiled[setting] = compile_fn(setting)
+      return (math.inf if phase.out_of_memory else phase.total(resident)), phase
+
+    choice = memory.choose(ladder, measure, limit, estimate)
+    settings[phase_name] = choice.setting
+    # nothing fits: show the last setting compiled (the smallest memory tried)
+    phases[phase_name] = choice.program or list(compiled.values())[-1]
+  described = {
+      "sampler": settings["sampler"] and settings["sampler"].describe(prompts_shard * group),
+      "reference": settings["reference"] and settings["reference"].describe(rows_shard),
+      "update": settings["update"] and settings["update"].describe(rows_shard)}
+  remat = bool(settings["update"] and settings["update"].remat)
+  if settings["sampler"]:  # each chunk of prompts has a KV cache for its own rows
+    kv //= settings["sampler"].chunks
+  passes = {"reference": 1 if config.beta > 0 else 0, "update": 3 if remat else 2}
   for phase_name, count in passes.items():
     phase = phases[phase_name]
     phase.hbm_bytes_per_chip = count * pass_weights + 2 * phase.temp_bytes
@@ -371,7 +440,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
         "xla_base_bytes": (None if sampler.out_of_memory else sampler.argument_bytes
                            - param_bytes - batch_bytes(sampler_args[1:3])),
     }
-  return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases, lora_info)
+  return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases, lora_info,
+              settings, described, limit, rows_shard)
 
 
 __all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan", "kv_cache_bytes",

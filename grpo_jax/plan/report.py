@@ -12,6 +12,7 @@ GiB = topology.GiB
 def phase_figures(plan: programs.Plan, phase: programs.Phase, chip: topology.Chip
                   ) -> dict[str, Any]:
   total = phase.total(plan.resident)
+  limit = plan.limit or chip.hbm_bytes
   seconds, bound = roofline.estimate(phase.flops_per_chip, phase.hbm_bytes_per_chip,
                                      phase.ici_bytes, chip)
   return {
@@ -34,15 +35,22 @@ def phase_figures(plan: programs.Plan, phase: programs.Phase, chip: topology.Chi
 def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, Any]:
   phases = {name: phase_figures(plan, p, slice_.chip) for name, p in plan.phases.items()}
   peak = max(p["total_bytes"] for p in phases.values())
+  limit = plan.limit or slice_.chip.hbm_bytes
+  update = plan.settings.get("update")
   return {
       "topology": slice_.name, "chips": slice_.num_chips, "generation": slice_.chip.generation,
       "hbm_bytes": slice_.chip.hbm_bytes, "layout": plan.layout,
       "model_path": config.model_path or "demo", "num_params": plan.model.num_params(),
-      "dtype": config.dtype, "param_dtype": config.param_dtype, "remat": bool(config.remat),
+      "dtype": config.dtype, "param_dtype": config.param_dtype, "remat": plan.remat,
       "prompts_per_step": config.prompts_per_step, "num_generations": config.num_generations,
       "max_prompt_length": config.max_prompt_length,
       "max_completion_length": config.max_completion_length,
-      "phases": phases, "peak_bytes": peak, "fits": peak <= slice_.chip.hbm_bytes,
+      "phases": phases, "peak_bytes": peak, "limit_bytes": limit,
+      "fits": all(p["fits"] for p in phases.values()) and all(plan.settings.values()),
+      # the memory plan's choice (what the trainer runs with this config on this slice)
+      "memory_plan": plan.described,
+      "micro_batch_size": update.rows if update else None,
+      "memory_flags": update.flags(plan.rows_per_shard) if update else "",
       "estimated_step_seconds": sum(p["estimated_seconds"] for p in phases.values()),
       "lora": lora_figures(plan),
   }
@@ -116,8 +124,12 @@ def format_plan(d: dict[str, Any]) -> str:
     if p["out_of_memory"]:
       lines.append(f"{'':<15}   XLA: {p['out_of_memory']}")
   verdict = "FITS" if d["fits"] else "DOES NOT FIT"
+  chosen = [text for text in d["memory_plan"].values() if text]
+  lines += ["", f"memory plan: {'; '.join(chosen)} ({d['memory_flags']})" if all(
+      d["memory_plan"].values()) else "memory plan: " + "; ".join(
+          f"{name}: {text or 'nothing fits'}" for name, text in d["memory_plan"].items())]
   lines += ["", f"{verdict}: peak {_gib(d['peak_bytes'])} GiB of "
-            f"{chip.hbm_bytes / GiB:.0f} GiB per chip; estimated step "
+            f"{d['limit_bytes'] / GiB:.1f} GiB per chip; estimated step "
             f"{d['estimated_step_seconds']:.2f} s (roofline: analytic FLOPs, HBM and ICI bytes "
             "against the chip's peaks; the KV cache is part of the sampler's temporaries)"]
   return "\n".join(lines)

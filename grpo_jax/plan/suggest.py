@@ -59,7 +59,8 @@ def suggest(config, slice_: topology.Slice) -> tuple[dict | None, list[dict]]:
                                           state.reference_s))
       if held > slice_.chip.hbm_bytes:
         return None
-    d = report.plan_dict(programs.compile_plan(c, devices), slice_, c)
+    d = report.plan_dict(programs.compile_plan(
+        c, devices, limit=slice_.memory_limit(c.memory_limit_gib)), slice_, c)
     d["flags"], d["changes"] = _describe(changes), changes
     tried.append(d)
     return d

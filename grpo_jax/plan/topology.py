@@ -48,6 +48,10 @@ class Slice:
   def num_chips(self) -> int:
     return math.prod(self.shape)
 
+  def memory_limit(self, limit_gib: float = 0.0) -> int:
+    """Bytes per chip a plan may fill: `limit_gib` (config.memory_limit_gib), else HBM."""
+    return int(limit_gib * GiB) or self.chip.hbm_bytes
+
   @property
   def libtpu_name(self) -> str:
     return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
@@ -60,6 +64,8 @@ class Slice:
     try:
       from jax.experimental import topologies
       kwargs = {"chip_config_name": "megacore"} if self.chip.cores_per_chip == 2 else {}
+      if self.num_chips == 1:  # libtpu refuses 1x1 unless the host holds just that chip
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
       return topologies.get_topology_desc(topology_name=self.libtpu_name, platform="tpu",
                                           **kwargs).devices
     except Exception as e:  # no libtpu: jax raises RuntimeError / ImportError / ValueError
@@ -72,9 +78,9 @@ class Slice:
 
 
 _SHAPES = {  # gcloud's slice shapes by chip count
-    2: {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
         256: (16, 16)},
-    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+    3: {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
         128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8)},
 }
 

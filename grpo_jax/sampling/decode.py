@@ -39,6 +39,10 @@ class SamplingConfig:
   greedy: bool = False  # argmax decoding (evaluation); log-probs then use temperature 1
   # Multi-turn decoding also pauses a row at these (a tool-call closer, e.g. `</tool_call>`).
   stop_token_ids: tuple[int, ...] = ()
+  # Single-turn decoding runs the prompts of a device in this many chunks, one after the
+  # other, each with a KV cache for its own rows only (chosen by the memory plan when a
+  # cache for every row does not fit). Rows draw the same keys whatever the chunks.
+  row_chunks: int = 1
 
   def __post_init__(self):
     if self.max_completion_length < 1:
@@ -51,6 +55,8 @@ class SamplingConfig:
       raise ConfigError(f"top_p={self.top_p}; allowed: 0 < top_p <= 1")
     if not self.eos_token_ids:
       raise ConfigError("eos_token_ids is empty; give at least one end-of-sequence id")
+    if self.row_chunks < 1:
+      raise ConfigError(f"row_chunks={self.row_chunks}; must be >= 1")
 
   @property
   def logprob_temperature(self) -> float:
@@ -192,7 +198,12 @@ def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, cache_length: 
 def row_keys(rng: jax.Array, rows: int, axis_name: str | None) -> jax.Array:
   """One key per completion row, by its global index (pmap: offset by the device's rows)."""
   offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
-  return jax.vmap(jax.random.fold_in, (None, 0))(rng, offset + jnp.arange(rows))
+  return keys_of_rows(rng, offset + jnp.arange(rows))
+
+
+def keys_of_rows(rng: jax.Array, global_rows: jax.Array) -> jax.Array:
+  """One key per completion row from its global index."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, global_rows)
 
 
 def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
@@ -202,8 +213,33 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
 
   prompt_ids, prompt_mask: [B, P]; every row holds at least one real token.
   axis_name: the pmap device axis, if any: rows then draw keys by their global index,
-  so the samples do not depend on how the batch is split over devices.
+  so the samples do not depend on how the batch is split over devices, nor on
+  `cfg.row_chunks` (prompts decoded in that many chunks, one after the other: chunk c
+  holds prompts c, c + chunks, ..., so on a mesh each chunk spreads over every shard).
   """
+  batch, group = prompt_ids.shape[0], cfg.num_generations
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch * group
+  global_rows = offset + jnp.arange(batch * group)
+  chunks = cfg.row_chunks
+  if chunks == 1:
+    return _generate(model_def, params, prompt_ids, prompt_mask, rng, cfg, global_rows)
+  if batch % chunks:
+    raise ConfigError(f"row_chunks={chunks} must divide the {batch} prompts of a device")
+  split = lambda x: x.reshape((batch // chunks, chunks) + x.shape[1:]).swapaxes(0, 1)
+  rows_of = split(global_rows.reshape(batch, group))  # [chunks, B / chunks, G]
+  parts = jax.lax.map(
+      lambda part: _generate(model_def, params, part[0], part[1], rng, cfg, part[2].reshape(-1)),
+      (split(prompt_ids), split(prompt_mask), rows_of))
+  # [chunks, B / chunks * G, ...] back to prompt order: prompt c + chunks * i is row block i
+  unsplit = lambda x: x.reshape((chunks, batch // chunks, group) + x.shape[2:]).swapaxes(
+      0, 1).reshape((batch * group,) + x.shape[2:])
+  return jax.tree.map(unsplit, parts)
+
+
+def _generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
+              prompt_mask: jax.Array, rng: jax.Array, cfg: SamplingConfig,
+              global_rows: jax.Array) -> Rollout:
+  """`generate` for one chunk of prompts whose completion rows have these global indices."""
   model = nnx.merge(model_def, params)
   batch, prompt_len = prompt_ids.shape
   length, group = cfg.max_completion_length, cfg.num_generations
@@ -217,7 +253,7 @@ def generate(model_def: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   repeat = lambda x: jnp.repeat(x, group, axis=0)
   key_mask = repeat(jnp.concatenate([prompt_mask, jnp.ones((batch, length), jnp.int32)], axis=1))
   first_position = repeat(prompt_mask.sum(-1))
-  keys = row_keys(rng, rows, axis_name)
+  keys = keys_of_rows(rng, global_rows)
   eos_ids = jnp.asarray(cfg.eos_token_ids, jnp.int32)
 
   def step_keys(t):
