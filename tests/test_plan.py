@@ -168,7 +168,7 @@ def test_demo_programs_compile_for_v5e_2x2(parallelism):
   config = _demo_config(parallelism=parallelism)
   config.mesh.update(data=1, fsdp=4)
   s = topology.parse("v5e:2x2")
-  d = report.plan_dict(programs.compile_plan(config, s.devices()), s, config)
+  d = report.plan_dict(programs.compile_plan(config, s.devices(), limit=s.memory_limit()), s, config)
   assert d["layout"] == ("mesh data=1 fsdp=4 tensor=1" if parallelism == "mesh" else "pmap x4")
   for name, p in d["phases"].items():
     assert p["total_bytes"] > 0 and p["temp_bytes"] >= 0 and p["params_bytes"] > 0, name
@@ -193,7 +193,7 @@ def test_llama_8b_float32_under_pmap_does_not_fit_v5e_8():
   config = gsm8k.get_config()
   config.update(model_path="preset:llama3.1-8b", dtype="float32", parallelism="pmap")
   s = topology.parse("v5e-8")
-  d = report.plan_dict(programs.compile_plan(config, s.devices()), s, config)
+  d = report.plan_dict(programs.compile_plan(config, s.devices(), limit=s.memory_limit()), s, config)
   assert not d["fits"]
   assert d["peak_bytes"] > 16 * 8.03e9  # actor + AdamW alone, 16 bytes per parameter
   assert "DOES NOT FIT" in report.format_plan(d)
@@ -305,7 +305,7 @@ def test_lora_programs_compile_for_v5e_2x2(parallelism):
   config.mesh.update(data=1, fsdp=4)
   config.lora.update(rank=4, base_dtype="bfloat16", base_quantization="nf4")
   s = topology.parse("v5e:2x2")
-  plan = programs.compile_plan(config, s.devices())
+  plan = programs.compile_plan(config, s.devices(), limit=s.memory_limit())
   d = report.plan_dict(plan, s, config)
   lo = d["lora"]
   assert (lo["rank"], lo["quantization"], lo["base_dtype"]) == (4, "nf4", "bfloat16")
