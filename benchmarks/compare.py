@@ -337,7 +337,14 @@ def run_grpo_jax(name: str, w: Workload, files: dict, args) -> Result:
   steps = [records[s] for s in sorted(records) if "step_time" in records[s]]
   result.step_seconds = [r["step_time"] for r in steps]
   result.mean_lengths = [r.get("completions/mean_length") for r in steps]
+  result.info["memory_plan"] = memory_plan_lines(log_path)
   return result
+
+
+def memory_plan_lines(log_path: str) -> list[str]:
+  """What grpo_jax's memory plan chose (its `memory: ...` log lines), in order."""
+  with open(log_path, errors="replace") as f:
+    return [line.split("] memory: ", 1)[1].strip() for line in f if "] memory: " in line]
 
 
 def run_peer(system: str, python: str, name: str, w: Workload, files: dict, args,
@@ -473,6 +480,11 @@ def table(results: list[Result], workloads: dict[str, Workload], flops: dict[str
       shapes[-1] += (f"; model GFLOP per step {f['step'] / 1e9:,.0f} (sampling "
                      f"{f['sampling'] / 1e9:,.0f}, reference {f['reference'] / 1e9:,.0f}, "
                      f"train {f['train'] / 1e9:,.0f})")
+  plans = [f"- {r.workload}: " + "; ".join(r.info["memory_plan"]) for r in results
+           if r.system == "grpo_jax" and r.info.get("memory_plan")]
+  if plans:
+    shapes += ["", "grpo_jax's memory plan (settings chosen at start-up, GiB per device of "
+               "the programs as XLA sizes them, against the limit):", *plans]
   peak = ("-" if peak_gflops is None else f"{peak_gflops:,.0f} GFLOP/s")
   note = (f"MFU: model FLOPs per step / (median steady step x this machine's float32 matmul "
           f"throughput, {peak}, measured in this run by benchmarks/matmul_peak.py).")

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from grpo_jax import grpo, parallel, sampling
+from grpo_jax import grpo, memory, parallel, sampling
 from grpo_jax.models import ModelConfig, Transformer, hf, presets
 from grpo_jax.plan import roofline
 
@@ -36,10 +36,14 @@ SHAPES = {
                               num_kv_heads=4, intermediate_size=1408, qkv_bias=True),
                   8, 8, 32, 64),
     "qwen2.5-0.5b": (hf.config_from_hf(presets.hf_config("preset:qwen2.5-0.5b")), 8, 8, 64, 512),
+    # the usual reasoning shape: 128 rows x (32 + 1024) positions, 150k vocabulary
+    "qwen2.5-0.5b-reasoning": (hf.config_from_hf(presets.hf_config("preset:qwen2.5-0.5b")),
+                               16, 8, 32, 1024),
 }
 
 
-def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool) -> dict:
+def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool,
+        memory_limit_gib: float = 0.0) -> dict:
   cfg, prompts, group, prompt_len, length = SHAPES[name]
   if quick:  # a smoke run of the script itself (e.g. on a CPU)
     cfg, prompts, length = cfg.replace(num_layers=1), 2, 8
@@ -48,9 +52,14 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool) -> d
   scfg = sampling.SamplingConfig(length, (cfg.vocab_size + 1,), num_generations=group)
   gcfg = grpo.GRPOConfig(sampling=scfg, beta=0.04, loss_type="dapo")
   tx, schedule = grpo.make_optimizer(1e-6, 100)
-  step_fn = parallel.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg), jax.devices()[:1])
+  # the trainer's layout and memory plan (micro-batches, remat, sampler chunks per shape)
+  devices = jax.devices()[:1]
+  step_fn = memory.PlannedStep(
+      parallel.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg), devices), cfg, devices,
+      memory_limit_gib)
   state = step_fn.init_state(step_fn.place_params(params))
   reference = step_fn.place_params(grpo.as_reference(params, cfg.compute_dtype))
+  step_fn.note_resident(state, reference)
   del params
   rng = np.random.default_rng(0)
   batch = step_fn.place_batch((rng.integers(0, cfg.vocab_size, (prompts, prompt_len), np.int32),
@@ -71,7 +80,17 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool) -> d
           "first_step_s": round(times[0], 2), "step_s": round(steady, 3),
           "completion_tokens_per_s": round(prompts * group * length / steady),
           "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-          "mfu_percent": round(100 * flops / steady / (peak_tflops * 1e12), 1)}
+          "mfu_percent": round(100 * flops / steady / (peak_tflops * 1e12), 1),
+          "memory_plan": "; ".join(
+              f"{setting} ({size / 2**30:.1f} GiB)" for setting, size in
+              (memory_words(step_fn, prompts * group)))}
+
+
+def memory_words(step_fn, rows: int):
+  """(words, planned bytes) of each program's chosen setting."""
+  for program, (setting, size) in step_fn.choices.items():
+    yield (setting.describe(rows, program) if program in ("sampler", "evaluator")
+           else setting.describe(rows)), size
 
 
 def main():
@@ -81,17 +100,20 @@ def main():
   p.add_argument("--steps", type=int, default=4)
   p.add_argument("--peak-tflops", type=float, default=989.0)
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--memory-limit-gib", type=float, default=0.0,
+                 help="the memory plan's limit per device (0: the device's own)")
   args = p.parse_args()
   device = jax.devices()[0]
   print(f"# {device.platform}: {device.device_kind}, jax {jax.__version__}")
-  print("| model | dtype | params | first step | step | completion tok/s | peak memory | MFU |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| model | dtype | params | first step | step | completion tok/s | peak memory | MFU | "
+        "memory plan |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     for dtype in args.dtypes.split(","):
-      r = run(name, dtype, args.steps, args.peak_tflops, args.quick)
+      r = run(name, dtype, args.steps, args.peak_tflops, args.quick, args.memory_limit_gib)
       print(f"| {r['model']} | {r['dtype']} | {r['params_m']}M | {r['first_step_s']} s | "
             f"{r['step_s']} s | {r['completion_tokens_per_s']} | {r['peak_memory_gib']} GiB | "
-            f"{r['mfu_percent']}% |", flush=True)
+            f"{r['mfu_percent']}% | {r['memory_plan']} |", flush=True)
       print("json:", json.dumps(r), flush=True)
 
 

@@ -1,11 +1,14 @@
 """Compiled HBM per chip for TPU slices (libtpu, no TPU): the issue's checks and the README table.
 
   python benchmarks/tpu_plans.py checks            # the FSDP acceptance figures
-  python benchmarks/tpu_plans.py table [--out F]   # presets x slices x dtypes x remat (JSONL)
+  python benchmarks/tpu_plans.py table [--out F]   # presets x slices x param dtypes (JSONL)
   python benchmarks/tpu_plans.py markdown --out F  # the README table from that JSONL
 
 Every figure comes from `grpo_jax.plan` on the gsm8k recipe (16 prompts x G=8, 256 + 384
-tokens, bf16 compute, scanned layers), the layout all-FSDP over the slice.
+tokens, bf16 compute, scanned layers), the layout all-FSDP over the slice, with the
+settings the memory plan chooses (micro-batches, remat, sampler chunks: what the trainer
+would run). results/tpu_plans.jsonl holds the earlier table (remat set by hand, no
+micro-batches); results/tpu_plans_auto.jsonl the planned one.
 """
 
 from __future__ import annotations
@@ -41,14 +44,12 @@ def gsm8k_config(preset: str, chips: int, **changes):
   return c
 
 
-def plan(preset: str, topo: str, reuse=None, keep=None, **changes) -> dict:
-  """The plan as a dict; `reuse` / `keep`: compiled phases to take / a dict to fill."""
+def plan(preset: str, topo: str, **changes) -> dict:
+  """The plan as a dict, at the memory plan's settings."""
   s = topology.parse(topo)
   config = gsm8k_config(preset, s.num_chips, **changes)
   started = time.perf_counter()
-  compiled = programs.compile_plan(config, s.devices(), reuse=reuse)
-  if keep is not None:
-    keep.update(compiled.phases)
+  compiled = programs.compile_plan(config, s.devices(), limit=s.memory_limit())
   d = report.plan_dict(compiled, s, config)
   d["wall_seconds"] = time.perf_counter() - started
   return d
@@ -88,26 +89,24 @@ def checks() -> int:
   return 0 if ok else 1
 
 
-def table(out: str, presets, slices, combos) -> None:
+def table(out: str, presets, slices, param_dtypes) -> None:
   done = set()
   if os.path.exists(out):
     for line in open(out):
       r = json.loads(line)
-      done.add((r["preset"], r["topology"], r["param_dtype"], r["remat"]))
+      done.add((r["preset"], r["topology"], r["param_dtype"]))
   for preset in presets:
     for topo in slices:
-      compiled = {}  # per parameter dtype: the sampler and reference do not depend on remat
-      for param_dtype, remat in combos:
-        if (preset, topo, param_dtype, remat) in done:
+      for param_dtype in param_dtypes:
+        if (preset, topo, param_dtype) in done:
           continue
-        kept = compiled.setdefault(param_dtype, {})
-        reuse = {k: v for k, v in kept.items() if k != "update"}
-        d = plan(preset, topo, reuse=reuse, keep=kept, param_dtype=param_dtype, remat=remat)
-        row = {"preset": preset, "topology": topo, "param_dtype": param_dtype, "remat": remat,
+        d = plan(preset, topo, param_dtype=param_dtype)
+        row = {"preset": preset, "topology": topo, "param_dtype": param_dtype,
+               "memory_plan": d["memory_plan"], "flags": d["memory_flags"],
                "peak_gib": d["peak_bytes"] / GiB, "fits": d["fits"],
                "step_seconds": d["estimated_step_seconds"],
                "phases_gib": {k: v["total_bytes"] / GiB for k, v in d["phases"].items()},
-               "wall_seconds": d["wall_seconds"]}
+               "tried": d["memory_tried"], "wall_seconds": d["wall_seconds"]}
         with open(out, "a") as f:
           f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -115,27 +114,28 @@ def table(out: str, presets, slices, combos) -> None:
 
 def markdown(path: str) -> str:
   rows = [json.loads(line) for line in open(path)]
-  lines = ["| model | slice | params | remat | sampler | reference | update | peak / chip | fits "
-           "| est. step |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | slice | params | update (memory plan) | sampler | reference | update | "
+           "peak / chip | fits | est. step |", "|---|---|---|---|---|---|---|---|---|---|"]
   order = {p: i for i, p in enumerate(PRESETS)}
-  for r in sorted(rows, key=lambda r: (order.get(r["preset"], 99), SLICES.index(r["topology"]),
-                                       r["param_dtype"], not r["remat"])):
+  slices = {t: i for i, t in enumerate(SLICES)}
+  for r in sorted(rows, key=lambda r: (order.get(r["preset"], 99), slices.get(r["topology"], 99),
+                                       r["param_dtype"])):
     ph = r["phases_gib"]
-    lines.append(f"| {r['preset']} | {r['topology']} | {r['param_dtype']} | "
-                 f"{'on' if r['remat'] else 'off'} | {ph['sampler']:.2f} | "
-                 f"{ph['reference']:.2f} | {ph['update']:.2f} | {r['peak_gib']:.2f} GiB | "
-                 f"{'FITS' if r['fits'] else 'DOES NOT FIT'} | {r['step_seconds']:.1f} s |")
+    update = r["memory_plan"].get("update") or "nothing fits"
+    lines.append(f"| {r['preset']} | {r['topology']} | {r['param_dtype']} | {update} | "
+                 f"{ph['sampler']:.2f} | {ph['reference']:.2f} | {ph['update']:.2f} | "
+                 f"{r['peak_gib']:.2f} GiB | {'FITS' if r['fits'] else 'DOES NOT FIT'} | "
+                 f"{r['step_seconds']:.1f} s |")
   return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("what", choices=("checks", "table", "markdown"))
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "tpu_plans.jsonl"))
+  parser.add_argument("--out", default=os.path.join(HERE, "results", "tpu_plans_auto.jsonl"))
   parser.add_argument("--presets", default=",".join(PRESETS))
   parser.add_argument("--slices", default=",".join(SLICES))
-  parser.add_argument("--combos", default="float32:1,bfloat16:1,float32:0,bfloat16:0",
-                      help="param_dtype:remat pairs")
+  parser.add_argument("--param-dtypes", default="float32,bfloat16")
   args = parser.parse_args()
   if args.what == "checks":
     return checks()
@@ -143,8 +143,8 @@ def main():
     print(markdown(args.out))
     return 0
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  combos = [(c.split(":")[0], c.split(":")[1] == "1") for c in args.combos.split(",")]
-  table(args.out, args.presets.split(","), args.slices.split(","), combos)
+  table(args.out, args.presets.split(","), args.slices.split(","),
+        args.param_dtypes.split(","))
   return 0
 
 

@@ -88,6 +88,9 @@ class Plan:
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
   described: dict[str, str] = dataclasses.field(default_factory=dict)
   limit: int = 0  # bytes per chip the plan filled against
+  # per phase, every setting the plan looked at: (words, bytes; None: the estimate ruled it
+  # out uncompiled; inf: the compiler refused it)
+  tried: dict[str, list[tuple[str, float | None]]] = dataclasses.field(default_factory=dict)
   rows_per_shard: int = 0  # completions each chip (pmap) or data x fsdp shard trains on
 
   @property
@@ -401,7 +404,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                      cfg, st, rows_shard, seq_len, trainable)),
   }
   reuse = reuse or {}
-  phases, settings = {}, {}
+  phases, settings, tried = {}, {}, {}
+  total_rows = {"sampler": prompts_shard * group, "reference": rows_shard, "update": rows_shard}
   for phase_name, (ladder, compile_fn, estimate) in ladders.items():
     if phase_name in reuse:
       settings[phase_name], phases[phase_name] = reuse[phase_name]
@@ -414,6 +418,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
 
     choice = memory.choose(ladder, measure, limit, estimate)
     settings[phase_name] = choice.setting
+    tried[phase_name] = [(setting.describe(total_rows[phase_name]), size)
+                         for setting, size in choice.tried]
     # nothing fits: show the last setting compiled (the smallest memory tried)
     phases[phase_name] = choice.program or list(compiled.values())[-1]
   described = {
@@ -441,7 +447,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                            - param_bytes - batch_bytes(sampler_args[1:3])),
     }
   return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases, lora_info,
-              settings, described, limit, rows_shard)
+              settings, described, limit, rows_shard, tried)
 
 
 __all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan", "kv_cache_bytes",

@@ -51,6 +51,9 @@ def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, 
       "memory_plan": plan.described,
       "micro_batch_size": update.rows if update else None,
       "memory_flags": update.flags(plan.rows_per_shard) if update else "",
+      "memory_tried": {name: [[words, None if size is None else (
+          "refused" if size == float("inf") else size / GiB)] for words, size in steps]
+                       for name, steps in plan.tried.items()},
       "estimated_step_seconds": sum(p["estimated_seconds"] for p in phases.values()),
       "lora": lora_figures(plan),
   }
@@ -128,6 +131,11 @@ def format_plan(d: dict[str, Any]) -> str:
   lines += ["", f"memory plan: {'; '.join(chosen)} ({d['memory_flags']})" if all(
       d["memory_plan"].values()) else "memory plan: " + "; ".join(
           f"{name}: {text or 'nothing fits'}" for name, text in d["memory_plan"].items())]
+  for name, steps in d.get("memory_tried", {}).items():
+    if len(steps) > 1:
+      lines.append(f"  {name} tried: " + ", ".join(
+          f"{words} ({'estimated over' if size is None else size if size == 'refused' else f'{size:.2f} GiB'})"
+          for words, size in steps))
   lines += ["", f"{verdict}: peak {_gib(d['peak_bytes'])} GiB of "
             f"{d['limit_bytes'] / GiB:.1f} GiB per chip; estimated step "
             f"{d['estimated_step_seconds']:.2f} s (roofline: analytic FLOPs, HBM and ICI bytes "
