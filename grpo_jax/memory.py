@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from grpo_jax import sampling
 from grpo_jax.errors import UserError
@@ -352,6 +353,8 @@ class PlannedStep:
     self.model_cfg = model_cfg
     self.platform = devices[0].platform
     self.limit = device_memory(devices, memory_limit_gib)
+    if jax.process_count() > 1:  # every host must choose (and compile) the same programs
+      self.limit = int(np.min(multihost_utils.process_allgather(np.int64(self.limit))))
     self.micro_batch_size, self.remat = micro_batch_size, remat
     self.programs: dict[tuple, Any] = {}
     self.choices: dict[str, tuple[Any, float]] = {}  # by program: the last (setting, bytes)

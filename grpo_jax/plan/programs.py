@@ -447,7 +447,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                            - param_bytes - batch_bytes(sampler_args[1:3])),
     }
   return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases, lora_info,
-              settings, described, limit, rows_shard, tried)
+              settings=settings, described=described, limit=limit, rows_per_shard=rows_shard,
+              tried=tried)
 
 
 __all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan", "kv_cache_bytes",
