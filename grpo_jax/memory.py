@@ -91,6 +91,11 @@ def device_memory(devices: Sequence[Any], limit_gib: float = 0.0) -> int:
 # --- What a compiled program needs ----------------------------------------------------------
 
 
+def size_text(size: float) -> str:
+  """'4.9 GiB', or '35 MiB' below a GiB (a tiny model's programs)."""
+  return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB"
+
+
 def peak_bytes(analysis, resident: int, batch_bytes: int) -> int:
   """Peak bytes per device while a compiled program runs: the resident training state (in
   memory whether the program reads it or not), its batch arguments, outputs that reuse no
@@ -290,18 +295,14 @@ def choose(ladder: Sequence[Any], measure: Callable[[Any], tuple[float, Any]], l
   return Choice(None, math.inf, None, tried)
 
 
-def fitting_description(choice: Choice, describe: Callable[[Any], str]) -> str:
-  return f"{describe(choice.setting)} ({choice.bytes / GiB:.1f} GiB)"
-
-
 def too_large(name: str, asked: str, needed: float, limit: int, alternative: Choice | None,
               describe: Callable[[Any], str]) -> UserError:
   """The one-line error for a configured setting that does not fit."""
-  needs = "more than the compiler allows" if not math.isfinite(needed) else (
-      f"{needed / GiB:.1f} GiB")
+  needs = ("more than the compiler allows" if not math.isfinite(needed)
+           else size_text(needed))
   instead = ("nothing smaller fits either: use a larger device or a smaller batch"
              if alternative is None or alternative.setting is None else
-             f"{describe(alternative.setting)} fits ({alternative.bytes / GiB:.1f} GiB)")
+             f"{describe(alternative.setting)} fits ({size_text(alternative.bytes)})")
   return UserError(f"the {name} does not fit: {asked} needs {needs} of the "
                    f"{limit / GiB:.1f} GiB per device; {instead}")
 
@@ -309,7 +310,7 @@ def too_large(name: str, asked: str, needed: float, limit: int, alternative: Cho
 def nothing_fits(name: str, choice: Choice, limit: int, hint: str) -> UserError:
   measured = [b for _, b in choice.tried if b is not None]
   least = min(measured) if measured else math.inf
-  needs = f"at least {least / GiB:.1f} GiB" if math.isfinite(least) else "more than it has"
+  needs = f"at least {size_text(least)}" if math.isfinite(least) else "more than it has"
   return UserError(f"the {name} does not fit in {limit / GiB:.1f} GiB per device even at its "
                    f"smallest setting ({needs}); {hint}")
 
@@ -408,8 +409,8 @@ class PlannedStep:
       raise nothing_fits(name, choice, self.limit, "use a larger device, fewer prompts per "
                          "step or a shorter max_completion_length")
     self.choices[name] = (choice.setting, choice.bytes)
-    log.info("memory: %s: %.1f of %.1f GiB per device", choice.setting.describe(rows, name),
-             choice.bytes / GiB, self.limit / GiB)
+    log.info("memory: %s: %s of %.1f GiB per device", choice.setting.describe(rows, name),
+             size_text(choice.bytes), self.limit / GiB)
     return choice.program
 
   # The score pass and the update, per completion width.
@@ -477,8 +478,8 @@ class PlannedStep:
                          "per step or a shorter max_completion_length")
     self.choices["update"] = (choice.setting, choice.bytes)
     score = self._score_line.get(width, "")
-    log.info("memory: %d completion positions: %s%s: %.1f of %.1f GiB per device", width,
-             f"{score}, " if score else "", describe(choice.setting), choice.bytes / GiB,
+    log.info("memory: %d completion positions: %s%s: %s of %.1f GiB per device", width,
+             f"{score}, " if score else "", describe(choice.setting), size_text(choice.bytes),
              self.limit / GiB)
     return choice.program
 

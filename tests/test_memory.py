@@ -59,7 +59,7 @@ def test_choose_reports_nothing_fits_and_what_the_compiler_refused():
   choice = memory.choose("ab", fake_measure(sizes, []), 6)
   assert choice.setting is None and choice.tried == [("a", math.inf), ("b", 8)]
   error = memory.nothing_fits("update", choice, 6 * GiB, "use a larger device")
-  assert "at least 0.0 GiB" in str(error) and "\n" not in str(error)
+  assert "at least 0 MiB" in str(error) and "\n" not in str(error)
 
 
 # --- ladders --------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_a_small_limit_makes_the_trainer_and_plan_choose_the_same_micro_batches(
   assert plan.described["update"] in update[0] and plan.described["reference"] in update[0]
   sampler = [line for line in lines if line.startswith("memory: sampler")]
   assert plan.described["sampler"] in sampler[0]
-  assert f"{needed / GiB:.1f} of {tight / GiB:.1f} GiB" in update[0]
+  assert f"{memory.size_text(needed)} of {tight / GiB:.1f} GiB" in update[0]
 
 
 def test_a_configured_micro_batch_that_does_not_fit_names_one_that_does(tmp_path):
