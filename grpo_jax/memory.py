@@ -338,7 +338,14 @@ def _compiled(fn, args, resident: int, batch: int) -> tuple[float, Any]:
     if is_out_of_memory(e):
       return math.inf, None
     raise
-  return peak_bytes(compiled.memory_analysis(), resident, batch), compiled
+  # The measured executable runs, except where calling it directly is refused: a pmap over
+  # several hosts' devices (compiled for the global shapes, called with each host's own)
+  # and 4-bit arrays (QLoRA's nf4 base: the executable wants a packed layout that jit's
+  # dispatch arranges). There the layout's own function runs (it compiles once more).
+  four_bit = any(str(getattr(x, "dtype", "")) in ("int4", "uint4")
+                 for x in jax.tree.leaves(args))
+  direct = jax.process_count() == 1 and not four_bit
+  return peak_bytes(compiled.memory_analysis(), resident, batch), compiled if direct else fn
 
 
 class PlannedStep:
@@ -355,7 +362,8 @@ class PlannedStep:
     self.platform = devices[0].platform
     self.limit = device_memory(devices, memory_limit_gib)
     if jax.process_count() > 1:  # every host must choose (and compile) the same programs
-      self.limit = int(np.min(multihost_utils.process_allgather(np.int64(self.limit))))
+      mib = multihost_utils.process_allgather(np.int32(self.limit // 2**20))  # int32: no x64
+      self.limit = int(np.min(mib)) * 2**20
     self.micro_batch_size, self.remat = micro_batch_size, remat
     self.programs: dict[tuple, Any] = {}
     self.choices: dict[str, tuple[Any, float]] = {}  # by program: the last (setting, bytes)
