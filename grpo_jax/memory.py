@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from grpo_jax import sampling
+from grpo_jax import mesh, sampling
 from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig
 
@@ -103,15 +103,6 @@ def peak_bytes(analysis, resident: int, batch_bytes: int) -> int:
   return (resident + batch_bytes + analysis.output_size_in_bytes
           - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes
           + analysis.generated_code_size_in_bytes)
-
-
-def device_bytes(tree) -> int:
-  """Bytes of a tree of placed arrays on one device (its first leaf's first device)."""
-  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
-  if not leaves:
-    return 0
-  device = leaves[0].addressable_shards[0].device
-  return sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -373,9 +364,11 @@ class PlannedStep:
   def __getattr__(self, name):
     return getattr(self.inner, name)
 
-  def note_resident(self, state, reference) -> None:
-    """The training state as placed: in memory through every program."""
-    self.resident = device_bytes((state.params, state.opt_state, reference))
+  def note_resident(self, state, reference) -> int:
+    """The training state as placed (in memory through every program): its bytes per
+    device, kept for the sampler, whose arguments hold only the policy."""
+    self.resident = mesh.per_device_bytes((state.params, state.opt_state, reference))
+    return self.resident
 
   def _run(self, key, plan, args):
     program = self.programs.get(key)
@@ -402,8 +395,8 @@ class PlannedStep:
     params, prompt_ids = args[0], args[1]
     prompts = self.inner.rows_per_shard(prompt_ids)
     rows = prompts * cfg.num_generations
-    resident = self.resident or device_bytes(params)
-    batch = device_bytes(args[1:3])
+    resident = self.resident or mesh.per_device_bytes(params)
+    batch = mesh.per_device_bytes(args[1:3])
     prompt_len = prompt_ids.shape[-1]
 
     def measure(setting: Chunks):
@@ -440,8 +433,8 @@ class PlannedStep:
   def _plan_score(self, args):
     state, reference, rollout, _ = args
     rows, seq_len, width = self._shape(rollout)
-    resident = device_bytes((state.params, state.opt_state, reference))
-    batch = device_bytes(args[2:])
+    resident = self.note_resident(state, reference)
+    batch = mesh.per_device_bytes(args[2:])
 
     def measure(setting: Score):
       fn = with_step_config(self.inner, score_micro_batch_size=setting.rows).score
@@ -459,9 +452,9 @@ class PlannedStep:
   def _plan_update(self, args):
     state, scored, reference = args
     rows, seq_len, width = self._shape(scored.rollout)
-    resident = device_bytes((state.params, state.opt_state, reference))
-    batch = device_bytes(scored)
-    trainable = device_bytes(state.params)
+    resident = self.note_resident(state, reference)
+    batch = mesh.per_device_bytes(scored)
+    trainable = mesh.per_device_bytes(state.params)
     cfg = self.model_cfg
 
     def measure(setting: Update):
@@ -493,6 +486,6 @@ class PlannedStep:
 
 
 __all__ = ["GiB", "MICRO_BATCH_TOKENS", "available_ram", "device_memory", "peak_bytes",
-           "device_bytes", "Update", "Score", "Chunks", "update_ladder", "score_ladder",
+           "Update", "Score", "Chunks", "update_ladder", "score_ladder",
            "chunk_ladder", "estimate_update", "estimate_score", "estimate_sampler", "Choice",
            "choose", "too_large", "nothing_fits", "with_step_config", "PlannedStep"]

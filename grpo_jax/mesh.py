@@ -113,8 +113,11 @@ def param_shardings(params, mesh: Mesh):
 
 
 def per_device_bytes(tree, device=None) -> int:
-  """Bytes of `tree` that live on one device (read from the arrays' shardings)."""
-  leaves = jax.tree.leaves(tree)
+  """Bytes of `tree` that live on one device (read from the arrays' shardings; by default
+  its first array's first device). Host values (NumPy arrays, scalars) live on none."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  if not leaves:
+    return 0
   device = device or leaves[0].addressable_shards[0].device
   return sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
 

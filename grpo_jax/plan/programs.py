@@ -220,7 +220,7 @@ def _compile(name, fn, args, unknown_trips: int, flops: float, hbm: float,
   try:
     compiled = fn.lower(*args).compile()
   except Exception as e:  # XlaRuntimeError has no stable import path across jax versions
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+    if memory.is_out_of_memory(e):
       return _out_of_memory(name, e, time.perf_counter() - started, flops, hbm,
                             batch_bytes, resident_passed)
     raise
@@ -422,10 +422,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                          for setting, size in choice.tried]
     # nothing fits: show the last setting compiled (the smallest memory tried)
     phases[phase_name] = choice.program or list(compiled.values())[-1]
-  described = {
-      "sampler": settings["sampler"] and settings["sampler"].describe(prompts_shard * group),
-      "reference": settings["reference"] and settings["reference"].describe(rows_shard),
-      "update": settings["update"] and settings["update"].describe(rows_shard)}
+  described = {name: setting and setting.describe(total_rows[name])
+               for name, setting in settings.items()}
   remat = bool(settings["update"] and settings["update"].remat)
   if settings["sampler"]:  # each chunk of prompts has a KV cache for its own rows
     kv //= settings["sampler"].chunks
