@@ -24,6 +24,11 @@ from transformers import PreTrainedTokenizerFast, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 
+def synchronize():
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
 class StepTimer(TrainerCallback):
   """Seconds per optimizer step, and every metric TRL logs (one log per step)."""
 
@@ -33,9 +38,11 @@ class StepTimer(TrainerCallback):
     self.logs: list[dict] = []
 
   def on_step_begin(self, args, state, control, **kwargs):
+    synchronize()
     self.started = time.perf_counter()
 
   def on_step_end(self, args, state, control, **kwargs):
+    synchronize()
     self.step_seconds.append(time.perf_counter() - self.started)
 
   def on_log(self, args, state, control, logs=None, **kwargs):
@@ -43,9 +50,35 @@ class StepTimer(TrainerCallback):
       self.logs.append({"step": state.global_step, **logs})
 
 
+def time_phases(trainer) -> dict[str, list[float]]:
+  """Seconds of each step's phases, by wrapping the trainer's own methods: `sampling`
+  (`_generate`: HF generate), `score` (the rest of `_generate_and_score_completions`: rewards,
+  old and reference log-probs)."""
+  phases: dict[str, list[float]] = {"sampling": [], "generate_and_score": []}
+
+  def timed(name, fn):
+    def wrapper(*args, **kwargs):
+      synchronize()
+      started = time.perf_counter()
+      out = fn(*args, **kwargs)
+      synchronize()
+      phases[name].append(time.perf_counter() - started)
+      return out
+    return wrapper
+
+  trainer._generate = timed("sampling", trainer._generate)
+  trainer._generate_and_score_completions = timed(
+      "generate_and_score", trainer._generate_and_score_completions)
+  return phases
+
+
 def main():
   p = driver_args.workload_parser()
   p.add_argument("--workdir", required=True)
+  p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+  p.add_argument("--bf16", action="store_true", help="TRL's GPU default (compare.py: off)")
+  p.add_argument("--gradient-checkpointing", action="store_true",
+                 help="TRL's GPU default (compare.py: off, as grpo_jax's remat)")
   a = p.parse_args()
 
   batch = a.prompts_per_step * a.num_generations
@@ -67,10 +100,11 @@ def main():
       learning_rate=a.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
       optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
       adam_epsilon=1e-8, max_grad_norm=1.0,
-      bf16=False, fp16=False,  # TRL 1.x defaults to bf16=True
-      gradient_checkpointing=False,  # TRL 1.x defaults to True; grpo_jax runs with remat=False
-      model_init_kwargs={"dtype": "float32"},
-      use_vllm=False, use_cpu=True,
+      # TRL 1.x defaults to bf16=True and gradient_checkpointing=True; compare.py runs both
+      # off (float32, as grpo_jax; remat off), the GPU side-by-side both ways.
+      bf16=a.bf16, fp16=False, gradient_checkpointing=a.gradient_checkpointing,
+      model_init_kwargs={"dtype": "bfloat16" if a.bf16 else "float32"},
+      use_vllm=False, use_cpu=a.device == "cpu",
       logging_steps=1, log_completions=False, save_strategy="no", report_to="none",
       seed=a.seed, data_seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
   )
@@ -78,9 +112,18 @@ def main():
   timer = StepTimer()
   trainer = GRPOTrainer(model=a.model, reward_funcs=bench_reward.length_mod7, args=args,
                         train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+  phases = time_phases(trainer)
+  if a.device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   trainer.train()
   with open(a.out, "w") as f:
     json.dump({"step_seconds": timer.step_seconds, "logs": timer.logs,
+               "phase_seconds": {
+                   "sampling": phases["sampling"],
+                   "score": [both - gen for both, gen in zip(phases["generate_and_score"],
+                                                              phases["sampling"])]},
+               "peak_memory_bytes": (torch.cuda.max_memory_allocated()
+                                     if a.device == "cuda" else None),
                "eos_token_ids": list(trainer.eos_token_ids),
                "torch_threads": torch.get_num_threads(),
                "versions": {"trl": trl.__version__, "torch": torch.__version__,

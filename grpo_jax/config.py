@@ -14,7 +14,7 @@ from ml_collections import config_dict
 
 from grpo_jax import grpo, sampling
 from grpo_jax.errors import ConfigError
-from grpo_jax.models import lora
+from grpo_jax.models import attention, lora
 from grpo_jax.tools.calls import FORMATS as TOOL_CALL_FORMATS
 
 PARALLELISM = ("pmap", "mesh")
@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   # otherwise); True / False: as set.
   c.remat = config_dict.placeholder(bool)
   c.scan_layers = False  # True: one lax.scan over layers (faster compiles of deep models)
+  # Attention kernel of full-sequence passes: auto (TPU splash, GPU cuDNN in bfloat16 /
+  # flash in float32, CPU materialised blocks below 512 positions and flash from there),
+  # or one of xla, flash, cudnn (GPU), splash (TPU).
+  c.attention = "auto"
   c.export_hf = ""  # directory (relative to the workdir) for the final actor as a HF checkpoint
   # With LoRA: merged (base + adapters as one HF checkpoint) or peft (a PEFT adapter folder,
   # adapter_model.safetensors + adapter_config.json, that peft loads onto the base model).
@@ -198,7 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUME_FREE_FIELDS = frozenset({
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_sample_texts",
     "accuracy_reward", "export_hf", "distributed", "parallelism", "mesh", "remat",
-    "scan_layers", "micro_batch_size", "memory_limit_gib", "logprob_chunk_size", "train_length_bucket",
+    "scan_layers", "attention", "micro_batch_size", "memory_limit_gib", "logprob_chunk_size", "train_length_bucket",
     "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change",
     "tool_timeout_seconds"})
 
@@ -340,6 +344,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.chat_template in ("auto", "none"), "chat_template", config.chat_template,
            "auto, none")
   _require(config.dtype in ("float32", "bfloat16"), "dtype", config.dtype, "float32, bfloat16")
+  _require(config.attention in attention.CHOICES, "attention", config.attention,
+           ", ".join(attention.CHOICES))
   _require(config.param_dtype in ("float32", "bfloat16"), "param_dtype", config.param_dtype,
            "float32, bfloat16")
   _require(bool(reward_func_specs(config)), "reward_funcs", config.reward_funcs,

@@ -34,7 +34,7 @@ from grpo_jax import workdir as workdir_lib
 from grpo_jax.data import demo, loading
 from grpo_jax.errors import UserError
 from grpo_jax.loop import NonFiniteWatch, TrainLoop, is_primary  # noqa: F401  (train.TrainLoop)
-from grpo_jax.models import ModelConfig, Transformer, hf, lora, presets
+from grpo_jax.models import ModelConfig, Transformer, attention, hf, lora, presets
 from grpo_jax.rewards import resolve_reward_funcs
 from grpo_jax.tools import builtin as tools_builtin
 from grpo_jax.tools import host as tools_host
@@ -74,10 +74,20 @@ class Setup:
     return self.init_params if self.adapters_like is None else self.adapters_like
 
 
-def model_config(config) -> ModelConfig:
+def runtime_settings(config, platform: str) -> dict[str, Any]:
+  """The model's compute settings for `platform`: dtype, layer scan, attention kernel."""
+  try:
+    kernel = attention.resolve(config.attention, platform, config.dtype)
+  except ValueError as e:
+    raise UserError(f"config.{e}") from None
+  return dict(dtype=config.dtype, scan_layers=config.scan_layers, attention=kernel)
+
+
+def model_config(config, platform: str | None = None) -> ModelConfig:
   """The run's architecture, read without any weights: a checkpoint's config.json, a
-  preset's (`preset:<name>`), or the demo model's."""
-  runtime = dict(dtype=config.dtype, scan_layers=config.scan_layers)
+  preset's (`preset:<name>`), or the demo model's; compute settings for `platform`
+  (default: this process's devices')."""
+  runtime = runtime_settings(config, platform or jax.devices()[0].platform)
   if presets.is_preset(config.model_path):
     return hf.config_from_hf(presets.hf_config(config.model_path)).replace(**runtime)
   if config.model_path:
@@ -93,9 +103,9 @@ def build_model(config):
                     "weights, for `python -m grpo_jax.plan`; train needs a checkpoint directory")
   param_dtype = jnp.dtype(config.param_dtype)
   if config.model_path:
-    model, tokenizer = hf.from_pretrained(config.model_path, dtype=config.dtype,
-                                          param_dtype=param_dtype,
-                                          scan_layers=config.scan_layers)
+    model, tokenizer = hf.from_pretrained(
+        config.model_path, param_dtype=param_dtype,
+        **runtime_settings(config, jax.devices()[0].platform))
     if tokenizer is None:
       raise UserError(f"config.model_path={config.model_path!r} holds no tokenizer files")
     eos_ids = hf.eos_token_ids(config.model_path, tokenizer)
@@ -203,7 +213,7 @@ def make_optimizer(config):
 def architecture(s: Setup) -> dict[str, Any]:
   """The model's shape (runtime settings and the adapters, which the config holds, aside)."""
   arch = dataclasses.asdict(s.model_config)
-  for runtime_only in ("dtype", "scan_layers", "lora"):
+  for runtime_only in ("dtype", "scan_layers", "attention", "lora"):
     arch.pop(runtime_only)
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}
 

@@ -12,6 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Parity tests compare float32 programs with float32/float64 references: on a GPU, XLA would
+# otherwise run float32 matmuls as TF32 (10-bit mantissa, log-probs off by ~2e-3). A no-op on
+# CPU; TPUs are not a test target (plan compiles for them without running).
+jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx  # noqa: E402
 
 from grpo_jax.models import ModelConfig, Transformer  # noqa: E402

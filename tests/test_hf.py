@@ -110,17 +110,19 @@ def test_logits_match_transformers_on_left_padded_batch(checkpoints, family):
   assert max_diff(our_logits(model), expected) <= 1e-4
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_long_sequences_match_transformers(checkpoints, scan_layers):
+@pytest.mark.parametrize("scan_layers, kernel", [(False, "xla"), (True, "xla"),
+                                                  (False, "flash")])
+def test_long_sequences_match_transformers(checkpoints, scan_layers, kernel):
   """Sequences longer than one causal attention block (left padding crossing a block
-  edge): the blocked attention of full-sequence passes matches transformers."""
-  from grpo_jax.models import transformer
-  t = 2 * transformer.ATTENTION_BLOCK + 37
+  edge): the blocked attention and the flash kernel of full-sequence passes match
+  transformers."""
+  from grpo_jax.models import attention
+  t = 2 * attention.ATTENTION_BLOCK + 37
   rng = np.random.default_rng(0)
   ids = rng.integers(1, 128, size=(2, t))
-  mask = (np.arange(t)[None] >= np.array([0, transformer.ATTENTION_BLOCK + 5])[:, None])
+  mask = (np.arange(t)[None] >= np.array([0, attention.ATTENTION_BLOCK + 5])[:, None])
   hf_model, path = checkpoints["qwen2"]
-  model, _ = from_pretrained(path, scan_layers=scan_layers)
+  model, _ = from_pretrained(path, scan_layers=scan_layers, attention=kernel)
   real = mask.astype(bool)
   diff = np.abs(our_logits(model, ids, mask.astype(np.int64))
                 - hf_logits(hf_model, ids, mask.astype(np.int64)))[real]

@@ -199,11 +199,24 @@ def test_sampling_logprobs_equal_the_train_pass(quantization):
                              np.asarray(train_pass)[mask], atol=2e-5)
 
 
+# How far a layout (pmap over 4 devices, a 2x2 mesh) may move a metric by summing in another
+# order. A gradient element sums n float32 terms: the batch's tokens (PROMPTS * G rows of
+# 5 + LENGTH positions) and the matmul contractions on the way (D and F per layer, D at the
+# head); reordering moves the sum by at most ~n * 2^-24 of the sum of |terms|. The terms
+# have mixed signs (advantages are zero-mean per group) and cancel like a random walk, so
+# the sum is ~sum|terms| / sqrt(n): relative ~n^1.5 * 2^-24 (8e-4 here; seen: 2.1e-4 on an
+# AVX-512 Xeon, under 1e-4 on AMD EPYC).
+REORDER_TERMS = (PROMPTS * G * (5 + LENGTH)
+                 + TINY.num_layers * (TINY.hidden_size + TINY.intermediate_size)
+                 + TINY.hidden_size)
+REORDERED_RTOL = REORDER_TERMS**1.5 * 2.0**-24
+
+
 def assert_same(one, other, atol=1e-5):
   (state_a, metrics_a), (state_b, metrics_b) = one, other
   assert metrics_a.keys() == metrics_b.keys()
   for key in metrics_a:
-    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=2e-4, atol=1e-6,
+    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=REORDERED_RTOL, atol=1e-6,
                                err_msg=key)
   for x, y in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from conftest import tiny_model
 from grpo_jax import grpo, sampling
-from grpo_jax.models import transformer
+from grpo_jax.models import attention
 
 PROMPTS, G, LENGTH, PROMPT_LEN = 3, 4, 140, 6  # prompt + completion > one attention block
 EOS = (32,)  # outside the 32-token vocabulary: rows are cut to chosen lengths below
@@ -115,13 +115,13 @@ def test_optimised_step_equals_straightforward(loss_type, beta, iterations, lr, 
   rollout = rollout._replace(
       completion_mask=jnp.asarray(completion_mask),
       sampling_logprobs=rollout.sampling_logprobs * completion_mask)
-  assert PROMPT_LEN + LENGTH > transformer.ATTENTION_BLOCK  # the blocked attention runs
+  assert PROMPT_LEN + LENGTH > attention.ATTENTION_BLOCK  # the blocked attention runs
   rewards = jnp.asarray(lengths % 5, jnp.float32)
 
   state, metrics = jax.jit(step.learn)(grpo.init_train_state(params, tx), ref_params, rollout,
                                        rewards)
 
-  monkeypatch.setattr(transformer, "ATTENTION_BLOCK", 10**6)  # plain attention from here on
+  monkeypatch.setattr(attention, "ATTENTION_BLOCK", 10**6)  # plain attention from here on
   want_params, want_opt, want, old = straight_learn(
       plain_def, params, ref_params, rollout, np.asarray(rewards), cfg, tx, iterations)
 

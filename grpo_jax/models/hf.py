@@ -323,17 +323,19 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def from_pretrained(path: Path, dtype: str = "float32", *, param_dtype=jnp.float32,
-                    scan_layers: bool = False
+                    scan_layers: bool = False, attention: str = "auto"
                     ) -> tuple[Transformer, Any]:
   """(model, tokenizer) from a local Hugging Face checkpoint directory.
 
-  dtype: compute dtype of activations ("float32", "bfloat16", "float16").
+  dtype: compute dtype of activations ("float32", "bfloat16", "float16"); `scan_layers`,
+  `attention`: as in ModelConfig.
   param_dtype: dtype the parameters are stored in (checkpoint tensors are cast to it).
   The tokenizer is None when the directory has no tokenizer files.
   `path`: a checkpoint directory, a `.gguf` file, or `pkg:PACKAGE/FILE` (see gguf.py).
   """
   path = gguf.resolve_path(path)
-  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, scan_layers=scan_layers)
+  cfg = config_from_hf(read_config(path)).replace(dtype=dtype, scan_layers=scan_layers,
+                                                       attention=attention)
   model, _ = _load(path, cfg, param_dtype, extra_tensors=())
   return model, load_tokenizer(path)
 

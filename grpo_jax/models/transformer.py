@@ -24,13 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.models import sharding
+from grpo_jax.models import attention, sharding
 from grpo_jax.models.lora import LoraConfig
 from grpo_jax.models.quantize import dequantize, is_quantized
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 Cache = tuple  # per layer {"k": [B, kv_heads, hd, S], "v": [B, kv_heads, S, hd]}
-_MASKED = -1e30  # finite, so rows with no visible key give a uniform softmax, not NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +59,16 @@ class ModelConfig:
   # shortest compile for deep models) or the layers unrolled (default: on CPU the train
   # step ran ~10% faster, for ~2x the compile time of the train step).
   scan_layers: bool = False
+  # Full-sequence attention kernel (`models.attention`): "auto" (the CPU's per-length choice)
+  # or a name `attention.resolve` gave for the platform: "xla", "flash", "cudnn", "splash".
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
       raise ValueError(f"ModelConfig.dtype={self.dtype!r}; allowed: {sorted(_DTYPES)}")
+    if self.attention not in attention.CHOICES:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}; allowed: "
+                       f"{', '.join(attention.CHOICES)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
@@ -178,27 +183,6 @@ def _linear(cfg: ModelConfig, name: str, n_in: int, n_out: int, bias: bool, rngs
   return Linear(cfg, name, n_in, n_out, bias, rngs)
 
 
-ATTENTION_BLOCK = 128  # query positions per causal block of a full-sequence pass
-
-
-def _attend(q, k, v, visible, cfg: ModelConfig):
-  """Softmax attention of q [B, kv, groups, T, hd] over k [B, kv, hd, S], v [B, kv, S, hd].
-
-  visible: [B, T, S]. Query heads that share a kv head are folded with the positions into
-  one matmul dimension, so both matmuls are plain batched ones (also for T = 1 while
-  decoding) and read the keys and values without transposing them.
-  """
-  b, n_kv, groups, t, hd = q.shape
-  scores = jnp.einsum("bkmd,bkds->bkms", q.reshape(b, n_kv, groups * t, hd), k.astype(q.dtype),
-                      preferred_element_type=jnp.float32) / math.sqrt(hd)
-  scores = scores.reshape(b, n_kv, groups, t, -1)
-  scores = jnp.where(visible[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-  out = jnp.einsum("bkms,bksd->bkmd", probs.reshape(b, n_kv, groups * t, -1),
-                   v.astype(probs.dtype))
-  return out.reshape(b, n_kv, groups, t, hd)
-
-
 def _write_cache(cache, k, v, start):
   """The cache with keys k [B, kv, hd, T] / values v [B, kv, T, hd] written from slot `start`:
   one slot for all rows (a scalar), or each row's own ([B]: multi-turn rows)."""
@@ -241,24 +225,18 @@ class Attention(nnx.Module):
     if cache is not None:  # write this step's keys/values, then attend over the whole cache
       cache = sharding.kv_cache(_write_cache(cache, k, v, query_slots[..., 0]))
       k, v = cache["k"], cache["v"]
-    key_slots = jnp.arange(v.shape[2])
-    # query_slots: [T] (every row at the same slots) or [B, T] (multi-turn rows, each at its own)
-    row_slots = query_slots if query_slots.ndim == 2 else query_slots[None]
-    visible = (key_slots[None, None, :] <= row_slots[..., None]) & key_mask[:, None, :].astype(bool)
     groups = cfg.num_heads // n_kv
     q = q.reshape(b, t, n_kv, groups, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, groups, T, hd]
-    if cache is None and t > ATTENTION_BLOCK:
-      # Causal blocks: the queries of a block see no key past the block's end, so each
-      # block is scored against the keys before it only (static slices). That skips the
-      # masked upper triangle: half the attention FLOPs and memory traffic on long
-      # sequences (512-token completions: attention 2x faster forward, 1.5x backward).
-      out = jnp.concatenate([
-          _attend(q[:, :, :, lo:lo + ATTENTION_BLOCK], k[..., :lo + ATTENTION_BLOCK],
-                  v[:, :, :lo + ATTENTION_BLOCK], visible[:, lo:lo + ATTENTION_BLOCK,
-                                                          :lo + ATTENTION_BLOCK], cfg)
-          for lo in range(0, t, ATTENTION_BLOCK)], axis=3)
+    if cache is None:  # a full-sequence pass: causal over its own keys (models.attention)
+      out = attention.causal(q, k, v, key_mask, cfg.attention, cfg.compute_dtype)
     else:
-      out = _attend(q, k, v, visible, cfg)
+      # query_slots: [T] (every row at the same slots) or [B, T] (multi-turn rows, each at
+      # its own); a query sees the valid cache slots at or before its own.
+      row_slots = query_slots if query_slots.ndim == 2 else query_slots[None]
+      key_slots = jnp.arange(v.shape[2])
+      visible = ((key_slots[None, None, :] <= row_slots[..., None])
+                 & key_mask[:, None, :].astype(bool))
+      out = attention.attend(q, k, v, visible, cfg.compute_dtype)
     out = out.transpose(0, 3, 1, 2, 4)  # [B, T, kv, groups, hd]
     return self.o_proj(out.reshape(b * t, cfg.num_heads * hd), fold_key(dropout_key, 3)), cache
 

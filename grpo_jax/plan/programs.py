@@ -174,7 +174,7 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
   from grpo_jax import train  # the trainer's own wiring (a sibling room, not numeric code)
   parallel.check_batch(config.prompts_per_step, config.num_generations,
                        train.batch_divisor(config, devices))
-  cfg = model_cfg or train.model_config(config)
+  cfg = model_cfg or train.model_config(config, devices[0].platform)
   graphdef, params = abstract_model(cfg, config.param_dtype)
   reference = abstract_reference(config, cfg, params)
   reference_def = None

@@ -42,6 +42,7 @@ def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, 
       "hbm_bytes": slice_.chip.hbm_bytes, "layout": plan.layout,
       "model_path": config.model_path or "demo", "num_params": plan.model.num_params(),
       "dtype": config.dtype, "param_dtype": config.param_dtype, "remat": plan.remat,
+      "attention": plan.model.attention,
       "prompts_per_step": config.prompts_per_step, "num_generations": config.num_generations,
       "max_prompt_length": config.max_prompt_length,
       "max_completion_length": config.max_completion_length,
@@ -55,6 +56,9 @@ def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, 
           "refused" if size == float("inf") else size / GiB)] for words, size in steps]
                        for name, steps in plan.tried.items()},
       "estimated_step_seconds": sum(p["estimated_seconds"] for p in phases.values()),
+      # per chip: the actor's weights (as stored) and its share of the KV cache
+      "decode_roofline": roofline.decode_roofline(
+          plan.params, plan.kv_cache, slice_.chip.hbm_bandwidth, config.max_completion_length),
       "lora": lora_figures(plan),
   }
 
@@ -103,7 +107,8 @@ def format_plan(d: dict[str, Any]) -> str:
   columns = (("adapters", "AdamW", "base = ref") if lo else ("params", "AdamW", "reference"))
   lines = [
       f"model {d['model_path']}: {d['num_params'] / 1e9:.3f}B parameters, {d['dtype']} "
-      f"compute, {stored}, remat {'on' if d['remat'] else 'off'}",
+      f"compute, {stored}, remat {'on' if d['remat'] else 'off'}, "
+      f"attention {d.get('attention', 'xla')}",
       *([_lora_line(lo)] if lo else []),
       f"slice {d['topology']}: {d['chips']} x {d['generation']} chips, "
       f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
@@ -126,6 +131,8 @@ def format_plan(d: dict[str, Any]) -> str:
         f"{p['bound']:<5} | {p['compile_seconds']:.0f}s")
     if p["out_of_memory"]:
       lines.append(f"{'':<15}   XLA: {p['out_of_memory']}")
+  lines += ["", roofline.describe_decode(d["decode_roofline"], chip.hbm_bandwidth,
+                                        d["max_completion_length"])]
   verdict = "FITS" if d["fits"] else "DOES NOT FIT"
   chosen = [text for text in d["memory_plan"].values() if text]
   lines += ["", f"memory plan: {'; '.join(chosen)} ({d['memory_flags']})" if all(

@@ -51,3 +51,23 @@ def estimate(flops: float, hbm_bytes: float, ici_bytes: float, chip) -> tuple[fl
             "ICI": ici_bytes / chip.ici_bandwidth}
   bound = max(bounds, key=bounds.get)
   return bounds[bound], bound
+
+
+def decode_roofline(weight_bytes: float, kv_cache_bytes: float, hbm_bandwidth: float,
+                    tokens: int) -> dict[str, float]:
+  """The floor of the sampler's decode loop on one chip: each decoded token reads every
+  weight once and the whole KV cache (the sampler attends over all its slots, masked), so a
+  token takes at least (weights + cache) / HBM bandwidth, and `tokens` of them that times
+  `tokens`. Decoding is bound by memory, not FLOPs, on every accelerator."""
+  per_token = weight_bytes + kv_cache_bytes
+  return {"weight_bytes": weight_bytes, "kv_cache_bytes": kv_cache_bytes,
+          "bytes_per_token": per_token, "seconds_per_token": per_token / hbm_bandwidth,
+          "decode_seconds": tokens * per_token / hbm_bandwidth}
+
+
+def describe_decode(r: dict[str, float], hbm_bandwidth: float, tokens: int) -> str:
+  gib = 2**30
+  return (f"decode roofline: {r['weight_bytes'] / gib:.2f} GiB weights + "
+          f"{r['kv_cache_bytes'] / gib:.2f} GiB KV cache read per token: >= "
+          f"{r['seconds_per_token'] * 1e3:.2f} ms per token at {hbm_bandwidth / 1e9:.0f} GB/s, "
+          f">= {r['decode_seconds']:.2f} s for {tokens} tokens")
