@@ -28,7 +28,7 @@ from flax import nnx
 
 from grpo_jax import grpo, memory, parallel, sampling
 from grpo_jax.models import ModelConfig, Transformer, attention, hf, presets
-from grpo_jax.plan import roofline
+from grpo_jax.plan import programs, roofline
 
 # (model, prompts per step, G, prompt tokens, completion tokens)
 SHAPES = {
@@ -93,10 +93,12 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool,
   steady = float(np.median(times[1:]))
   phase_s = {phase: float(np.median(values[1:])) for phase, values in phases.items()}
   stats = jax.devices()[0].memory_stats() or {}
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params)) // len(devices)
-  decode = roofline.decode_roofline(param_bytes, kv_cache_bytes(cfg, prompts * group,
-                                                                prompt_len + length),
-                                    hbm_tbps * 1e12, length)
+  # what each decoded token reads on the device: the weights in the compute dtype and the
+  # whole KV cache (the plan's sampler roofline, one formula)
+  weights = cfg.num_params() * jax.numpy.dtype(cfg.compute_dtype).itemsize
+  decode = roofline.decode_roofline(
+      weights, programs.kv_cache_bytes(cfg, prompts * group, prompt_len + length, None, 1),
+      hbm_tbps * 1e12, length)
   return {"model": name, "dtype": dtype, "params_m": round(cfg.num_params() / 1e6, 1),
           "attention": cfg.attention,
           "first_step_s": round(times[0], 2), "step_s": round(steady, 3),
@@ -110,12 +112,6 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool,
           "memory_plan": "; ".join(
               f"{setting} ({size / 2**30:.1f} GiB)" for setting, size in
               (memory_words(step_fn, prompts * group)))}
-
-
-def kv_cache_bytes(cfg, rows: int, slots: int) -> int:
-  """Keys and values of every layer for `rows` x `slots`, in the compute dtype."""
-  return (2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * slots
-          * jax.numpy.dtype(cfg.compute_dtype).itemsize)
 
 
 def memory_words(step_fn, rows: int):

@@ -92,6 +92,9 @@ class Plan:
   # out uncompiled; inf: the compiler refused it)
   tried: dict[str, list[tuple[str, float | None]]] = dataclasses.field(default_factory=dict)
   rows_per_shard: int = 0  # completions each chip (pmap) or data x fsdp shard trains on
+  # bytes of weights one chip reads per decoded token (the decode copy, and on a mesh the
+  # gathered LM head): with `kv_cache`, the sampler's roofline (`roofline.decode_roofline`)
+  decode_weights: int = 0
 
   @property
   def remat(self) -> bool:
@@ -345,9 +348,9 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   policy_bytes = param_bytes + reference_bytes if is_lora else param_bytes
   kv = kv_cache_bytes(cfg, rows, prompt_len + length, layout, n)
   flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
-  # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its KV
-  # cache (half full on average) and, on a mesh, the whole LM head gathered for decoding at
-  # every token; a full-sequence pass reads the gathered weights once per pass (update:
+  # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its whole
+  # KV cache (every slot is scored, the empty ones masked) and, on a mesh, the whole LM head
+  # gathered for decoding at every token; a full-sequence pass reads the gathered weights once per pass (update:
   # forward, backward, and a recompute with remat) and writes and reads its temporaries
   # about once. Full fine-tuning reads its weights in the compute dtype; LoRA reads the
   # base as it is stored (quantised kernels are dequantised where they are used) and the
@@ -360,7 +363,8 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   else:
     sampler_weights = param_bytes * itemsize / jnp.dtype(config.param_dtype).itemsize
     pass_weights = cfg.num_params() * itemsize
-  sampler_hbm = length * (sampler_weights + head_bytes + kv / 2)
+  sampler_hbm = length * roofline.decode_roofline(sampler_weights + head_bytes, kv)[
+      "bytes_per_token"]
   batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
   rows_shard = rows // step_fn.batch_divisor
@@ -446,7 +450,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
     }
   return Plan(cfg, name, param_bytes, opt_bytes, reference_bytes, kv, phases, lora_info,
               settings=settings, described=described, limit=limit, rows_per_shard=rows_shard,
-              tried=tried)
+              tried=tried, decode_weights=int(sampler_weights + head_bytes))
 
 
 __all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan", "kv_cache_bytes",

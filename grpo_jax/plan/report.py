@@ -56,9 +56,10 @@ def plan_dict(plan: programs.Plan, slice_: topology.Slice, config) -> dict[str, 
           "refused" if size == float("inf") else size / GiB)] for words, size in steps]
                        for name, steps in plan.tried.items()},
       "estimated_step_seconds": sum(p["estimated_seconds"] for p in phases.values()),
-      # per chip: the actor's weights (as stored) and its share of the KV cache
+      # per chip: the weights decoding reads and this chip's KV cache
       "decode_roofline": roofline.decode_roofline(
-          plan.params, plan.kv_cache, slice_.chip.hbm_bandwidth, config.max_completion_length),
+          plan.decode_weights, plan.kv_cache, slice_.chip.hbm_bandwidth,
+          config.max_completion_length),
       "lora": lora_figures(plan),
   }
 

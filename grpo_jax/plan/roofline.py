@@ -53,16 +53,17 @@ def estimate(flops: float, hbm_bytes: float, ici_bytes: float, chip) -> tuple[fl
   return bounds[bound], bound
 
 
-def decode_roofline(weight_bytes: float, kv_cache_bytes: float, hbm_bandwidth: float,
-                    tokens: int) -> dict[str, float]:
+def decode_roofline(weight_bytes: float, kv_cache_bytes: float, hbm_bandwidth: float = 0.0,
+                    tokens: int = 0) -> dict[str, float]:
   """The floor of the sampler's decode loop on one chip: each decoded token reads every
-  weight once and the whole KV cache (the sampler attends over all its slots, masked), so a
-  token takes at least (weights + cache) / HBM bandwidth, and `tokens` of them that times
-  `tokens`. Decoding is bound by memory, not FLOPs, on every accelerator."""
+  weight once and the whole KV cache (the sampler scores every slot, the empty ones masked),
+  so a token takes at least (weights + cache) / HBM bandwidth, and `tokens` of them that
+  times `tokens`. Decoding is bound by memory, not FLOPs, on every accelerator."""
   per_token = weight_bytes + kv_cache_bytes
+  seconds = per_token / hbm_bandwidth if hbm_bandwidth else 0.0
   return {"weight_bytes": weight_bytes, "kv_cache_bytes": kv_cache_bytes,
-          "bytes_per_token": per_token, "seconds_per_token": per_token / hbm_bandwidth,
-          "decode_seconds": tokens * per_token / hbm_bandwidth}
+          "bytes_per_token": per_token, "seconds_per_token": seconds,
+          "decode_seconds": tokens * seconds}
 
 
 def describe_decode(r: dict[str, float], hbm_bandwidth: float, tokens: int) -> str:
