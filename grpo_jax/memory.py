@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 
 from grpo_jax import mesh, sampling
 from grpo_jax.errors import UserError
-from grpo_jax.models import ModelConfig
+from grpo_jax.models import ModelConfig, attention
 
 log = logging.getLogger("grpo_jax")
 GiB = 2**30
@@ -201,12 +201,15 @@ def chunk_ladder(prompts: int) -> list[Chunks]:
 def _layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int) -> float:
   """Bytes a layer's forward pass over `tokens` saves for its backward pass: the
   projections' inputs and outputs, the MLP's [tokens, intermediate] buffers, and the
-  attention scores (float32) and probabilities of its causal blocks."""
+  attention scores (float32) and probabilities of its causal blocks where the attention
+  kernel materialises them (`models.attention`: the others keep a block's at a time)."""
   item = jnp.dtype(cfg.compute_dtype).itemsize
   d, f, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
   dense = item * (8 * d + 2 * (heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 5 * f)
-  attention = heads * min(seq_len, seq_len / 2 + 128) * (4 + item + 1)
-  return tokens * (dense + attention)
+  kernel = attention.for_length(seq_len) if cfg.attention == "auto" else cfg.attention
+  scores = (heads * min(seq_len, seq_len / 2 + attention.ATTENTION_BLOCK) * (4 + item + 1)
+            if kernel == "xla" else 0)
+  return tokens * (dense + scores)
 
 
 def estimate_update(cfg: ModelConfig, setting: Update, total_rows: int, seq_len: int,

@@ -270,13 +270,17 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 def _dot_product(q, k, v, key_mask, implementation: str):
   """`jax.nn.dot_product_attention` ([B, T, N, hd] layouts; query head n = kv * G + g uses
-  kv head n // G, as here); key padding as a boolean mask, causality as `is_causal`."""
+  kv head n // G, as here); key padding as a boolean mask, causality as `is_causal`. The
+  mask is [B, T, S] bytes per layer (not per head): 36 MB for 16 rows of 1056 positions."""
   b, nk, g, t, hd = q.shape
   query = q.transpose(0, 3, 1, 2, 4).reshape(b, t, nk * g, hd)
   key = k.transpose(0, 3, 1, 2).astype(q.dtype)  # [B, S, K, hd]
   value = v.swapaxes(1, 2).astype(q.dtype)
-  out = jax.nn.dot_product_attention(query, key, value, mask=key_mask[:, None, None, :],
-                                     is_causal=True, implementation=implementation)
+  # cuDNN takes a mask as an additive bias whose last two dims must be [T, S] (it refuses a
+  # broadcast [1, S]): the key padding is spelled out per query, [B, 1, T, S].
+  mask = jnp.broadcast_to(key_mask[:, None, None, :], (b, 1, t, t))
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True,
+                                     implementation=implementation)
   return out.reshape(b, t, nk, g, hd).transpose(0, 2, 3, 1, 4)
 
 
