@@ -111,7 +111,7 @@ def _exception_chain(exc: BaseException | None):
     todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
 
 
-def _write_errno(exc: BaseException | None) -> int | None:
+def write_errno(exc: BaseException | None) -> int | None:
   """The errno of a disk that refused a write somewhere in `exc`'s chain, else None."""
   for e in _exception_chain(exc):
     if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
@@ -153,7 +153,7 @@ _ORBAX_OPERATION_FAILED = threading.Event()
 
 def _refused_write(record: logging.LogRecord) -> bool:
   exc = record.exc_info[1] if record.exc_info else None
-  if exc is not None and _write_errno(exc) is not None:
+  if exc is not None and write_errno(exc) is not None:
     return True
   try:
     message = record.getMessage()
@@ -518,7 +518,7 @@ class Checkpointer:
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(new, _serializable(params))
     except Exception as e:  # pylint: disable=broad-except  # only the disk's are translated
-      code = _write_errno(e)
+      code = write_errno(e)
       if code is None:
         raise
       log.debug("writing %s failed", new, exc_info=True)
@@ -561,7 +561,7 @@ class Checkpointer:
 
   def _write_error(self, step: int | None, exc: BaseException) -> UserError | None:
     """The one-line UserError for a write the disk refused (None for any other error)."""
-    code = _write_errno(exc)
+    code = write_errno(exc)
     if code is None:
       return None
     _ORBAX_OPERATION_FAILED.set()

@@ -7,6 +7,7 @@ Field names follow TRL's GRPOConfig where TRL has one. `configs/*.py` start from
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -67,14 +68,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt_column = "prompt"
   c.eval_split = ""  # a named split of the dataset to evaluate on ("" = hold out eval_size rows)
   c.eval_size = 0  # rows held out of a local file for evaluation (0 = no evaluation)
+  # Greedy held-out prompts decoded per evaluation batch (0: all at once; the memory plan
+  # then decodes them in as many chunks as the device's memory needs).
+  c.eval_batch_size = 0
   c.max_prompt_length = 512
   c.truncate_prompts = False  # True: keep the last max_prompt_length tokens, with a warning
+  # Bad prompt rows (missing, not text, empty, not valid Unicode, too long) are found when
+  # the data is loaded; False: the run refuses to start, naming them; True: they are skipped.
+  c.skip_bad_rows = False
   c.chat_template = "auto"  # auto: render prompts with the tokenizer's chat template if any
   c.system_prompt = ""  # prepended as a system message when the chat template is used
 
   # Rewards.
   c.reward_funcs = "correctness_reward,format_reward"
   c.reward_weights = config_dict.placeholder(tuple)  # None: every function weighs 1
+  # A reward function call that runs longer than this stops the run with one line naming
+  # it (0: no limit); the last checkpoint stays as it was.
+  c.reward_timeout_seconds = 300.0
   c.accuracy_reward = "correctness_reward"  # eval/accuracy is this function's mean
 
   # Sampling.
@@ -175,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Loop.
   c.max_steps = 200
+  # A time budget for this invocation's training, in minutes (0: none): the step that runs
+  # past it is the last one (final evaluation, checkpoint, export, as at max_steps). A
+  # resumed run gets a new budget.
+  c.max_train_minutes = 0.0
   c.seed = 0
   c.log_every = 1
   c.eval_every = 50
@@ -189,6 +203,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A resume whose config differs from the checkpoint's in a field that changes the
   # trajectory is an error; True: a warning per difference, and the new values apply.
   c.allow_config_change = False
+  # A gs:// workdir's marker left by a run that is gone (local workdirs need no override:
+  # their lock dies with its process).
+  c.break_workdir_lock = False
   c.num_sample_texts = 4  # completions written as text summaries at each eval
   c.parallelism = "pmap"  # pmap: data parallel, replicated; mesh: sharded (jit + Mesh)
   c.distributed = "auto"  # jax.distributed.initialize(): auto (multi-host detected), yes, no
@@ -201,10 +218,11 @@ def base_config() -> ml_collections.ConfigDict:
 # a resume may change them. Every other field must match the checkpoint's.
 RESUME_FREE_FIELDS = frozenset({
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_sample_texts",
+    "max_train_minutes", "eval_batch_size", "break_workdir_lock",
     "accuracy_reward", "export_hf", "distributed", "parallelism", "mesh", "remat",
     "scan_layers", "attention", "micro_batch_size", "memory_limit_gib", "logprob_chunk_size", "train_length_bucket",
     "preemption_grace_seconds", "max_nonfinite_steps", "allow_config_change",
-    "tool_timeout_seconds"})
+    "tool_timeout_seconds", "reward_timeout_seconds"})
 
 
 def from_file(path) -> ml_collections.ConfigDict:
@@ -286,9 +304,23 @@ def reward_func_specs(config) -> list[str]:
   return [s.strip() for s in specs if s.strip()]
 
 
+def _floats(config, prefix: str = ""):
+  """(dotted name, value) of every float field, nested ConfigDicts included."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _floats(value, f"{prefix}{key}.")
+    elif isinstance(value, float):
+      yield f"{prefix}{key}", value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field once, before anything is built; errors name the field."""
   check_known_fields(config)
+  for field, value in _floats(config):  # nan compares false everywhere: 'beta=nan' acted as 0
+    _require(math.isfinite(value), field, value, "a finite number")
+  _require(isinstance(config.seed, int) and 0 <= config.seed < 2**63, "seed", config.seed,
+           "an integer from 0 to 2**63 - 1")
+  _require(config.top_k >= 0, "top_k", config.top_k, "an integer >= 0 (0: off)")
   positive = ("num_generations", "prompts_per_step", "max_prompt_length",
               "max_completion_length", "max_steps", "log_every", "keep_checkpoints",
               "num_iterations", "sft_batch_size", "max_nonfinite_steps", "ref_model_sync_steps",
@@ -314,6 +346,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            config.soft_punish_cache, f"0 <= x <= max_completion_length="
            f"{config.max_completion_length} (0: a fifth of it)")
   _require(config.eval_size >= 0, "eval_size", config.eval_size, "an integer >= 0")
+  _require(config.eval_batch_size >= 0, "eval_batch_size", config.eval_batch_size,
+           "an integer >= 0 (0: every held-out prompt at once)")
+  _require(config.max_train_minutes >= 0, "max_train_minutes", config.max_train_minutes,
+           "minutes, a number >= 0 (0: no time budget)")
   _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a number > 0")
   _require(0 <= config.warmup_ratio < 1, "warmup_ratio", config.warmup_ratio, "0 <= x < 1")
   # optax accepts all of these out of range: a negative clip norm flips the update.
@@ -322,6 +358,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.weight_decay >= 0, "weight_decay", config.weight_decay, "a number >= 0")
   for field in ("adam_beta1", "adam_beta2"):
     _require(0 <= config[field] < 1, field, config[field], "0 <= x < 1")
+  _require(config.reward_timeout_seconds >= 0, "reward_timeout_seconds",
+           config.reward_timeout_seconds, "seconds, a number >= 0 (0: no limit)")
   _require(config.tool_timeout_seconds > 0, "tool_timeout_seconds", config.tool_timeout_seconds,
            "a number of seconds > 0")
   _require(config.tool_call_format in TOOL_CALL_FORMATS or ":" in config.tool_call_format,

@@ -181,9 +181,14 @@ class TrainLoop:
     """The actor's whole (placed) state: with LoRA the adapters on the base."""
     return self.step_fn.step.policy_params(state.params, reference)
 
-  def is_due(self, every: int, step: int) -> bool:
+  def is_due(self, every: int, step: int, last: bool = False) -> bool:
     """Periodic actions (eval, checkpoint): every `every` steps and at the last; 0: never."""
-    return bool(every) and (step % every == 0 or step == self.config.max_steps)
+    return bool(every) and (step % every == 0 or step == self.config.max_steps or last)
+
+  def out_of_time(self, deadline: float | None) -> bool:
+    """Whether the time budget (`max_train_minutes`) is spent; every host agrees."""
+    return deadline is not None and bool(rollouts.across_hosts(time.monotonic() >= deadline,
+                                                                np.any))
 
   def run(self, restored, stop: preemption.StopRequests) -> None:
     config = self.config
@@ -202,6 +207,8 @@ class TrainLoop:
     if self.evaluate and (start_step == 0 or restored.meta.get("pending_eval")):
       self.log_eval(state, reference, start_step, progress)
     done = start_step
+    deadline = (time.monotonic() + 60 * config.max_train_minutes
+                if config.max_train_minutes else None)
     for step in range(start_step + 1, config.max_steps + 1):
       if stop.requested():
         break
@@ -213,19 +220,25 @@ class TrainLoop:
       state, reference, step_metrics = outcome
       done = step
       report(step)
+      last = step == config.max_steps or self.out_of_time(deadline)
       self.window.add(step_metrics)
-      if step % config.log_every == 0 or step == config.max_steps:
+      if step % config.log_every == 0 or last:
         self.writer.write_scalars(step, self.window.pop())
       progress.update(step, step_metrics)
       self.nonfinite(step, step_metrics, self.resume_hint())
-      eval_due = self.evaluate is not None and self.is_due(config.eval_every, step)
+      eval_due = self.evaluate is not None and self.is_due(config.eval_every, step, last)
       if stop.requested():  # an evaluation can take minutes: the resumed run does it
         self.save(step, state, reference, base_key, pending_eval=eval_due)
         break
       if eval_due:
         self.log_eval(state, reference, step, progress)
-      if self.is_due(config.checkpoint_every, step):
+      if self.is_due(config.checkpoint_every, step, last):
         self.save(step, state, reference, base_key)
+      if last and step < config.max_steps:
+        log.info("max_train_minutes=%g spent: step %d is the last of this run (rerun the "
+                 "same command to continue from its checkpoint)", config.max_train_minutes,
+                 step)
+        break
     progress.close()
     if stop.signum is not None and done > self.saved_step:  # (save: never if checkpoint_every=0)
       self.save(done, state, reference, base_key)
@@ -342,7 +355,8 @@ class TrainLoop:
     moved = self.step_fn.single_copy(reference) if self.config.sync_ref_model else None
     self.ckpt.save(step, self.step_fn.single_copy(state), {
         "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist(),
-        "config": config_lib.as_json(self.config), "pending_eval": pending_eval,
+        "config": config_lib.as_json(self.config), "dataset": self.s.data_fingerprint,
+        "pending_eval": pending_eval,
         "metrics_window": self.window.state()}, reference=moved)
     self.saved_any, self.saved_step = True, step
 

@@ -112,6 +112,7 @@ class HostRollouts:
     self.chat_template = config.chat_template
     self.num_generations = num_generations
     self.reward_weights = getattr(config, "reward_weights", None)  # None: all 1
+    self.reward_timeout = getattr(config, "reward_timeout_seconds", 0.0)
     self.abstentions = AbstentionWarnings(
         self.names, "step rewards", "batch", "completions of the batch",
         "the update is skipped" if jax.process_count() == 1
@@ -146,7 +147,8 @@ class HostRollouts:
       for_rewards = tool_conversations(self.tokenizer, rollout, turns.results)
     rewards = compute_rewards(self.reward_funcs, prompts, for_rewards, columns,
                               self.reward_weights, completion_ids=ids,
-                              environments=turns.environments if turns else None)
+                              environments=turns.environments if turns else None,
+                              timeout_seconds=self.reward_timeout)
     if warn_abstentions:
       self.abstentions(rewards)
     return rewards, completions
@@ -291,7 +293,10 @@ class Evaluator:
     self.sample = sampler
     self.divisor = step_fn.batch_divisor
     self.data = setup.eval_data
-    self.batch_size = config.prompts_per_step * config.num_generations
+    # All held-out prompts in one batch unless `eval_batch_size` says otherwise: greedy rows
+    # are cheap, and the memory plan splits the decoding into chunks when they do not fit
+    # (each chunk stops when its own rows have stopped).
+    self.batch_size = config.eval_batch_size or len(self.data) or 1
     self.batch_size += -self.batch_size % self.divisor
     names = self.host.names
     self.accuracy_index = (names.index(config.accuracy_reward)

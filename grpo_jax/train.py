@@ -11,6 +11,7 @@ workdir resumes from the latest checkpoint and follows the same trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -31,7 +32,7 @@ from grpo_jax import checkpoint, grpo, memory, metrics, parallel, preemption, wa
 from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import workdir as workdir_lib
-from grpo_jax.data import demo, loading
+from grpo_jax.data import chat, demo, loading, validate
 from grpo_jax.errors import UserError
 from grpo_jax.loop import NonFiniteWatch, TrainLoop, is_primary  # noqa: F401  (train.TrainLoop)
 from grpo_jax.models import ModelConfig, Transformer, attention, hf, lora, presets
@@ -62,6 +63,8 @@ class Setup:
   reference_def: nnx.GraphDef | None = None
   adapters_like: nnx.State | None = None
   tools: tools_host.ToolSetup | None = None  # config.tools / environment_factory, if any
+  # the data's identity (`data.validate.fingerprint`), saved with every checkpoint
+  data_fingerprint: dict = dataclasses.field(default_factory=dict)
 
   @property
   def base_def(self) -> nnx.GraphDef:
@@ -120,6 +123,22 @@ def build_model(config):
   return tokenizer, eos_ids, model.cfg, graphdef, params
 
 
+def check_datasets(config, tokenizer, tools, train_data, eval_data):
+  """Every prompt of both splits checked now, not when a step draws it (`data.validate`):
+  the run refuses bad rows in one line, or drops them with `skip_bad_rows`."""
+  schemas = tools.schemas if tools else None
+
+  def token_counts(prompts: list) -> list[int]:
+    texts, special = chat.render_prompts(tokenizer, prompts, system_prompt=config.system_prompt,
+                                         mode=config.chat_template, tools=schemas)
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+  check = lambda data, name: validate.check_prompts(
+      data, name, config.prompt_column, token_counts, config.max_prompt_length,
+      config.truncate_prompts, config.skip_bad_rows)
+  return check(train_data, "train"), check(eval_data, "evaluation")
+
+
 def setup(config) -> Setup:
   """Validates config, data, reward functions and model; writes nothing."""
   config_lib.validate(config)
@@ -136,11 +155,18 @@ def setup(config) -> Setup:
       "soft_punish_cache": config.soft_punish_cache})
   tokenizer, eos_ids, model_config, model_def, params = build_model(config)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+  if config.top_k > model_config.vocab_size:
+    raise UserError(f"config.top_k={config.top_k} is over the model's vocabulary of "
+                    f"{model_config.vocab_size} tokens; allowed: 0 (off) to "
+                    f"{model_config.vocab_size}")
   tools = tools_host.tool_setup(config, tokenizer)
+  train_data, eval_data = check_datasets(config, tokenizer, tools, train_data, eval_data)
   grpo_config = config_lib.grpo_config(config, eos_ids, pad_id,
                                        stop_token_ids=tools.stop_token_ids if tools else ())
   s = Setup(tokenizer, eos_ids, model_config, model_def, params, train_data, eval_data,
-            reward_funcs, grpo_config, tools=tools)
+            reward_funcs, grpo_config, tools=tools,
+            data_fingerprint=validate.fingerprint(config.dataset, config.prompt_column,
+                                                  train_data, eval_data))
   adapters = lora.from_config(config.lora)
   if adapters is not None:  # the plain model becomes the reference; the actor adapts it
     s.reference_def = model_def
@@ -293,6 +319,8 @@ def restore_checkpoint(config, s: Setup, ckpt: checkpoint.Checkpointer):
                 "not compared with this run's", restored.step)
     return restored
   changes = config_lib.trajectory_changes(saved, config_lib.as_json(config))
+  data_change = validate.data_changes(restored.meta.get("dataset"), s.data_fingerprint)
+  changes += [data_change] if data_change else []
   if changes and not config.allow_config_change:
     raise UserError(f"the config differs from the one the checkpoint of step {restored.step} "
                     f"was trained with: {'; '.join(changes)}; rerun with the checkpoint's "
@@ -311,13 +339,25 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   """
   maybe_initialize_distributed(config.distributed)
   config_lib.validate(config)
+  if not str(workdir).strip():
+    raise UserError("--workdir is empty; pass the directory to write metrics and checkpoints "
+                    "to (default: output)")
   workdir = workdir_lib.resolve(workdir)
   workdir_lib.check_writable(workdir)
+  new_workdir = not workdir.exists()
+  # One trainer per workdir, claimed before anything slow: a second one exits in seconds.
+  with (workdir_lib.WorkdirLock(workdir, config.break_workdir_lock) if is_primary()
+        else contextlib.nullcontext()):
+    return _train_in(config, workdir, new_workdir)
+
+
+def _train_in(config, workdir, new_workdir: bool) -> dict[str, float]:
   s = setup(config)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", fingerprint(s),
                                  max_to_keep=config.keep_checkpoints)
   logdir = workdir / "grpo_metrics"
-  created = [p for p in (workdir, logdir, ckpt.directory) if not p.exists()]
+  created = ([workdir] if new_workdir else []) + [
+      p for p in (logdir, ckpt.directory) if not p.exists()]
   loop = writer = None
   stop = preemption.StopRequests(config.preemption_grace_seconds,
                                  lambda: "nothing was checkpointed yet: a rerun starts over")
@@ -325,8 +365,10 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     with stop:
       restored = restore_checkpoint(config, s, ckpt)
       start_step = restored.step if restored else 0
-      if start_step and is_primary():  # before a writer opens the files: drop later records
-        metrics.truncate_after(str(logdir), start_step)
+      # Before a writer opens the files: drop what a resumed run logs again (after the
+      # checkpoint's step; everything when a run died before its first checkpoint).
+      if is_primary() and (start_step or logdir.exists()):
+        metrics.truncate_after(str(logdir), start_step if start_step else -1)
       writer = metrics.create_writer(str(logdir), enabled=is_primary())
       writer.write_hparams(config.to_dict())
       if uses_warmup(config) and (restored is None or restored.reference is None):
@@ -367,6 +409,9 @@ def _command_line_errors_in_one_line(parse):
     return parse()
   except AttributeError:  # config_flags: some --config.FIELD names no field
     sys.exit(f"grpo_jax: error: {config_lib.unknown_override(sys.argv[1:])}")
+  except SyntaxError as e:  # the config file itself
+    sys.exit(f"grpo_jax: error: config file {e.filename}, line {e.lineno}: {e.msg}: "
+             f"{(e.text or '').strip()[:80]!r}")
   except (flags.Error, KeyError, ValueError, TypeError, OSError) as e:
     sys.exit(f"grpo_jax: error: bad command line: {' '.join(str(e).split())}")
 
@@ -405,6 +450,11 @@ def train_command(config, workdir) -> None:
     print("grpo_jax: interrupted (SIGINT) before training began", file=sys.stderr)
     sys.exit(130)
   except OSError as e:
+    resolved = workdir_lib.resolve(workdir) if str(workdir).strip() else None
+    if (isinstance(e, FileNotFoundError) and resolved is not None
+        and "://" not in str(resolved) and not resolved.exists()):
+      sys.exit(f"grpo_jax: error: the workdir {resolved} was deleted during the run "
+               f"({e.filename}); nothing more could be written there: rerun to start over")
     if e.errno not in checkpoint.WRITE_ERRNOS:  # the disk's fault: one line, naming the path
       raise
     sys.exit(f"grpo_jax: error: cannot write {e.filename or workdir}: {e.strerror}")

@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from grpo_jax import grpo, sampling
+from grpo_jax import checkpoint, grpo, sampling
 from grpo_jax.data import batching
 
 log = logging.getLogger("grpo_jax")
@@ -154,7 +154,14 @@ def cached_warmup(cache_dir, like_params, run: Callable[[], tuple[nnx.State, dic
   start = time.perf_counter()
   params, stats = run()
   stats = {**stats, "seconds": round(time.perf_counter() - start, 2)}
-  _write(cache_dir, params, stats, key)
+  try:
+    _write(cache_dir, params, stats, key)
+  except Exception as e:  # the cache only saves a rerun's time: train on without it
+    if checkpoint.write_errno(e) is None:
+      raise
+    log.warning("Could not cache the supervised warm-up in %s (%s): training goes on "
+                "without the cache", cache_dir,
+                os.strerror(checkpoint.write_errno(e)))
   return params, {**stats, "cached": False}
 
 

@@ -443,13 +443,13 @@ def test_write_errnos_are_found_in_orbax_and_tensorstore_chains():
 
   with pytest.raises(RuntimeError) as raised:
     chained()
-  assert checkpoint._write_errno(raised.value) == errno.ENOSPC
+  assert checkpoint.write_errno(raised.value) == errno.ENOSPC
   tensorstore = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to "
                            "write 182 bytes to file 18 [os_error_code='28'] [spec=...]")
-  assert checkpoint._write_errno(Exception("wrapped")) is None
-  assert checkpoint._write_errno(tensorstore) == errno.ENOSPC
-  assert checkpoint._write_errno(PermissionError(errno.EACCES, "denied")) == errno.EACCES
-  assert checkpoint._write_errno(FileNotFoundError(errno.ENOENT, "gone")) is None
+  assert checkpoint.write_errno(Exception("wrapped")) is None
+  assert checkpoint.write_errno(tensorstore) == errno.ENOSPC
+  assert checkpoint.write_errno(PermissionError(errno.EACCES, "denied")) == errno.EACCES
+  assert checkpoint.write_errno(FileNotFoundError(errno.ENOENT, "gone")) is None
 
 
 def _asyncio_task_report(exc: Exception, where: str) -> logging.LogRecord:

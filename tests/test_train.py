@@ -227,3 +227,38 @@ def test_command_line_errors_are_one_line(tmp_path, args, message):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("grpo_jax: error: ") and message in last
   assert not (tmp_path / "run").exists()
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(pathlib.Path(workdir) / "grpo_metrics" / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_evaluation_batch_does_not_change_what_is_evaluated(tmp_path):
+  """The held-out set decoded all at once (the default) and in 8-prompt batches: greedy
+  decoding of a row does not depend on its batch, so accuracy and lengths are equal."""
+  common = dict(max_steps=2, eval_every=2, checkpoint_every=0, eval_size=24)
+  train.train_and_evaluate(tiny_config(**common), str(tmp_path / "whole"))
+  train.train_and_evaluate(tiny_config(**common, eval_batch_size=8), str(tmp_path / "batches"))
+  evals = {name: [r for r in read_metrics(tmp_path / name) if "eval/accuracy" in r]
+           for name in ("whole", "batches")}
+  assert [r["step"] for r in evals["whole"]] == [0, 2]
+  for whole, batches in zip(evals["whole"], evals["batches"]):
+    assert whole["eval/accuracy"] == batches["eval/accuracy"]
+    assert whole["eval/completions/mean_length"] == pytest.approx(
+        batches["eval/completions/mean_length"])
+
+
+def test_time_budget_ends_the_run_like_its_last_step(tmp_path):
+  """max_train_minutes: the step that spends the budget is the last: it is evaluated,
+  checkpointed and exported as max_steps would be; rerunning continues from it."""
+  config = tiny_config(max_steps=50, eval_every=100, checkpoint_every=100, eval_size=8,
+                       max_train_minutes=1e-9, export_hf="hf")
+  train.train_and_evaluate(config, str(tmp_path))
+  records = read_metrics(tmp_path)
+  assert max(r["step"] for r in records) == 1
+  assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 1]
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+  assert (tmp_path / "hf" / "config.json").is_file()
+  train.train_and_evaluate(config, str(tmp_path))  # a new budget: one more step
+  assert max(r["step"] for r in read_metrics(tmp_path)) == 2

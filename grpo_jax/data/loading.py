@@ -15,6 +15,9 @@ a typo such as "jsnl:data.jsonl" is reported instead of being looked up on the h
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 
@@ -51,6 +54,33 @@ def load_prompt_dataset(spec: str, prompt_column: str = "prompt", *,
     if part is not None:
       _check_columns(spec, name, part, prompt_column)
   return train, evaluation
+
+
+def _where_not_utf8(path: str) -> str:
+  """"at line N " of the first line of a text file that is not valid UTF-8 (raw bytes, or a
+  JSON escape of a lone surrogate), or ""."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        text = raw.decode("utf-8")
+        if "\\ud" in text.lower():  # a JSON escape that may decode to a lone surrogate
+          json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+      except (UnicodeError, ValueError):
+        return f"at line {number} "
+  return ""
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+  """`datasets` logs a malformed file's parse error (twice) before raising it; the raised
+  error becomes our one line, so its logger stays quiet meanwhile."""
+  logger = logging.getLogger("datasets")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _load_demo(name: str, eval_size: int, seed: int
@@ -92,8 +122,13 @@ def _load_file(builder: str, path: str) -> datasets.DatasetDict:
   if os.path.getsize(path) == 0:
     raise UserError(f"dataset file {path} is empty")
   try:
-    return datasets.load_dataset(builder, data_files=path)
-  except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+    with _quiet_datasets():  # its logger repeats the parse error; ours says it once
+      return datasets.load_dataset(builder, data_files=path)
+  except (datasets.exceptions.DatasetGenerationError, ValueError, UnicodeError) as e:
+    where = _where_not_utf8(path)  # bytes that are not UTF-8, an escaped lone surrogate
+    if where:
+      raise UserError(f"dataset file {path}: text that is not valid UTF-8 {where}"
+                      f"({' '.join(str(e).split())[:120]})") from None
     # A header-only CSV surfaces as ValueError("... corresponds to no data").
     cause = e.__cause__ or e
     raise UserError(f"dataset file {path} could not be read as {builder} (empty or malformed?): "

@@ -19,13 +19,16 @@ function with neither still works; it just does not get the ids.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import inspect
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -161,7 +164,8 @@ def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Seq
                     completions: Sequence[Any], columns: dict[str, Sequence[Any]],
                     reward_weights: Sequence[float] | None = None,
                     completion_ids: Sequence[Sequence[int]] | None = None,
-                    environments: Sequence[Any] | None = None) -> np.ndarray:
+                    environments: Sequence[Any] | None = None,
+                    timeout_seconds: float = 0.0) -> np.ndarray:
   """Rewards float32 [N, F]: column f holds function f's scores, None (n/a) becomes NaN.
 
   `columns` are the dataset's columns aligned with the completions (repeated per
@@ -171,7 +175,8 @@ def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Seq
   rollout; None: not passed) where it accepts them (see the module docstring).
   Every returned value is finite or NaN: a function returning inf (or a number beyond
   float32's range) is a UserError, and so is a row whose total weighted by
-  `reward_weights` (None: every function weighs 1) would overflow float32.
+  `reward_weights` (None: every function weighs 1) would overflow float32. A call that
+  runs longer than `timeout_seconds` (0: no limit) is a UserError naming the function.
   """
   n = len(completions)
   if len(prompts) != n:
@@ -194,7 +199,7 @@ def compute_rewards(reward_funcs: Sequence[tuple[str, RewardFunc]], prompts: Seq
   for f, (name, fn) in enumerate(reward_funcs):
     extra = {**kwargs, **{key: values for key, values in optional.items()
                           if values is not None and accepts_keyword(fn, key)}}
-    rewards[:, f] = _call(name, fn, prompts, list(completions), extra, n)
+    rewards[:, f] = _call(name, fn, prompts, list(completions), extra, n, timeout_seconds)
   check_weighted_totals(rewards, [name for name, _ in reward_funcs], reward_weights, prompts)
   return rewards
 
@@ -213,17 +218,48 @@ def accepts_keyword(fn: Callable, keyword: str) -> bool:
           and parameters[keyword].kind is not inspect.Parameter.POSITIONAL_ONLY)
 
 
-def _call(name: str, fn: RewardFunc, prompts: list, completions: list,
-          kwargs: dict[str, list], n: int) -> np.ndarray:
+class RewardTimeout(Exception):
+  """A reward call ran past `reward_timeout_seconds` (raised inside it by SIGALRM)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+  """Raises RewardTimeout inside the block after `seconds` (0: no limit). SIGALRM interrupts
+  Python code and blocking calls (sleep, a pipe read) of the main thread; elsewhere (a
+  worker thread) there is no limit."""
+  if not seconds or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def expired(signum, frame):
+    raise RewardTimeout
+
+  previous = signal.signal(signal.SIGALRM, expired)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
   try:
-    values = fn(prompts, completions, **kwargs)
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _call(name: str, fn: RewardFunc, prompts: list, completions: list,
+          kwargs: dict[str, list], n: int, timeout_seconds: float = 0.0) -> np.ndarray:
+  try:
+    with _time_limit(timeout_seconds):
+      values = fn(prompts, completions, **kwargs)
+  except RewardTimeout:
+    raise UserError(f"reward function {name!r} did not return within "
+                    f"reward_timeout_seconds={timeout_seconds:g} (on {n} completions); the "
+                    "last checkpoint is intact: fix the function (or raise the limit) and "
+                    "rerun to resume") from None
+  except (SystemExit, KeyboardInterrupt) as e:  # the function's own, not the user's Ctrl-C
+    raise UserError(f"reward function {name!r} raised {type(e).__name__}"
+                    f"{f'({e.args[0]!r})' if e.args else ''}; a reward function must return "
+                    "its rewards, not end the process") from None
   except Exception as e:
     raise UserError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
-  try:
-    values = list(values)
-  except TypeError:
-    raise UserError(f"reward function {name!r} returned a {type(values).__name__}; expected a "
-                    f"list of {n} numbers (or None)") from None
+  values = _as_list(name, values, n)
   if len(values) != n:
     raise UserError(f"reward function {name!r} returned {len(values)} values for {n} "
                     "completions; expected one number (or None) per completion")
@@ -245,10 +281,29 @@ def _call(name: str, fn: RewardFunc, prompts: list, completions: list,
   return rewards
 
 
+def _as_list(name: str, values: Any, n: int) -> list:
+  """A reward function's output as a list, checked once where it enters: a list or tuple, or
+  a 1-D array (NumPy, JAX, torch: anything with `ndim == 1` and `tolist`). A dict (its keys
+  would be trained on), a string, a set, a scalar or a generator is refused in one line."""
+  expected = f"expected a list of {n} numbers (or None), one per completion"
+  if isinstance(values, (list, tuple)):
+    return list(values)
+  if hasattr(values, "ndim") and hasattr(values, "tolist"):
+    if values.ndim != 1:
+      raise UserError(f"reward function {name!r} returned an array of shape "
+                      f"{tuple(values.shape)}; {expected}")
+    return values.tolist()
+  raise UserError(f"reward function {name!r} returned a {type(values).__name__} "
+                  f"({short_repr(values, 40)}); {expected}")
+
+
 def _as_float(value: Any) -> float:
-  """None (not applicable) -> NaN; an int too large for a float64 -> +-inf."""
+  """None (not applicable) -> NaN; an int too large for a float64 -> +-inf. Anything but a
+  number (a string that reads as one included) raises TypeError."""
   if value is None:
     return math.nan
+  if not hasattr(value, "__float__"):  # numbers and 0-d arrays have it; str does not
+    raise TypeError(f"{short_repr(value, 30)} (a {type(value).__name__})")
   try:
     return float(value)
   except OverflowError:
