@@ -170,7 +170,7 @@ def host_config(**changes):
       "prompt_column": "prompt", "max_prompt_length": 8, "truncate_prompts": False,
       "system_prompt": None, "chat_template": "auto", "reward_weights": None,
       "prompts_per_step": 2, "num_generations": 2, "accuracy_reward": "a",
-      "num_sample_texts": 1, **changes})
+      "num_sample_texts": 1, "eval_batch_size": 4, **changes})
 
 
 def host_rollout(n, length=3):

@@ -225,7 +225,7 @@ def test_compute_rewards_wraps_errors():
 
 @pytest.mark.parametrize("returned, message", [
     ([1.0], "returned 1 values for 2 completions"),
-    (1.0, "returned a float; expected a list of 2 numbers"),
+    (1.0, r"returned a float \(1.0\); expected a list of 2 numbers"),
     (["a", "b"], "returned a non-number"),
 ])
 def test_compute_rewards_checks_what_functions_return(returned, message):
