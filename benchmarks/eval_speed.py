@@ -49,7 +49,7 @@ def main():
     started = time.perf_counter()
     result = evaluate(params)
     first = time.perf_counter() - started
-    times = []
+    times = [] if a.repeats else [first]  # --repeats 0: the first one (compilation included)
     for _ in range(a.repeats):
       started = time.perf_counter()
       result = evaluate(params)

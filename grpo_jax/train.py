@@ -347,11 +347,11 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   new_workdir = not workdir.exists()
   # One trainer per workdir, claimed before anything slow: a second one exits in seconds.
   with (workdir_lib.WorkdirLock(workdir, config.break_workdir_lock) if is_primary()
-        else contextlib.nullcontext()):
-    return _train_in(config, workdir, new_workdir)
+        else contextlib.nullcontext()) as lock:
+    return _train_in(config, workdir, new_workdir, lock)
 
 
-def _train_in(config, workdir, new_workdir: bool) -> dict[str, float]:
+def _train_in(config, workdir, new_workdir: bool, lock) -> dict[str, float]:
   s = setup(config)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", fingerprint(s),
                                  max_to_keep=config.keep_checkpoints)
@@ -388,6 +388,10 @@ def _train_in(config, workdir, new_workdir: bool) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.read_metrics(str(logdir))[-1].items()
             if v is not None}
   except BaseException as e:
+    if isinstance(e, Exception) and lock is not None and lock.lost():
+      # deleted under us: whatever failed first (a metrics file, a checkpoint), this is why
+      raise UserError(f"the workdir {workdir} was deleted during the run ({type(e).__name__} "
+                      "while writing there); rerun to start over") from e
     if (loop is None or not loop.saved_any) and not isinstance(e, preemption.Preempted):
       ckpt.close()  # leave nothing half-written behind
       for path in reversed(created):
@@ -450,16 +454,19 @@ def train_command(config, workdir) -> None:
     print("grpo_jax: interrupted (SIGINT) before training began", file=sys.stderr)
     sys.exit(130)
   except OSError as e:
-    resolved = workdir_lib.resolve(workdir) if str(workdir).strip() else None
-    if (isinstance(e, FileNotFoundError) and resolved is not None
-        and "://" not in str(resolved) and not resolved.exists()):
-      sys.exit(f"grpo_jax: error: the workdir {resolved} was deleted during the run "
-               f"({e.filename}); nothing more could be written there: rerun to start over")
     if e.errno not in checkpoint.WRITE_ERRNOS:  # the disk's fault: one line, naming the path
       raise
     sys.exit(f"grpo_jax: error: cannot write {e.filename or workdir}: {e.strerror}")
   summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval/")}
   print(f"done: {workdir}/grpo_metrics (curves.png, metrics.jsonl) {summary}")
+
+def _deleted_workdir(workdir) -> str | None:
+  """The local workdir's path when it no longer exists (deleted under a running trainer)."""
+  if not str(workdir).strip() or "://" in str(workdir):
+    return None
+  resolved = workdir_lib.resolve(workdir)
+  return None if resolved.exists() else str(resolved)
+
 
 def run():
   define_flags()

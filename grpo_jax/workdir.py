@@ -135,6 +135,16 @@ class WorkdirLock:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.path.write_text(json.dumps(owner) + "\n")
 
+  def lost(self) -> bool:
+    """Whether the workdir was deleted under this lock (its lock file is gone, or is another
+    file now: a writer may have recreated the directories)."""
+    if self._fd is None:
+      return False
+    try:
+      return os.stat(os.fspath(self.path)).st_ino != os.fstat(self._fd).st_ino
+    except FileNotFoundError:
+      return True
+
   def __exit__(self, *exc) -> None:
     if self._fd is not None:  # the record stays (the next owner reads it); the lock goes
       # A run that wrote nothing (it failed before its first file) leaves nothing behind:

@@ -5,7 +5,10 @@ used to give tracebacks. Each failure is one line and exit 1; the last checkpoin
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,11 +77,17 @@ def exit_line(config, workdir) -> str:
   return line
 
 
+slow = pytest.mark.slow  # the same path as the two kept in the default run (~13 s each)
+
+
 @pytest.mark.parametrize("bad, words", [
-    ("dict", "returned a dict"), ("string", "returned a str"),
-    ("strings", "returned a non-number"), ("short", "returned 7 values for 8"),
-    ("2d", r"array of shape \(8, 1\)"), ("hang", "did not return within reward_timeout_seconds"),
-    ("exit", r"raised SystemExit\(3\)"), ("interrupt", "raised KeyboardInterrupt")])
+    ("dict", "returned a dict"), pytest.param("string", "returned a str", marks=slow),
+    pytest.param("strings", "returned a non-number", marks=slow),
+    pytest.param("short", "returned 7 values for 8", marks=slow),
+    pytest.param("2d", r"array of shape \(8, 1\)", marks=slow),
+    ("hang", "did not return within reward_timeout_seconds"),
+    pytest.param("exit", r"raised SystemExit\(3\)", marks=slow),
+    pytest.param("interrupt", "raised KeyboardInterrupt", marks=slow)])
 def test_a_bad_reward_output_stops_in_one_line_and_the_checkpoint_resumes(files, tmp_path,
                                                                           monkeypatch, bad,
                                                                           words):
@@ -200,3 +209,58 @@ def test_a_rerun_before_the_first_checkpoint_logs_each_step_once(files, tmp_path
   steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
   assert steps == [1, 2], steps  # the old step 0 and 1 records are gone
   assert not any(r.get("eval/accuracy") == 0.5 for r in read_metrics(workdir))
+
+
+def test_a_full_disk_while_caching_the_warm_up_is_a_warning(tmp_path, monkeypatch, caplog):
+  import errno
+  from grpo_jax import warmup
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(warmup, "_write", full)
+  train.train_and_evaluate(tiny_config(sft_steps=2, max_steps=1, checkpoint_every=0,
+                                       eval_every=0), str(tmp_path / "run"))
+  assert "Could not cache the supervised warm-up" in caplog.text
+  assert "No space left on device" in caplog.text
+
+
+DELETER = """
+import os, shutil
+calls = 0
+
+def delete_workdir(prompts, completions, **columns):
+  global calls
+  calls += 1
+  if calls == 2:
+    while os.path.exists(WORKDIR):  # an async checkpoint may still be writing into it
+      shutil.rmtree(WORKDIR, ignore_errors=True)
+  return [1.0] * len(completions)
+"""
+
+
+def test_a_workdir_deleted_mid_run_stops_in_one_line(files, tmp_path, monkeypatch):
+  workdir = tmp_path / "doomed"
+  (files / "deleter.py").write_text(f"WORKDIR = {str(workdir)!r}\n" + DELETER)
+  line = exit_line(config_of(files, reward_funcs="deleter:delete_workdir", max_steps=4,
+                             checkpoint_every=1), workdir)
+  assert f"the workdir {workdir} was deleted during the run" in line
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line_with_file_and_line(tmp_path):
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("def get_config():\n  c = dict(\n  return c\n")
+  done = subprocess.run([sys.executable, "-m", "grpo_jax.train", f"--config={bad}",
+                         f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "XLA_FLAGS": ""})
+  assert done.returncode == 1
+  lines = done.stderr.strip().splitlines()
+  assert lines[-1].startswith(f"grpo_jax: error: config file {bad}, line "), done.stderr
+  assert "Traceback" not in done.stderr
+
+
+def test_a_malformed_file_is_reported_once(files, tmp_path, caplog):
+  (files / "broken.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n{"question": \n')
+  line = exit_line(config_of(files, dataset=f"json:{files / 'broken.jsonl'}"), tmp_path / "r")
+  assert "broken.jsonl could not be read as json" in line
+  assert not [r for r in caplog.records if r.name.startswith("datasets")]
