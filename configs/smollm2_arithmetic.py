@@ -38,6 +38,10 @@ def get_config():
   c.loss_type = "dapo"  # TRL's default
   c.max_steps = 100
   c.eval_every = 20
+  # 64 held-out problems per decode: all 256 at once ran 1.2x faster (128: 75.6 s against 91.1 s
+  # in 32-row batches, same accuracy) but holds a ~2.6 GB KV cache on top of the run's
+  # ~7.2 GiB; 64 rows keep the recipe within a laptop's 8 GiB.
+  c.eval_batch_size = 64
   c.checkpoint_every = 20
   c.log_every = 1
   return c
