@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from grpo_jax import train
-from grpo_jax.errors import UserError
 from grpo_jax.rewards import registry
 
-from test_train import tiny_config, read_metrics, final_params, assert_trees_equal
+from test_faults import exit_line
+from test_train import tiny_config, read_metrics
 
 REWARDS = '''
 import os, sys, time
@@ -67,14 +67,6 @@ def config_of(files, **overrides):
   return tiny_config(**{"dataset": f"json:{files / 'data.jsonl'}", "prompt_column": "question",
                         "reward_funcs": "door_rewards:bad_after", "max_steps": 4,
                         "checkpoint_every": 2, "eval_every": 0, "eval_size": 0, **overrides})
-
-
-def exit_line(config, workdir) -> str:
-  with pytest.raises(SystemExit) as exited:
-    train.train_command(config, str(workdir))
-  line = exited.value.code
-  assert isinstance(line, str) and "\n" not in line and line.startswith("grpo_jax: error: "), line
-  return line
 
 
 slow = pytest.mark.slow  # the same path as the two kept in the default run (~13 s each)
