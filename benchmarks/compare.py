@@ -15,6 +15,12 @@ Every completion is forced to full length in every system: the tokenizer's EOS (
 generation_config.json's eos_token_id) is id V, one past the model's vocabulary of V
 logits, so no sampler can ever produce it. The script checks the logged
 `completions/mean_length` of every step against max_completion_length.
+
+The `smollm2` workload is the exception (benchmarks/smollm2_workload.py): the real
+SmolLM2-135M-Instruct, chat-formatted word problems, a correctness reward and natural EOS,
+batched as configs/smollm2_arithmetic.py. Its completions end where each system's samples
+end, so it gets a table of its own: mean completion length, completion tokens/s, and MFU
+from each system's model FLOPs at its own completion lengths.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import smollm2_workload  # benchmarks/smollm2_workload.py, beside this script
+from compare_report import fmt_mib, table  # benchmarks/compare_report.py: the tables
 from grpo_jax.models import ModelConfig
 from grpo_jax.plan import roofline
 
@@ -43,7 +51,12 @@ SYSTEMS = ("grpo_jax", "trl", "tunix")
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """A model shape (Qwen2 layout, tied embeddings) and a GRPO batch."""
+  """A model shape (Qwen2 layout, tied embeddings) and a GRPO batch.
+
+  model "random": a random-weight Qwen2 of this shape whose EOS no sampler produces (every
+  completion full length); "smollm2": SmolLM2-135M-Instruct (a Llama of this shape) with its
+  own EOS (natural_eos), built by benchmarks/smollm2_workload.py.
+  """
 
   hidden_size: int
   num_layers: int
@@ -57,6 +70,14 @@ class Workload:
   beta: float = 0.04
   prompt_chars: int = 32  # 0: the demo's arithmetic prompts ("3+4-2=")
   timeout_s: int = 1200  # per system run
+  model: str = "random"
+  natural_eos: bool = False  # completions end at the model's EOS, not at full length
+  max_prompt_length: int = 0  # 0: the prompts' one length (no padding)
+  temperature: float = 1.0
+  loss_type: str = "grpo"  # grpo or dapo (TRL's names; Tunix: its loss_agg_mode for each)
+  reward: str = "length_mod7"  # the function of bench_reward.py
+  train_length_bucket: int = 64  # grpo_jax's (its default; irrelevant at full length)
+  tunix_pad_token: str | None = None  # tunix_driver.py's --pad-token
 
 
 WORKLOADS = {
@@ -68,15 +89,30 @@ WORKLOADS = {
                      timeout_s=3600),
     "big-vocab": Workload(256, 2, 4, 2, 704, 151936, prompts_per_step=4,
                           max_completion_length=128, timeout_s=3600),
+    # configs/smollm2_arithmetic.py's batch and loss (checked against it when built), the
+    # prompts left-padded to 80 positions (they have 60-79 tokens; the recipe allows 96).
+    "smollm2": Workload(576, 30, 9, 3, 1536, 49152, prompts_per_step=4,
+                        max_completion_length=128, beta=0.0, timeout_s=3600, model="smollm2",
+                        natural_eos=True, max_prompt_length=smollm2_workload.MAX_PROMPT_LENGTH,
+                        temperature=1.0, loss_type="dapo", train_length_bucket=32,
+                        reward=smollm2_workload.REWARD_FUNCTION,
+                        tunix_pad_token=smollm2_workload.TUNIX_PAD_TOKEN),
 }
 
-def model_flops(w: Workload, prompt_tokens: int) -> dict[str, float]:
-  """Model FLOPs of one GRPO step, the same for every system (`grpo_jax.plan.roofline`)."""
-  cfg = ModelConfig(vocab_size=w.vocab_size, hidden_size=w.hidden_size,
-                    num_layers=w.num_layers, num_heads=w.num_heads,
-                    num_kv_heads=w.num_kv_heads, intermediate_size=w.intermediate_size)
-  return roofline.step_flops(cfg, w.prompts_per_step, w.num_generations, prompt_tokens,
-                             w.max_completion_length, w.beta)
+def model_config(w: Workload) -> ModelConfig:
+  """grpo_jax's config of the workload's model shape (tied embeddings, head dim D / heads)."""
+  return ModelConfig(vocab_size=w.vocab_size, hidden_size=w.hidden_size,
+                     num_layers=w.num_layers, num_heads=w.num_heads,
+                     num_kv_heads=w.num_kv_heads, intermediate_size=w.intermediate_size)
+
+
+def model_flops(w: Workload, prompt_tokens: float,
+                completion_tokens: float | None = None) -> dict[str, float]:
+  """Model FLOPs of one GRPO step (`grpo_jax.plan.roofline`), the same for every system at
+  full length; with natural EOS, at a system's mean prompt and completion lengths (rounded)."""
+  length = w.max_completion_length if completion_tokens is None else completion_tokens
+  return roofline.step_flops(model_config(w), w.prompts_per_step, w.num_generations,
+                             round(prompt_tokens), max(1, round(length)), w.beta)
 
 
 def matmul_throughput(python: str, backend: str) -> float | None:
@@ -279,12 +315,29 @@ def tail(path: str, lines: int = 15) -> str:
     return "".join(f.readlines()[-lines:])
 
 
-def prepare_workload(w: Workload, wdir: str, seed: int, rebuild: bool = True) -> dict:
+def prepare_workload(w: Workload, wdir: str, seed: int, rebuild: bool = True,
+                     count: int = 128) -> dict:
   """The workload's files in `wdir`: checkpoint, prompts and the reward module.
 
-  Returns {"dir", "model", "prompts", "prompt_tokens"}. rebuild=False keeps an existing
-  checkpoint (the same seed builds the same weights).
+  Returns {"dir", "model", "prompts", "prompt_tokens"} (smollm2: the mean prompt length,
+  and "prompt_lengths"). rebuild=False keeps an existing checkpoint (the same seed builds
+  the same weights). count: prompts to write (smollm2's; the others write 128).
   """
+  if w.model == "smollm2":
+    smollm2_workload.check_against_recipe(
+        prompts_per_step=w.prompts_per_step, num_generations=w.num_generations,
+        max_completion_length=w.max_completion_length, temperature=w.temperature,
+        beta=w.beta, loss_type=w.loss_type)
+    files = smollm2_workload.prepare(wdir, count, seed, w.max_prompt_length, w.temperature,
+                                     rebuild)
+    # The model FLOPs count the workload's shape: it must be the checkpoint's.
+    built, shape = smollm2_workload.model_config(files["model"]), model_config(w)
+    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+              "intermediate_size", "head_dim", "tie_word_embeddings", "qkv_bias", "qk_norm")
+    differ = [f for f in fields if getattr(built, f) != getattr(shape, f)]
+    if differ:
+      raise ValueError(f"the smollm2 checkpoint differs from the workload's shape in {differ}")
+    return files
   os.makedirs(wdir, exist_ok=True)
   files = {"dir": wdir, "model": os.path.join(wdir, "model"),
            "prompts": os.path.join(wdir, "prompts.jsonl")}
@@ -298,16 +351,21 @@ def prepare_workload(w: Workload, wdir: str, seed: int, rebuild: bool = True) ->
 
 def grpo_jax_settings(w: Workload, files: dict, steps: int, learning_rate: float,
                       seed: int) -> dict:
-  """grpo_jax config fields that run the workload as the peers run it."""
+  """grpo_jax config fields that run the workload as the peers run it.
+
+  The prompts are plain text (smollm2's already rendered with the chat template), so no
+  template is applied. train_length_bucket: smollm2's is its recipe's.
+  """
   return {
       "model_path": files["model"], "dataset": f"json:{files['prompts']}",
-      "prompt_column": "prompt", "reward_funcs": "bench_reward:length_mod7",
+      "prompt_column": "prompt", "reward_funcs": f"bench_reward:{w.reward}",
       "sft_steps": 0, "eval_size": 0, "chat_template": "none",
       "prompts_per_step": w.prompts_per_step, "num_generations": w.num_generations,
-      "max_prompt_length": files["prompt_tokens"],
+      "max_prompt_length": w.max_prompt_length or files["prompt_tokens"],
       "max_completion_length": w.max_completion_length,
-      "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-      "beta": w.beta, "epsilon": 0.2, "loss_type": "grpo", "scale_rewards": "group",
+      "train_length_bucket": w.train_length_bucket,
+      "temperature": w.temperature, "top_k": 0, "top_p": 1.0,
+      "beta": w.beta, "epsilon": 0.2, "loss_type": w.loss_type, "scale_rewards": "group",
       "num_iterations": 1, "dtype": "float32", "remat": False,
       "learning_rate": learning_rate, "lr_scheduler_type": "constant",
       "max_grad_norm": 1.0, "weight_decay": 0.0,
@@ -360,9 +418,11 @@ def run_peer(system: str, python: str, name: str, w: Workload, files: dict, args
          "--prompts", files["prompts"], "--out", out, *extra,
          "--prompts-per-step", str(w.prompts_per_step),
          "--num-generations", str(w.num_generations),
-         "--max-completion-length", str(w.max_completion_length), "--steps", str(args.steps),
-         "--beta", str(w.beta), "--learning-rate", str(args.learning_rate),
-         "--seed", str(args.seed)]
+         "--max-completion-length", str(w.max_completion_length),
+         "--max-prompt-length", str(w.max_prompt_length), "--steps", str(args.steps),
+         "--beta", str(w.beta), "--loss-type", w.loss_type,
+         "--temperature", str(w.temperature), "--reward", w.reward,
+         "--learning-rate", str(args.learning_rate), "--seed", str(args.seed)]
   log_path = os.path.join(files["dir"], f"{system}.log")
   code, rss, wall = run_timed(cmd, clean_env(files["dir"]), log_path, w.timeout_s)
   result = Result(name, system, ok=code == 0, peak_rss_kib=rss, wall_seconds=wall)
@@ -392,7 +452,8 @@ def run_trl(name: str, w: Workload, files: dict, args) -> Result:
 
 
 def run_tunix(name: str, w: Workload, files: dict, args) -> Result:
-  result, data = run_peer("tunix", args.tunix_python, name, w, files, args, [])
+  extra = ["--pad-token", w.tunix_pad_token] if w.tunix_pad_token else []
+  result, data = run_peer("tunix", args.tunix_python, name, w, files, args, extra)
   if data is None:
     return result
   result.mean_lengths = data["mean_lengths"]  # Tunix's logged completions/mean_length
@@ -406,6 +467,8 @@ def run_tunix(name: str, w: Workload, files: dict, args) -> Result:
       phases[phase] = round(statistics.median(values), 4)
   result.info = {"versions": data["versions"], "eos_token_ids": data["eos_token_ids"],
                  "pad_token_id": data["pad_token_id"], "kv_cache_size": data["kv_cache_size"],
+                 "model_family": data["model_family"], "loss_agg_mode": data["loss_agg_mode"],
+                 "prompt_lengths": data["prompt_lengths"],
                  "steady_phase_seconds": phases, "phase_seconds": data["phase_seconds"]}
   return result
 
@@ -413,8 +476,9 @@ def run_tunix(name: str, w: Workload, files: dict, args) -> Result:
 RUNNERS = {"grpo_jax": run_grpo_jax, "trl": run_trl, "tunix": run_tunix}
 
 
-def check_full_length(result: Result, w: Workload) -> None:
-  """Marks the run failed unless every step logged completions of exactly L tokens."""
+def check_lengths(result: Result, w: Workload) -> None:
+  """Marks the run failed unless every step logged its completions' mean length, and that
+  is exactly L (full length), or with natural EOS in (0, L]."""
   if not result.ok:
     return
   if len(result.step_seconds) != len(result.mean_lengths) or not result.mean_lengths:
@@ -422,73 +486,28 @@ def check_full_length(result: Result, w: Workload) -> None:
     result.error = (f"{len(result.step_seconds)} step times but {len(result.mean_lengths)} "
                     "logged completion lengths")
     return
-  short = [m for m in result.mean_lengths if m is None or abs(m - w.max_completion_length) > 1e-6]
-  if short:
+  limit = w.max_completion_length
+  wrong = [m for m in result.mean_lengths if m is None or (
+      not 0 < m <= limit + 1e-6 if w.natural_eos else abs(m - limit) > 1e-6)]
+  if wrong:
     result.ok = False
-    result.error = (f"completions not full length: mean lengths {result.mean_lengths}, "
-                    f"expected {w.max_completion_length}")
+    expected = f"between 0 and {limit}" if w.natural_eos else f"{limit}"
+    result.error = f"mean completion lengths {result.mean_lengths}, expected {expected}"
 
 
-# --- the table -------------------------------------------------------------------------------
-
-def fmt_s(x: float | None) -> str:
-  return "-" if x is None else (f"{x:.3f} s" if x < 10 else f"{x:.1f} s")
-
-
-def fmt_mib(kib: int | None) -> str:
-  return "-" if kib is None else f"{kib / 1024:,.0f} MiB"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-  return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
-
-
-def table(results: list[Result], workloads: dict[str, Workload], flops: dict[str, dict],
-          peak_gflops: float | None) -> str:
-  lines = [("| workload | system | first step | second step | median steady step (n) | "
-            "peak RSS | process wall | step time grpo_jax/peer | peak RSS grpo_jax/peer | "
-            "MFU | others' CPU |"),
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in results:
-    base = next((x for x in results if x.workload == r.workload and x.system == "grpo_jax"
-                 and x.ok), None)
-    others = r.info.get("others_cores")
-    others = "-" if others is None else f"{others:.2f} cores"
-    if not r.ok:
-      lines.append(f"| {r.workload} | {r.system} | failed | - | - | {fmt_mib(r.peak_rss_kib)} | "
-                   f"{fmt_s(r.wall_seconds)} | - | - | - | {others} |")
-      continue
-    step_flops = flops.get(r.workload, {}).get("step")
-    mfu = ("-" if not (step_flops and peak_gflops and r.steady_step) else
-           f"{step_flops / r.steady_step / (peak_gflops * 1e9):.0%}")
-    is_peer = r.system != "grpo_jax" and base is not None
-    step_ratio = ratio(base.steady_step, r.steady_step) if is_peer else "-"
-    rss_ratio = ratio(base.peak_rss_kib, r.peak_rss_kib) if is_peer else "-"
-    lines.append(f"| {r.workload} | {r.system} | {fmt_s(r.first_step)} | "
-                 f"{fmt_s(r.second_step)} | {fmt_s(r.steady_step)} ({len(r.steady_steps)}) | "
-                 f"{fmt_mib(r.peak_rss_kib)} | "
-                 f"{fmt_s(r.wall_seconds)} | {step_ratio} | {rss_ratio} | {mfu} | {others} |")
-  shapes = []
-  for name, w in workloads.items():
-    shapes.append(f"- {name}: Qwen2 hidden {w.hidden_size}, {w.num_layers} layers, "
-                  f"{w.num_heads}/{w.num_kv_heads} heads, intermediate {w.intermediate_size}, "
-                  f"vocab {w.vocab_size}, tied; {w.prompts_per_step} prompts x "
-                  f"G={w.num_generations}, {w.max_completion_length} new tokens, "
-                  f"beta {w.beta}")
-    f = flops.get(name)
-    if f:
-      shapes[-1] += (f"; model GFLOP per step {f['step'] / 1e9:,.0f} (sampling "
-                     f"{f['sampling'] / 1e9:,.0f}, reference {f['reference'] / 1e9:,.0f}, "
-                     f"train {f['train'] / 1e9:,.0f})")
-  plans = [f"- {r.workload}: " + "; ".join(r.info["memory_plan"]) for r in results
-           if r.system == "grpo_jax" and r.info.get("memory_plan")]
-  if plans:
-    shapes += ["", "grpo_jax's memory plan (settings chosen at start-up, GiB per device of "
-               "the programs as XLA sizes them, against the limit):", *plans]
-  peak = ("-" if peak_gflops is None else f"{peak_gflops:,.0f} GFLOP/s")
-  note = (f"MFU: model FLOPs per step / (median steady step x this machine's float32 matmul "
-          f"throughput, {peak}, measured in this run by benchmarks/matmul_peak.py).")
-  return "\n".join([*lines, "", *shapes, "", note])
+def natural_eos_measures(result: Result, w: Workload, prompt_tokens: float) -> None:
+  """Adds to result.info what the natural-EOS table shows, over the steady steps: the mean
+  completion length, completion tokens/s, and model FLOPs (each step's at that step's mean
+  completion length and the prompts' mean length)."""
+  if not (result.ok and result.steady_steps):
+    return
+  lengths = result.mean_lengths[result.warmup_steps:]
+  seconds = sum(result.steady_steps)
+  flops = sum(model_flops(w, prompt_tokens, m)["step"] for m in lengths)
+  rows = w.prompts_per_step * w.num_generations
+  result.info.update(mean_completion_length=round(statistics.mean(lengths), 1),
+                     completion_tokens_per_s=rows * sum(lengths) / seconds,
+                     step_gflop=flops / len(lengths) / 1e9, model_flop_per_s=flops / seconds)
 
 
 def main(argv=None) -> int:
@@ -538,12 +557,17 @@ def main(argv=None) -> int:
         f"{ {k: None if v is None else round(v) for k, v in throughput.items()} }", flush=True)
   results: list[Result] = []
   flops: dict[str, dict] = {}
+  prompt_lengths: dict[str, tuple] = {}  # natural-EOS workloads': (min, mean, max) tokens
   for name in workloads:
     w = WORKLOADS[name]
     wdir = os.path.join(args.out, name)
     print(f"[{name}] building checkpoint and prompts in {wdir}", flush=True)
-    files = prepare_workload(w, wdir, args.seed)
-    flops[name] = model_flops(w, files["prompt_tokens"])
+    # smollm2: one problem per prompt slot of the run, so every system trains on all of them.
+    files = prepare_workload(w, wdir, args.seed, count=args.steps * w.prompts_per_step)
+    if w.natural_eos:  # each system's FLOPs, from its own completion lengths
+      prompt_lengths[name] = files["prompt_lengths"]
+    else:
+      flops[name] = model_flops(w, files["prompt_tokens"])
     for system in systems:
       print(f"[{name}] running {system} ({args.steps} steps, timeout {w.timeout_s} s)",
             flush=True)
@@ -555,7 +579,9 @@ def main(argv=None) -> int:
       others = others_cpu(log_path, busy_before, busy_after, result.wall_seconds)
       result.info.update(cpu_percent=cpu_percent(log_path),
                          others_cores=None if others is None else round(others, 2))
-      check_full_length(result, w)
+      check_lengths(result, w)
+      if w.natural_eos:
+        natural_eos_measures(result, w, files["prompt_tokens"])
       results.append(result)
       status = "ok" if result.ok else f"FAILED: {result.error}"
       print(f"[{name}] {system}: steps {[round(s, 3) for s in result.step_seconds]}, "
@@ -571,7 +597,7 @@ def main(argv=None) -> int:
               flush=True)
 
   shown = {n: WORKLOADS[n] for n in workloads}
-  report = table(results, shown, flops, peak_gflops)
+  report = table(results, shown, flops, peak_gflops, prompt_lengths)
   machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
   print(f"\n{time.strftime('%Y-%m-%d')} on {machine}\n")
   print(report)

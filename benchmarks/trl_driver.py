@@ -5,8 +5,11 @@
 
 Writes R.json: per-step seconds (on_step_begin -> on_step_end: generation, rewards, reference
 and actor log-probs, backward, AdamW step), the logged metrics of every step, and versions.
-The reward function is imported from `bench_reward` (compare.py writes it and puts it on
-PYTHONPATH), the same module grpo_jax imports, so both systems score with identical code.
+The reward function (--reward) is imported from `bench_reward` (compare.py writes it and puts
+it on PYTHONPATH), the same module grpo_jax imports, so both systems score with identical
+code; the prompt file's other columns (the smollm2 workload's `answer`) reach it as keyword
+arguments. Completions end at the checkpoint's EOS (generation_config.json's eos_token_id
+and the tokenizer's), whatever the workload makes of it.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def main():
   # Loaded as the generic fast tokenizer it was saved as: AutoTokenizer / AutoProcessor would
   # swap in Qwen2's tokenizer class for a qwen2 config and re-tokenize the prompts differently.
   tokenizer = PreTrainedTokenizerFast.from_pretrained(a.model)
+  # --max-prompt-length is not passed on: TRL 1.x has no prompt limit (it pads each batch's
+  # prompts to the longest of them), and compare.py's prompts all fit within it.
   args = GRPOConfig(
       output_dir=a.workdir,
       max_steps=a.steps,
@@ -93,9 +98,11 @@ def main():
       gradient_accumulation_steps=1,
       num_generations=a.num_generations,
       max_completion_length=a.max_completion_length,
-      temperature=1.0, top_p=1.0, top_k=0,
+      temperature=a.temperature, top_p=1.0, top_k=0,
       beta=a.beta, epsilon=0.2, num_iterations=1,
-      loss_type="grpo",  # TRL 1.x defaults to "dapo"; grpo_jax's default (and the paper's) is "grpo"
+      # TRL 1.x defaults to "dapo"; compare.py passes "grpo" (grpo_jax's default and the
+      # paper's) except where the workload follows a recipe that uses "dapo".
+      loss_type=a.loss_type,
       scale_rewards="group",
       learning_rate=a.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
       optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
@@ -110,8 +117,9 @@ def main():
   )
   dataset = load_dataset("json", data_files=a.prompts, split="train")
   timer = StepTimer()
-  trainer = GRPOTrainer(model=a.model, reward_funcs=bench_reward.length_mod7, args=args,
-                        train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+  trainer = GRPOTrainer(model=a.model, reward_funcs=getattr(bench_reward, a.reward),
+                        args=args, train_dataset=dataset, processing_class=tokenizer,
+                        callbacks=[timer])
   phases = time_phases(trainer)
   if a.device == "cuda":
     torch.cuda.reset_peak_memory_stats()

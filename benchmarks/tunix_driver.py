@@ -3,21 +3,32 @@
   /work/bench-tunix/bin/python benchmarks/tunix_driver.py --model DIR --prompts FILE.jsonl \
       --prompts-per-step 4 --num-generations 8 --max-completion-length 64 --steps 6 --out R.json
 
-The checkpoint is loaded with Tunix's own Qwen2 (`tunix.models.qwen2`) and its safetensors
-loader, twice: the actor (which the vanilla rollout shares) and the reference. One
+The checkpoint is loaded with Tunix's own model of its family (config.json's model_type:
+`tunix.models.qwen2` or `tunix.models.llama3`) and that family's safetensors loader: the
+actor (which the vanilla rollout shares) and, when beta > 0, the reference. One
 `GRPOLearner` step is one optimizer step on P prompts x G completions: the vanilla sampler
 generates all P*G completions in one call, the reference scores them in one pass, and the
 actor takes one AdamW step (no mini-batches, no gradient accumulation, num_iterations 1).
 
 Writes R.json: per-step seconds, per-phase seconds from Tunix's own perf tracer (rollout,
 reference pass, actor update), the metrics Tunix logs for each step
-(`completions/mean_length` among them), and versions. The reward function is imported from
-`bench_reward` (compare.py writes it and puts it on PYTHONPATH), the same module the other
-systems import.
+(`completions/mean_length` among them), and versions. The reward function (--reward) is
+imported from `bench_reward` (compare.py writes it and puts it on PYTHONPATH), the same
+module the other systems import; the prompt file's other columns (the smollm2 workload's
+`answer`) travel in the training batches, which Tunix hands to the reward as keyword
+arguments.
+
+EOS and padding. Tunix's pad id means "no token": its sampler masks pad positions out of
+attention and its completion mask is `completion != pad`. A workload whose EOS is id V (one
+past the model's V logits, never sampled: every completion full length) pads with that EOS.
+A workload with a real EOS (natural lengths) names the pad token with --pad-token: a token
+of the vocabulary that is neither the EOS nor in any prompt (the checkpoint's own pad may
+be neither: SmolLM2's is <|im_end|>, its EOS, which every chat prompt holds).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -32,6 +43,9 @@ import optax
 import tunix
 from flax import nnx
 from transformers import PreTrainedTokenizerFast
+from tunix.generate import tokenizer_adapter
+from tunix.models.llama3 import model as llama3_model
+from tunix.models.llama3 import params as llama3_params
 from tunix.models.qwen2 import model as qwen2_model
 from tunix.models.qwen2 import params as qwen2_params
 from tunix.perf import export as perf_export
@@ -47,22 +61,55 @@ from tunix.utils import mesh as mesh_lib
 PHASES = {"rollout": ("rollout", "perf/device/rollout_time"),
           "reference": ("refer_inference", "perf/device/refer_inference_time"),
           "actor_update": ("peft_train_step", "perf/device/actor_train_step_time")}
+# The loss aggregations of grpo_jax's / TRL's loss types: grpo, a token mean per sequence and
+# then the mean over sequences; dapo, the token mean over the whole batch (one micro-batch).
+LOSS_AGG_MODES = {"grpo": "sequence-mean-token-mean", "dapo": "token-mean"}
 
 
-def model_config(model_dir: str) -> qwen2_model.ModelConfig:
-  """Tunix's Qwen2 config for the Hugging Face checkpoint in `model_dir` (its config.json)."""
+def read_hf_config(model_dir: str) -> dict:
+  """The checkpoint's config.json."""
   with open(os.path.join(model_dir, "config.json")) as f:
-    hf = json.load(f)
+    return json.load(f)
+
+
+def model_config(hf: dict):
+  """Tunix's config (Qwen2 or Llama3) for a Hugging Face config.json dict."""
   # transformers 5 keeps rope_theta under rope_parameters; older versions at the top level.
-  rope_theta = hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]
-  return qwen2_model.ModelConfig(
+  rope = hf.get("rope_parameters") or {}
+  rope_theta = hf.get("rope_theta") or rope["rope_theta"]
+  if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+    raise ValueError(f"rope scaling {rope or hf['rope_scaling']}: not in Tunix's models")
+  shape = dict(
       num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"],
       embed_dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
       num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
       head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-      rope_theta=rope_theta, norm_eps=hf["rms_norm_eps"],
-      use_tied_embedding=hf["tie_word_embeddings"],
-      dtype=jnp.float32, param_dtype=jnp.float32)
+      rope_theta=rope_theta, norm_eps=hf["rms_norm_eps"])
+  if hf["model_type"] == "qwen2":
+    return qwen2_model.ModelConfig(**shape, use_tied_embedding=hf["tie_word_embeddings"],
+                                   dtype=jnp.float32, param_dtype=jnp.float32)
+  if hf["model_type"] == "llama":
+    # Llama3's config has no dtype fields: it computes in its parameters' dtype (float32).
+    return llama3_model.ModelConfig(**shape, weight_tying=hf["tie_word_embeddings"])
+  raise ValueError(f"model_type {hf['model_type']!r}: the driver runs qwen2 and llama")
+
+
+def load_model(model_dir: str, hf: dict, cfg, mesh):
+  """The checkpoint as Tunix's model of its family, float32."""
+  family = qwen2_params if hf["model_type"] == "qwen2" else llama3_params
+  return family.create_model_from_safe_tensors(model_dir, cfg, mesh, dtype=jnp.float32)
+
+
+def bind_llama_rope_theta(rope_theta: float) -> None:
+  """Makes Tunix's Llama3 rotate with the checkpoint's rope_theta.
+
+  Tunix 0.1.7's Llama3 attention calls `apply_rope(x, positions, head_dim=...)` without the
+  config's rope_theta, so every Llama gets that function's default base, 1e6 (Llama 3's is
+  5e5, SmolLM2's 1e5), and computes other logits than the checkpoint's. The attention looks
+  `apply_rope` up in its module at trace time; this binds the base there. A call that passes
+  rope_theta itself (a fixed Tunix) still wins: a partial's keywords yield to the call's.
+  """
+  llama3_model.apply_rope = functools.partial(llama3_model.apply_rope, rope_theta=rope_theta)
 
 
 def phase_export(cluster_config: rl_cluster_lib.ClusterConfig):
@@ -123,13 +170,39 @@ class TimedGRPOLearner(grpo_learner.GRPOLearner):
     self.rl_cluster.perf.synchronize()
 
 
-def batches(prompts: list[str], per_step: int, steps: int):
-  """`steps` batches of `per_step` prompts, in file order (wrapping around)."""
+def batches(rows: list[dict], per_step: int, steps: int):
+  """`steps` batches of `per_step` rows, in file order (wrapping around): the prompts under
+  "prompts", every other column under its own name (the reward's keyword arguments)."""
   for step in range(steps):
     start = step * per_step
-    picked = [prompts[(start + i) % len(prompts)] for i in range(per_step)]
-    # An array, not a list: the learner repeats every leaf G times along axis 0.
-    yield {"prompts": np.array(picked)}
+    picked = [rows[(start + i) % len(rows)] for i in range(per_step)]
+    # Arrays, not lists: the learner repeats every leaf G times along axis 0.
+    batch = {"prompts": np.array([row["prompt"] for row in picked])}
+    batch.update({k: np.array([row[k] for row in picked]) for k in picked[0] if k != "prompt"})
+    yield batch
+
+
+def choose_pad(tokenizer, vocab_size: int, pad_token: str | None) -> None:
+  """Sets the tokenizer's pad token as Tunix needs it (module docstring, "EOS and padding")."""
+  eos_id = tokenizer.eos_token_id
+  if eos_id >= vocab_size:  # never sampled: every completion is full length
+    tokenizer.pad_token = tokenizer.eos_token
+    return
+  if pad_token is None:
+    raise SystemExit(f"the EOS (id {eos_id}) is in the model's vocabulary: completions end "
+                     "early and padding must be told apart from tokens; pass --pad-token")
+  pad_id = tokenizer.get_vocab().get(pad_token)
+  if pad_id is None or not 0 <= pad_id < vocab_size or pad_id == eos_id:
+    raise SystemExit(f"--pad-token {pad_token!r} (id {pad_id}): need a token of the model's "
+                     f"vocabulary other than the EOS")
+  tokenizer.pad_token = pad_token
+
+
+def prompt_ids(adapter: tokenizer_adapter.TokenizerAdapter, prompt: str) -> list[int]:
+  """The ids Tunix's sampler gives a prompt (`Sampler.tokenize`: the tokenizer's encoding
+  after a BOS, a doubled BOS at the start made one)."""
+  bos = [adapter.bos_id()] if adapter.bos_id() else []
+  return adapter.dedup_bos_ids(bos + adapter.encode(prompt))
 
 
 def scalar(values, op) -> float | None:
@@ -143,31 +216,39 @@ def scalar(values, op) -> float | None:
 
 def main():
   p = driver_args.workload_parser()
+  p.add_argument("--pad-token", default=None,
+                 help="Tunix's pad token where the EOS is a real token (module docstring)")
   a = p.parse_args()
 
-  cfg = model_config(a.model)
+  hf = read_hf_config(a.model)
+  cfg = model_config(hf)
+  if hf["model_type"] == "llama":
+    bind_llama_rope_theta(cfg.rope_theta)
   # Loaded as the generic fast tokenizer it was saved as (AutoTokenizer would pick Qwen2's).
   tokenizer = PreTrainedTokenizerFast.from_pretrained(a.model)
   eos_id = tokenizer.eos_token_id
-  assert eos_id == cfg.vocab_size, (eos_id, cfg.vocab_size)  # never sampled: full length
-  # Tunix uses the pad id as "no token": its sampler masks pad positions out of attention and
-  # its completion mask is `completion != pad`. With the checkpoint's pad (<pad>, id 0), an
-  # ordinary sampled id 0 would drop out of attention and of the loss. The other systems mask
-  # only after EOS, so Tunix gets pad = EOS = V, an id that the model never produces. No
-  # prompt is padded (they all have one length), so prompt ids are unchanged.
-  tokenizer.pad_token = tokenizer.eos_token
+  choose_pad(tokenizer, cfg.vocab_size, a.pad_token)
   with open(a.prompts) as f:
-    prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-  prompt_lengths = {len(tokenizer.encode(x)) for x in prompts}
-  assert len(prompt_lengths) == 1, prompt_lengths
-  prompt_len = prompt_lengths.pop()
+    rows = [json.loads(line) for line in f if line.strip()]
+  adapter = tokenizer_adapter.TokenizerAdapter(tokenizer)
+  ids = [prompt_ids(adapter, row["prompt"]) for row in rows]
+  if any(tokenizer.pad_token_id in x for x in ids):
+    raise SystemExit(f"the pad token {tokenizer.pad_token!r} occurs in a prompt")
+  lengths = sorted({len(x) for x in ids})
+  if a.max_prompt_length:  # left padding up to it
+    prompt_len = a.max_prompt_length
+    if lengths[-1] > prompt_len:
+      raise SystemExit(f"a prompt has {lengths[-1]} tokens > --max-prompt-length {prompt_len}")
+  else:  # one length for all: no padding
+    assert len(lengths) == 1, lengths
+    prompt_len = lengths[0]
 
   # One CPU device; every role on the same mesh, so the rollout shares the actor's weights
   # (no weight sync) and Tunix's perf tracer uses its colocated layout.
   mesh = mesh_lib.create_mesh((1, 1), ("fsdp", "tp"))  # Tunix's helper: Auto axis types
-  actor = qwen2_params.create_model_from_safe_tensors(a.model, cfg, mesh, dtype=jnp.float32)
-  reference = qwen2_params.create_model_from_safe_tensors(a.model, cfg, mesh,
-                                                          dtype=jnp.float32)
+  actor = load_model(a.model, hf, cfg, mesh)
+  # No reference pass without a KL term (Tunix skips it at beta 0), so no reference copy.
+  reference = load_model(a.model, hf, cfg, mesh) if a.beta else None
 
   optimizer = optax.chain(
       optax.clip_by_global_norm(1.0),
@@ -186,10 +267,12 @@ def main():
   )
   rollout_config = base_rollout.RolloutConfig(
       max_tokens_to_generate=a.max_completion_length,
-      max_prompt_length=prompt_len,  # exact: no left padding, no rounding up to a power of 2
+      # The prompts' length or --max-prompt-length: no rounding up to a power of 2.
+      max_prompt_length=prompt_len,
       # The sampler's KV cache holds prompt + completion, no more (default: 1024 slots).
       kv_cache_size=prompt_len + a.max_completion_length,
-      temperature=1.0, top_p=1.0, top_k=None,  # plain categorical sampling (top_p=None: greedy)
+      # Plain categorical sampling (top_p=None would be greedy).
+      temperature=a.temperature, top_p=1.0, top_k=None,
       eos_tokens=[eos_id],
       data_type=jnp.float32,
   )
@@ -214,13 +297,13 @@ def main():
   algo_config = grpo_learner.GRPOConfig(
       num_generations=a.num_generations, num_iterations=1, beta=a.beta, epsilon=0.2,
       kl_loss_mode="low_var_kl",  # k3: exp(ref - logp) - (ref - logp) - 1
-      loss_agg_mode="sequence-mean-token-mean",  # token mean per sequence, then sequence mean
+      loss_agg_mode=LOSS_AGG_MODES[a.loss_type],
       advantage_estimator="grpo", policy_loss_fn="grpo", loss_algo="grpo")
-  learner = TimedGRPOLearner(cluster, algo_config, reward_fns=bench_reward.length_mod7,
+  learner = TimedGRPOLearner(cluster, algo_config, reward_fns=getattr(bench_reward, a.reward),
                              sample_key=jax.random.PRNGKey(a.seed))
   assert not learner.should_sync_weights  # the rollout samples from the actor's own weights
   started = time.perf_counter()
-  learner.train(batches(prompts, a.prompts_per_step, a.steps))
+  learner.train(batches(rows, a.prompts_per_step, a.steps))
   train_wall = time.perf_counter() - started
 
   # Tunix flushes a step's buffer when the next one starts; the perf exporter runs after the
@@ -239,7 +322,9 @@ def main():
     json.dump({"step_seconds": learner.step_seconds, "mean_lengths": mean_lengths,
                "phase_seconds": phases, "actor_losses": losses, "train_wall": train_wall,
                "logs": list(by_step.values()), "eos_token_ids": [eos_id],
-               "pad_token_id": tokenizer.pad_token_id,
+               "pad_token_id": tokenizer.pad_token_id, "model_family": hf["model_type"],
+               "loss_agg_mode": algo_config.loss_agg_mode,
+               "prompt_lengths": [lengths[0], lengths[-1]],
                "kv_cache_size": rollout_config.kv_cache_size,
                "versions": {"tunix": tunix.__version__, "jax": jax.__version__,
                             "flax": flax.__version__, "optax": optax.__version__}}, f)
