@@ -3,7 +3,7 @@
   python benchmarks/eval_speed.py [--config configs/smollm2_arithmetic.py] [--eval-size 512]
       [--batches 0,32,128] [--repeats 1]
 
-Builds the recipe's model, data and reward functions as the trainer does (`train.setup`),
+Builds the recipe's model, data and reward functions as the trainer does (`build.setup`),
 then times the trainer's `Evaluator` (compilation excluded: one warm-up evaluation per batch
 size first) and prints the accuracy each batch size gives, which must not change.
 """
@@ -17,7 +17,7 @@ import time
 import jax
 
 from grpo_jax import config as config_lib
-from grpo_jax import grpo, rollouts, train
+from grpo_jax import build, evaluate, grpo, rollouts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,22 +37,22 @@ def main():
   for batch in map(int, a.batches.split(",")):
     config = config_lib.from_file(a.config)
     config.eval_size, config.eval_batch_size = a.eval_size, batch
-    s = train.setup(config)
-    tx, schedule = train.make_optimizer(config)
-    step_fn = train.planned_step_fn(
+    s = build.setup(config)
+    tx, schedule = build.make_optimizer(config)
+    step_fn = build.planned_step_fn(
         config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config,
                               reference_def=s.reference_def), s.model_config)
     params = step_fn.place_params(s.init_params)
     step_fn.note_resident(step_fn.init_state(params), None)
-    sampler = rollouts.SingleTurnSampler(step_fn, rollouts.greedy_config(s.grpo_config.sampling))
-    evaluate = rollouts.Evaluator(s, config, step_fn, sampler)
+    sampler = rollouts.SingleTurnSampler(step_fn, evaluate.greedy_config(s.grpo_config.sampling))
+    evaluator = evaluate.Evaluator(s, config, step_fn, sampler)
     started = time.perf_counter()
-    result = evaluate(params)
+    result = evaluator(params)
     first = time.perf_counter() - started
     times = [] if a.repeats else [first]  # --repeats 0: the first one (compilation included)
     for _ in range(a.repeats):
       started = time.perf_counter()
-      result = evaluate(params)
+      result = evaluator(params)
       times.append(time.perf_counter() - started)
     plan = "; ".join(setting.describe(evaluate.batch_size, name) for name, (setting, _)
                      in step_fn.choices.items() if name == "evaluator")

@@ -40,7 +40,7 @@ def main():
   import jax
 
   from grpo_jax import config as config_lib
-  from grpo_jax import grpo, rollouts, train
+  from grpo_jax import build, grpo, rollouts
   from grpo_jax.data import batching
 
   w = compare.WORKLOADS[a.workload]
@@ -50,7 +50,7 @@ def main():
 
   config = config_lib.base_config()
   config.update(compare.grpo_jax_settings(w, files, steps=100, learning_rate=1e-6, seed=0))
-  s = train.setup(config)
+  s = build.setup(config)
   tx, schedule = grpo.make_optimizer(1e-6, 100, schedule="constant")
   step = grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config)
   host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config, config.num_generations)

@@ -36,7 +36,7 @@ def main():
 
   from etils import epath  # noqa: PLC0415 (after the path setup)
 
-  from grpo_jax import checkpoint, grpo, rollouts, train  # noqa: PLC0415
+  from grpo_jax import build, checkpoint, evaluate, grpo, rollouts, train  # noqa: PLC0415
   from grpo_jax import config as config_lib  # noqa: PLC0415
   from grpo_jax.tools import host as tools_host  # noqa: PLC0415
   from variants_learn import cpu_name  # noqa: PLC0415
@@ -48,28 +48,28 @@ def main():
   train.train_and_evaluate(config, args.out)
   seconds = time.perf_counter() - started
 
-  s = train.setup(config)
-  ckpt = checkpoint.Checkpointer(epath.Path(args.out) / "checkpoints", train.fingerprint(s),
+  s = build.setup(config)
+  ckpt = checkpoint.Checkpointer(epath.Path(args.out) / "checkpoints", build.fingerprint(s),
                                  max_to_keep=config.keep_checkpoints)
   try:
-    restored = train.restore_checkpoint(config, s, ckpt)
+    restored = build.restore_checkpoint(config, s, ckpt)
   finally:
     ckpt.close()
-  tx, schedule = train.make_optimizer(config)
-  step_fn = train.build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config))
-  greedy = rollouts.greedy_config(s.grpo_config.sampling)
+  tx, schedule = build.make_optimizer(config)
+  step_fn = build.build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config))
+  greedy = evaluate.greedy_config(s.grpo_config.sampling)
   evaluators = {
-      "with the tool": rollouts.Evaluator(s, config, step_fn, tools_host.ToolSampler(
+      "with the tool": evaluate.Evaluator(s, config, step_fn, tools_host.ToolSampler(
           s.tools, s.tokenizer, step_fn, greedy, config.max_tool_calling_iterations,
           config.tool_timeout_seconds), s.tools.schemas),
-      "without the tool": rollouts.Evaluator(s, config, step_fn, rollouts.SingleTurnSampler(
+      "without the tool": evaluate.Evaluator(s, config, step_fn, rollouts.SingleTurnSampler(
           step_fn, dataclasses.replace(greedy, stop_token_ids=())), s.tools.schemas),
   }
   rows = []
   for when, params in (("before GRPO", restored.reference), ("after GRPO", restored.state.params)):
     placed = step_fn.place_params(params)
-    for how, evaluate in evaluators.items():
-      result = evaluate(placed)
+    for how, evaluator in evaluators.items():
+      result = evaluator(placed)
       rows.append({"model": when, "eval": how, "accuracy": result.metrics["eval/accuracy"],
                    "calls_per_completion": result.metrics.get("eval/tools/calls_per_completion"),
                    "sample": result.sample_text.split("\n\n")[0]})

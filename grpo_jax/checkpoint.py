@@ -49,6 +49,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from grpo_jax import hosts
 from grpo_jax.errors import UserError
 
 log = logging.getLogger("grpo_jax")
@@ -135,10 +136,6 @@ def _describe_exception(exc: BaseException) -> str:
     exc = exc.__cause__
   message = _one_line(str(exc))
   return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _is_primary() -> bool:
-  return jax.process_index() == 0
 
 
 def _sync(name: str) -> None:
@@ -460,7 +457,7 @@ class Checkpointer:
       return
     for step, reason in passed_over:
       source, destination = self.step_path(step), self._corrupt_destination(step)
-      if _is_primary():
+      if hosts.is_primary():
         try:
           destination.parent.mkdir(parents=True, exist_ok=True)
           source.rename(destination)
@@ -508,7 +505,7 @@ class Checkpointer:
         and (path / "_CHECKPOINT_METADATA").exists()):
       return
     new, old = path.parent / f"{path.name}.new", path.parent / f"{path.name}.old"
-    if _is_primary():
+    if hosts.is_primary():
       for stale in (new, old):
         if stale.exists():
           stale.rmtree()
@@ -525,7 +522,7 @@ class Checkpointer:
       self._reported_write_error = True
       raise UserError(f"cannot write the reference params {path}: {os.strerror(code)}"
                       ) from None
-    if _is_primary():
+    if hosts.is_primary():
       if path.exists():
         path.rename(old)
       new.rename(path)

@@ -37,7 +37,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from grpo_jax import rollouts, sampling
+from grpo_jax import hosts, rollouts, sampling
 
 log = logging.getLogger("grpo_jax")
 
@@ -180,7 +180,7 @@ def gather(sample_round: Callable[[int], tuple | None], gatherer: GroupGatherer,
     rounds += 1
     # every host must agree on the rounds: each round's sampler is one collective program
     if (gatherer.keep is None or rounds >= max_rounds
-        or rollouts.across_hosts(gatherer.full, np.all)):
+        or hosts.agree(gatherer.full, np.all)):
       return gatherer.batch(rounds)
 
 
@@ -195,7 +195,7 @@ def with_sampling_metrics(gathered: Gathered, metrics: dict[str, float], total_g
   """A step's metrics with the filler left out of the reward metrics
   (`kept_group_metrics`), and `dynamic_sampling/rounds` and `dynamic_sampling/kept_groups`
   (informative sampled groups, over all hosts, of `total_groups` = prompts_per_step)."""
-  kept = rollouts.across_hosts(gathered.kept_groups)
+  kept = hosts.agree(gathered.kept_groups)
   return {**kept_group_metrics(metrics, kept, total_groups, per_group_std),
           "dynamic_sampling/rounds": float(gathered.rounds),
           "dynamic_sampling/kept_groups": float(kept)}

@@ -21,20 +21,17 @@ import numpy as np
 from clu import periodic_actions
 from flax import nnx
 
-from grpo_jax import (checkpoint, dynamic_sampling, grpo, metrics, preemption, rollouts,
+from grpo_jax import (checkpoint, dynamic_sampling, grpo, hosts, metrics, preemption, rollouts,
                       sampling)
 from grpo_jax import config as config_lib
 from grpo_jax.data import batching
 from grpo_jax.errors import UserError
+from grpo_jax.evaluate import Evaluator, greedy_config
 from grpo_jax.models import hf, lora, peft_format
 from grpo_jax.tools import host as tools_host
+from grpo_jax.tools import stats as tool_stats
 
 log = logging.getLogger("grpo_jax")
-
-
-def is_primary() -> bool:
-  """Metrics, plots and exports are written by process 0 only (one per slice, not per host)."""
-  return jax.process_index() == 0
 
 
 class NonFiniteWatch:
@@ -66,7 +63,7 @@ class NonFiniteWatch:
 class TrainLoop:
   """Runs the steps of a run on a compiled step (`step_fn`: pmap or mesh layout).
 
-  `s`: the run's `train.Setup`; its `init_params` are taken over by `run`.
+  `s`: the run's `build.Setup`; its `init_params` are taken over by `run`.
   """
 
   def __init__(self, config, s, step_fn, ckpt: checkpoint.Checkpointer, writer, logdir):
@@ -76,15 +73,15 @@ class TrainLoop:
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
                                       config.num_generations, schemas)
     self.sampler = self.make_sampler(s.grpo_config.sampling)
-    self.tool_stats: list[rollouts.ToolStats] = []  # this step's, over its sampling rounds
+    self.tool_stats: list[tool_stats.ToolStats] = []  # this step's, over its sampling rounds
     self.train_width = rollouts.TrainWidths(config.train_length_bucket,
                                             config.max_completion_length)
     # Each host feeds its own devices: a disjoint share of every global batch.
     self.stream = batching.PromptStream(s.train_data, config.prompts_per_step,
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-    self.evaluate = (rollouts.Evaluator(
-        s, config, step_fn, self.make_sampler(rollouts.greedy_config(s.grpo_config.sampling)),
+    self.evaluate = (Evaluator(
+        s, config, step_fn, self.make_sampler(greedy_config(s.grpo_config.sampling)),
         schemas) if s.eval_data is not None and config.eval_every else None)
     self.nonfinite = NonFiniteWatch(config.max_nonfinite_steps)
     self.short_batches = dynamic_sampling.ShortBatchWarnings(config.max_num_gen_batches)
@@ -187,7 +184,7 @@ class TrainLoop:
 
   def out_of_time(self, deadline: float | None) -> bool:
     """Whether the time budget (`max_train_minutes`) is spent; every host agrees."""
-    return deadline is not None and bool(rollouts.across_hosts(time.monotonic() >= deadline,
+    return deadline is not None and bool(hosts.agree(time.monotonic() >= deadline,
                                                                 np.any))
 
   def run(self, restored, stop: preemption.StopRequests) -> None:
@@ -250,9 +247,9 @@ class TrainLoop:
       raise preemption.Preempted(stop.signum, (
           f"stopped by {preemption.signal_name(stop.signum)} after step {done} of "
           f"{config.max_steps}; {where}"))
-    if is_primary():
+    if hosts.is_primary():
       metrics.plot_curves(str(self.logdir))
-    if config.export_hf and is_primary():
+    if config.export_hf and hosts.is_primary():
       self.export(state, reference)
 
   def train_step(self, state, reference, key, stop):
@@ -282,7 +279,7 @@ class TrainLoop:
               config.scale_rewards, config.multi_objective_aggregation))
       self.short_batches(step_metrics, config.prompts_per_step)
     if self.tool_stats:  # calls, failures and turns of every completion sampled this step
-      step_metrics.update(rollouts.concatenate_tool_stats(self.tool_stats).metrics())
+      step_metrics.update(tool_stats.concatenate_tool_stats(self.tool_stats).metrics())
     finished = time.perf_counter()
     step_metrics.update(dynamic_sampling.throughput(batch, finished - started))
     # Where the step went: prompts + sampling, host reward functions, reference + update.
@@ -392,5 +389,5 @@ class TrainLoop:
     self.writer.write_texts(step, {"samples": result.sample_text})
     self.writer.flush()
     progress.update(step, result.metrics)
-    if is_primary():
+    if hosts.is_primary():
       metrics.plot_curves(str(self.logdir))

@@ -33,9 +33,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from grpo_jax import mesh, sampling
+from grpo_jax import hosts, mesh, sampling
 from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, attention
 
@@ -356,8 +355,7 @@ class PlannedStep:
     self.platform = devices[0].platform
     self.limit = device_memory(devices, memory_limit_gib)
     if jax.process_count() > 1:  # every host must choose (and compile) the same programs
-      mib = multihost_utils.process_allgather(np.int32(self.limit // 2**20))  # int32: no x64
-      self.limit = int(np.min(mib)) * 2**20
+      self.limit = int(hosts.agree(self.limit // 2**20, np.min)) * 2**20  # MiB: int32
     self.micro_batch_size, self.remat = micro_batch_size, remat
     self.programs: dict[tuple, Any] = {}
     self.choices: dict[str, tuple[Any, float]] = {}  # by program: the last (setting, bytes)

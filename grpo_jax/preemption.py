@@ -20,7 +20,8 @@ import threading
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+
+from grpo_jax import hosts
 
 log = logging.getLogger("grpo_jax")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -89,7 +90,7 @@ class StopRequests:
     host must call it at the same points of the loop, which the loop's phases are)."""
     stop = self.signum is not None
     if jax.process_count() > 1:
-      stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
+      stop = bool(hosts.agree(stop, np.any))
       if stop and self.signum is None:  # another host was signalled: stop with it
         self.signum = signal.SIGTERM
     return stop

@@ -1,23 +1,21 @@
 """Host side of a rollout: prompts to token ids, completion ids to text, text to rewards.
 
 Reward functions are user Python (TRL's signature), so they run on the host between the
-pmapped sampler and the pmapped update. Also the held-out greedy evaluation.
+compiled sampler and the compiled update. The held-out evaluation is `evaluate`; what a
+multi-turn rollout adds on the host is `tools.stats`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import warnings
-from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from grpo_jax import sampling
+from grpo_jax import hosts, sampling
 from grpo_jax.data import batching, chat
 from grpo_jax.rewards import compute_rewards
+from grpo_jax.tools import stats as tool_stats
 
 log = logging.getLogger("grpo_jax")
 
@@ -80,15 +78,6 @@ class AbstentionWarnings:
                     self.consequence, so_far)
 
 
-def across_hosts(value, reduce=np.sum):
-  """`reduce` (np.sum, np.max, np.any, np.all) of an integer or boolean over every host: what
-  all hosts must agree on (how many sampling rounds or turns to run: each is one collective
-  program over all of them). One host: the value itself."""
-  if jax.process_count() == 1:
-    return reduce(np.asarray(value)).item()
-  return reduce(multihost_utils.process_allgather(np.int32(value))).item()
-
-
 def is_power_of_ten(count: int) -> bool:
   """1, 10, 100, ...: the occurrences a repeated warning is logged on."""
   while count % 10 == 0:
@@ -126,7 +115,7 @@ class HostRollouts:
                                    truncate=self.truncate, add_special_tokens=add_special_tokens)
 
   def score(self, rows: dict[str, list], rollout: sampling.Rollout,
-            warn_abstentions: bool = True, turns: ToolTurns | None = None):
+            warn_abstentions: bool = True, turns: tool_stats.ToolTurns | None = None):
     """(rewards [N, F] float32 with NaN for None, completion texts) of a host rollout.
 
     Rewards are finite or NaN (inf, or a weighted total beyond float32, is a UserError).
@@ -144,7 +133,7 @@ class HostRollouts:
     prompts = columns.pop(self.prompt_column)
     for_rewards = chat.completions_for_rewards(prompts, completions)
     if turns is not None and prompts and chat.is_conversational(prompts[0]):
-      for_rewards = tool_conversations(self.tokenizer, rollout, turns.results)
+      for_rewards = tool_stats.tool_conversations(self.tokenizer, rollout, turns.results)
     rewards = compute_rewards(self.reward_funcs, prompts, for_rewards, columns,
                               self.reward_weights, completion_ids=ids,
                               environments=turns.environments if turns else None,
@@ -181,8 +170,7 @@ class TrainWidths:
 
   def __call__(self, host_rollout: sampling.Rollout) -> int:
     longest = int(np.max(np.sum(host_rollout.completion_mask, axis=-1)))
-    if jax.process_count() > 1:  # every host must compile the same shape
-      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    longest = int(hosts.agree(longest, np.max))  # every host must compile the same shape
     width = sampling.trimmed_width(longest, self.bucket, self.max_completion_length)
     if width not in self.seen:
       self.seen.add(width)
@@ -191,71 +179,6 @@ class TrainWidths:
                "tokens); compiled widths so far: %s of at most %d", width, longest,
                sorted(self.seen), limit)
     return width
-
-
-def throughput(rollout: sampling.Rollout, seconds: float) -> dict[str, float]:
-  tokens = float(np.sum(sampling.model_token_mask(rollout)))  # sampled, not tool tokens
-  return {"step_time": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
-
-
-class ToolStats(NamedTuple):
-  """Per completion: tool calls, failed calls, model turns."""
-
-  calls: np.ndarray
-  failures: np.ndarray
-  turns: np.ndarray
-
-  def metrics(self, prefix: str = "") -> dict[str, float]:
-    """tools/calls_per_completion, tools/failure_rate (failed / all calls; 0 with no call),
-    tools/turns (model turns per completion), over every host's completions."""
-    total = lambda x: float(across_hosts(int(np.sum(x))))
-    completions, calls = total(np.ones_like(self.calls)), total(self.calls)
-    return {f"{prefix}tools/calls_per_completion": calls / max(completions, 1.0),
-            f"{prefix}tools/failure_rate": total(self.failures) / max(calls, 1.0),
-            f"{prefix}tools/turns": total(self.turns) / max(completions, 1.0)}
-
-
-def concatenate_tool_stats(stats: list[ToolStats]) -> ToolStats:
-  """The stats of several batches (evaluation) or sampling rounds (dynamic sampling)."""
-  return ToolStats(*(np.concatenate(parts) for parts in zip(*stats)))
-
-
-class ToolTurns(NamedTuple):
-  """The host side of a multi-turn rollout, per completion: its tool statistics, its
-  environment_factory instance (None without), and each tool response's results as
-  (tool name, content) pairs, for TRL's conversational completions."""
-
-  stats: ToolStats
-  environments: list | None
-  results: list[list[list[tuple[str, str]]]]
-
-
-def tool_conversations(tokenizer, rollout: sampling.Rollout, results) -> list[list[dict]]:
-  """Each multi-turn completion as TRL's messages: its model turns (assistant, split where
-  tool tokens sit) with the tool messages of each response between them."""
-  ids, mask = np.asarray(rollout.completion_ids), np.asarray(rollout.completion_mask) > 0
-  tool = np.asarray(rollout.tool_mask) > 0
-  conversations = []
-  for row, responses in enumerate(results):
-    turns, current = [], []
-    for position in np.flatnonzero(mask[row]):
-      if tool[row, position]:
-        if current or not turns:
-          turns.append(current)
-        current = []
-      else:
-        current.append(int(ids[row, position]))
-    if current or not turns:  # (a completion cut off inside a response ends with it)
-      turns.append(current)
-    messages = []
-    for k, turn in enumerate(turns):
-      messages.append({"role": "assistant",
-                       "content": tokenizer.decode(turn, skip_special_tokens=True)})
-      if k < len(responses):
-        messages += [{"role": "tool", "name": name, "content": content}
-                     for name, content in responses[k]]
-    conversations.append(messages)
-  return conversations
 
 
 class SingleTurnSampler:
@@ -273,66 +196,3 @@ class SingleTurnSampler:
     return placed, None
 
 
-def greedy_config(cfg: sampling.SamplingConfig) -> sampling.SamplingConfig:
-  """The held-out evaluation's decoding: greedy, one completion per prompt."""
-  return dataclasses.replace(cfg, greedy=True, num_generations=1)
-
-
-class EvalResult(NamedTuple):
-  metrics: dict[str, float]
-  sample_text: str
-
-
-class Evaluator:
-  """Greedy decoding on held-out prompts; `eval/accuracy` is the accuracy reward's mean."""
-
-  def __init__(self, setup: Any, config, step_fn, sampler, tool_schemas=None):
-    """`sampler`: a SingleTurnSampler (or tools.host.ToolSampler) for greedy_config."""
-    self.host = HostRollouts(setup.tokenizer, setup.reward_funcs, config, 1, tool_schemas)
-    self.step_fn = step_fn
-    self.sample = sampler
-    self.divisor = step_fn.batch_divisor
-    self.data = setup.eval_data
-    # All held-out prompts in one batch unless `eval_batch_size` says otherwise: greedy rows
-    # are cheap, and the memory plan splits the decoding into chunks when they do not fit
-    # (each chunk stops when its own rows have stopped).
-    self.batch_size = config.eval_batch_size or len(self.data) or 1
-    self.batch_size += -self.batch_size % self.divisor
-    names = self.host.names
-    self.accuracy_index = (names.index(config.accuracy_reward)
-                           if config.accuracy_reward in names else 0)
-    self.num_samples = config.num_sample_texts
-    self.abstentions = AbstentionWarnings(names, "evaluation rewards", "evaluation",
-                                          "held-out completions",
-                                          "the eval/ reward metrics are NaN")
-
-  def __call__(self, placed_params) -> EvalResult:
-    rewards, texts, prompts, lengths, tool_stats = [], [], [], [], []
-    for start in range(0, len(self.data), self.batch_size):
-      rows = self.data[start:start + self.batch_size]
-      count = len(rows[self.host.prompt_column])
-      padded = {k: list(v) + [v[-1]] * (-count % self.divisor) for k, v in rows.items()}
-      ids, mask = self.host.encode(padded)
-      placed, turns = self.sample(placed_params, ids, mask, jax.random.key(0), padded)
-      rollout = self.step_fn.to_host(placed)
-      batch_rewards, completions = self.host.score(padded, rollout, warn_abstentions=False,
-                                                   turns=turns)
-      if turns is not None:
-        tool_stats.append(jax.tree.map(lambda x, n=count: x[:n], turns.stats))
-      rewards.append(batch_rewards[:count])
-      texts += completions[:count]
-      prompts += padded[self.host.prompt_column][:count]
-      lengths.append(np.asarray(sampling.model_token_mask(rollout))[:count].sum(-1))
-    rewards = np.concatenate(rewards)
-    self.abstentions(rewards)
-    with warnings.catch_warnings():  # an all-None column: NaN mean, warned about just above
-      warnings.simplefilter("ignore", RuntimeWarning)
-      means = np.nanmean(rewards, axis=0)
-    result = {f"eval/rewards/{name}/mean": float(m) for name, m in zip(self.host.names, means)}
-    result["eval/accuracy"] = float(means[self.accuracy_index])
-    result["eval/completions/mean_length"] = float(np.mean(np.concatenate(lengths)))
-    if tool_stats:
-      result.update(concatenate_tool_stats(tool_stats).metrics("eval/"))
-    samples = [f"{p!r} -> {c!r} (reward {r})"
-               for p, c, r in zip(prompts, texts, rewards[:, self.accuracy_index])]
-    return EvalResult(result, "\n\n".join(samples[:self.num_samples]))

@@ -25,9 +25,8 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from grpo_jax import checkpoint, grpo, sampling
+from grpo_jax import checkpoint, grpo, hosts, sampling
 from grpo_jax.data import batching
 
 log = logging.getLogger("grpo_jax")
@@ -137,11 +136,11 @@ def cached_warmup(cache_dir, like_params, run: Callable[[], tuple[nnx.State, dic
   """
   cache_dir = epath.Path(cache_dir)
   key = _canonical_key(key)  # before run(): a bad key must not cost a warm-up
-  if _is_primary():
+  if hosts.is_primary():
     _remove_leftovers(cache_dir)
-  _barrier("grpo_jax.warmup.cleaned")
+  hosts.barrier("grpo_jax.warmup.cleaned")
   loaded, why = _load(cache_dir, like_params, key) if cache_dir.exists() else (None, None)
-  if _all_processes(loaded is not None):
+  if bool(hosts.agree(loaded is not None, np.all)):
     params, stats = loaded
     log.info("Loaded the supervised warm-up from %s (%s)", cache_dir, stats)
     return params, {**stats, "cached": True}
@@ -167,21 +166,6 @@ def cached_warmup(cache_dir, like_params, run: Callable[[], tuple[nnx.State, dic
 
 def _reached(point: str) -> None:
   """Marks a step of `_write`; tests/test_warmup.py replaces it to SIGKILL the process there."""
-
-
-def _is_primary() -> bool:
-  return jax.process_index() == 0
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def _all_processes(ok: bool) -> bool:
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _canonical_key(key) -> dict:
@@ -304,21 +288,20 @@ def _remove_leftovers(cache_dir: epath.Path) -> None:
 def _write(cache_dir: epath.Path, params, stats: dict, key: dict) -> None:
   """Builds the cache in a temporary sibling directory, then swaps it in by renames."""
   tag = np.asarray([os.getpid(), secrets.randbits(31)], np.int32)
-  if jax.process_count() > 1:  # all processes save into the same directory
-    tag = multihost_utils.broadcast_one_to_all(tag)
+  tag = hosts.from_primary(tag)  # all processes save into the same directory
   tag = f"{int(tag[0])}-{int(tag[1]):08x}"
   tmp, old = _sibling(cache_dir, _TMP, tag), _sibling(cache_dir, _OLD, tag)
-  if _is_primary():
+  if hosts.is_primary():
     tmp.mkdir(parents=True)
-  _barrier("grpo_jax.warmup.tmp_created")
+  hosts.barrier("grpo_jax.warmup.tmp_created")
   if jax.process_count() > 1:  # Orbax cannot save host-local arrays there; NumPy it can
     params = jax.device_get(params)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp / _PARAMS, params)
     ckptr.wait_until_finished()
-  _barrier("grpo_jax.warmup.saved")
+  hosts.barrier("grpo_jax.warmup.saved")
   _reached("params_saved")
-  if _is_primary():
+  if hosts.is_primary():
     _write_json(tmp / _KEY, key)
     _write_json(tmp / _STATS, stats)  # last: a directory with it is complete
     _reached("marker_written")
@@ -329,4 +312,4 @@ def _write(cache_dir: epath.Path, params, stats: dict, key: dict) -> None:
     _reached("new_moved")
     if old.exists():
       old.rmtree()
-  _barrier("grpo_jax.warmup.swapped")
+  hosts.barrier("grpo_jax.warmup.swapped")

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from grpo_jax import grpo, sampling, train
+from grpo_jax import build, grpo, sampling, train
 from test_train import tiny_config
 
 PROMPTS, G, LENGTH, PROMPT_LEN = 3, 4, 24, 5
@@ -109,7 +109,7 @@ def test_a_run_compiles_at_most_the_bounded_number_of_widths(tmp_path, monkeypat
   """Completions that stop at EOS after varied numbers of tokens: bucket 4 over 24
   positions allows at most 6 shapes of the score and update passes, each logged once."""
   steps = []
-  original_build, original_model = train.planned_step_fn, train.build_model
+  original_build, original_model = build.planned_step_fn, build.build_model
 
   def recording_step_fn(*args, **kwargs):
     steps.append(RecordingStep(original_build(*args, **kwargs)))

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from grpo_jax import train
+from grpo_jax import build, train
 from grpo_jax.rewards import registry
 
 from test_faults import exit_line
@@ -145,7 +145,7 @@ def test_skip_bad_rows_trains_on_the_rest(files, tmp_path, caplog, monkeypatch):
   write_rows(files / "bad.jsonl", good[:3] + BAD_ROWS + good[3:])
   config = config_of(files, dataset=f"json:{files / 'bad.jsonl'}", skip_bad_rows=True,
                      max_steps=2, checkpoint_every=0)
-  s = train.setup(config)
+  s = build.setup(config)
   assert sorted(s.train_data["question"]) == sorted(r["question"] for r in good)
   train.train_and_evaluate(config, str(tmp_path / "run"))
   assert "6 bad prompt(s) of 16" in caplog.text and "skipped (skip_bad_rows)" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import train_on_reward_files, write_reward_files
 from grpo_jax import config as config_lib
-from grpo_jax import train
+from grpo_jax import build
 from grpo_jax.errors import ConfigError, UserError
 from test_faults import timing
 from test_train import tiny_config
@@ -91,13 +91,13 @@ def test_mesh_layout_trains_what_pmap_trains(files, tmp_path):
 def test_the_fingerprint_names_the_base_weights(files, monkeypatch):
   monkeypatch.syspath_prepend(str(files))
   config = with_data(lora_config(), files)
-  s = train.setup(config)
+  s = build.setup(config)
   other = dataclasses.replace(s, init_params=jax.tree.map(lambda x: x * 1.01, s.init_params))
-  assert train.fingerprint(s)["lora_base_weights"] != train.fingerprint(other)["lora_base_weights"]
-  assert train.architecture(s) == train.architecture(other)
-  plain = train.setup(with_data(tiny_config(prompt_column="question",
+  assert build.fingerprint(s)["lora_base_weights"] != build.fingerprint(other)["lora_base_weights"]
+  assert build.architecture(s) == build.architecture(other)
+  plain = build.setup(with_data(tiny_config(prompt_column="question",
                                             reward_funcs="my_rewards:stop_at"), files))
-  assert "lora_base_weights" not in train.fingerprint(plain)
+  assert "lora_base_weights" not in build.fingerprint(plain)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -131,7 +131,7 @@ def test_the_final_export_loads_in_transformers_with_the_trained_logits(files, t
                                  lora={"target_modules": "q_proj,v_proj,up_proj"}), files)
   train_on_reward_files(files, tmp_path / "run", config)
   monkeypatch.syspath_prepend(str(files))
-  s = train.setup(config)
+  s = build.setup(config)
   _, saved = restored_state(tmp_path / "run")
   adapters = jax.tree.unflatten(jax.tree.structure(s.adapters_like),
                                 jax.tree.leaves(saved["params"]))

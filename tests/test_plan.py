@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from grpo_jax import train
+from grpo_jax import build, train
 from grpo_jax.errors import UserError
 from grpo_jax.models import hf, presets
 from grpo_jax.plan import hlo, programs, report, roofline, topology
@@ -150,7 +150,7 @@ def test_train_says_a_preset_has_no_weights(tmp_path):
     train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
   # the plan reads the same config: the preset's shapes, with the run's dtype
-  cfg = train.model_config(tiny_config(model_path="preset:qwen2.5-0.5b", dtype="bfloat16"))
+  cfg = build.model_config(tiny_config(model_path="preset:qwen2.5-0.5b", dtype="bfloat16"))
   assert (cfg.hidden_size, cfg.num_layers, cfg.dtype) == (896, 24, "bfloat16")
 
 
@@ -178,11 +178,11 @@ def test_demo_programs_compile_for_v5e_2x2(parallelism):
     assert parts == p["total_bytes"], name
     assert p["estimated_seconds"] > 0 and p["fits"]
   if parallelism == "mesh":  # FSDP: a quarter of the parameters per chip (norms aside)
-    n = train.model_config(config).num_params() * 4
+    n = build.model_config(config).num_params() * 4
     assert 0.24 < d["phases"]["update"]["params_bytes"] / n < 0.3
     assert d["phases"]["update"]["collectives"]  # gathers / reductions exist
   else:
-    assert d["phases"]["update"]["params_bytes"] == train.model_config(config).num_params() * 4
+    assert d["phases"]["update"]["params_bytes"] == build.model_config(config).num_params() * 4
   assert d["fits"] and "FITS" in report.format_plan(d)
 
 

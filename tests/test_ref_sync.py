@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from grpo_jax import grpo, mesh, metrics, parallel, preemption, train
+from grpo_jax import build, grpo, mesh, metrics, parallel, preemption
+from grpo_jax import loop as loop_lib
 from grpo_jax.errors import UserError
 from conftest import train_on_reward_files
 from test_train import final_params, tiny_config
@@ -142,10 +143,10 @@ def test_without_sync_the_loop_trains_against_the_untouched_reference(files):
   with pytest.MonkeyPatch.context() as patch:
     patch.syspath_prepend(str(files))
     sys.modules.pop("my_rewards", None)
-    s = train.setup(config)
-    step_fn = train.build_step_fn(config, grpo.GRPOStep(s.model_def, *train.make_optimizer(
+    s = build.setup(config)
+    step_fn = build.build_step_fn(config, grpo.GRPOStep(s.model_def, *build.make_optimizer(
         config), s.grpo_config))
-    loop = train.TrainLoop(config, s, step_fn, None, metrics.create_writer("", enabled=False),
+    loop = loop_lib.TrainLoop(config, s, step_fn, None, metrics.create_writer("", enabled=False),
                            None)
     start = jax.tree.map(np.asarray, s.init_params)
     state, reference, key = loop.restore_or_init(s.init_params, None)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import grpo, rollouts, sampling
+from grpo_jax import evaluate, grpo, rollouts, sampling
 from grpo_jax.errors import UserError
 from grpo_jax.rewards import compute_rewards
 
@@ -301,8 +301,8 @@ def fake_evaluator(reward_funcs, num_prompts=5):
   step_fn = types.SimpleNamespace(
       sampler=lambda greedy_cfg: (lambda params, ids, mask, key: host_rollout(len(ids))),
       batch_divisor=1, to_host=lambda x: x, place_batch=lambda x: x)
-  evaluator = rollouts.Evaluator(setup, host_config(), step_fn, rollouts.SingleTurnSampler(
-      step_fn, rollouts.greedy_config(cfg)))
+  evaluator = evaluate.Evaluator(setup, host_config(), step_fn, rollouts.SingleTurnSampler(
+      step_fn, evaluate.greedy_config(cfg)))
   evaluator.host.encode = lambda rows: (np.zeros((len(rows["prompt"]), 2), np.int32),
                                         np.ones((len(rows["prompt"]), 2), np.int32))
   return evaluator

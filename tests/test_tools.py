@@ -214,7 +214,8 @@ def test_chat_completions_reach_the_rewards_as_assistant_and_tool_messages():
   message, each response's results tool messages between them."""
   import numpy as np  # noqa: PLC0415
 
-  from grpo_jax import rollouts, sampling  # noqa: PLC0415
+  from grpo_jax import sampling  # noqa: PLC0415
+  from grpo_jax.tools import stats as tool_stats  # noqa: PLC0415
   tok = demo.build_demo_tokenizer(tools=True)
   call = demo.tool_call_text("2+3=")
   pieces = [(call, 0), ("<tool_response>5</tool_response>", 1), ("#### 5", 0)]
@@ -232,11 +233,11 @@ def test_chat_completions_reach_the_rewards_as_assistant_and_tool_messages():
                              np.array([True]), pad(tool))
   truncated = rollout._replace(completion_mask=pad([1] * (len(ids) - 8)))  # ends in the response
   results = [[[("calculator", "5")]]]
-  assert rollouts.tool_conversations(tok, rollout, results) == [[
+  assert tool_stats.tool_conversations(tok, rollout, results) == [[
       {"role": "assistant", "content": call},
       {"role": "tool", "name": "calculator", "content": "5"},
       {"role": "assistant", "content": "#### 5"}]]
-  assert rollouts.tool_conversations(tok, truncated, results) == [[
+  assert tool_stats.tool_conversations(tok, truncated, results) == [[
       {"role": "assistant", "content": call},
       {"role": "tool", "name": "calculator", "content": "5"}]]
 

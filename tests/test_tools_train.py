@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_run, train_on_reward_files, write_reward_files
-from grpo_jax import metrics, train
+from grpo_jax import build, metrics, train
+from grpo_jax import config as config_lib
 from grpo_jax.config import from_file
 from grpo_jax.errors import UserError
 from test_train import ROOT, final_params
@@ -154,11 +155,15 @@ def test_environments_are_reset_per_completion_and_read_by_the_rewards(files, st
 
 
 def test_tools_need_a_chat_template_and_valid_fields(files, tmp_path):
+  def checked_setup(config):  # as the command checks a run: the config, then the rest
+    config_lib.validate(config)
+    return build.setup(config)
+
   with pytest.raises(UserError, match="tool_call_format='xml'"):
-    train.setup(tools_config(tool_call_format="xml"))
+    checked_setup(tools_config(tool_call_format="xml"))
   with pytest.raises(UserError, match="max_tool_calling_iterations=0"):
-    train.setup(tools_config(max_tool_calling_iterations=0))
+    checked_setup(tools_config(max_tool_calling_iterations=0))
   with pytest.raises(UserError, match="tool 'nowhere_xyz:f'"):
-    train.setup(tools_config(tools="nowhere_xyz:f"))
+    checked_setup(tools_config(tools="nowhere_xyz:f"))
   with pytest.raises(UserError, match="chat_template='auto'"):
-    train.setup(tools_config(chat_template="none"))
+    checked_setup(tools_config(chat_template="none"))

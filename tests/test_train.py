@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from grpo_jax import metrics, train
+from grpo_jax import build, metrics, train
 from grpo_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ def test_resume_after_a_crash_follows_the_uninterrupted_trajectory(user_files, m
 def test_the_schedule_counts_optimizer_updates():
   config = tiny_config(max_steps=4, num_iterations=2, warmup_ratio=0.25, learning_rate=1.0,
                        lr_scheduler_type="linear")
-  _, schedule = train.make_optimizer(config)  # 8 updates, the first 2 warming up
+  _, schedule = build.make_optimizer(config)  # 8 updates, the first 2 warming up
   assert [float(schedule(k)) for k in (0, 1, 2)] == [0.0, 0.5, 1.0]
   assert float(schedule(7)) == pytest.approx(1 / 6) and float(schedule(8)) == 0.0
 

@@ -22,7 +22,6 @@ Everything here is pure: states in, states out.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

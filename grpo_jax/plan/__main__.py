@@ -28,6 +28,7 @@ for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TF_CPP_MIN_LOG_LEVEL", "3"),
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from grpo_jax import cli  # noqa: E402
 from grpo_jax import config as config_lib  # noqa: E402
 from grpo_jax.errors import UserError  # noqa: E402
 from grpo_jax.plan import programs, report, suggest, topology  # noqa: E402
@@ -63,14 +64,13 @@ def main(argv):
 
 
 def run():
-  from grpo_jax import train  # the trainer's flag parsing and default config
   flags.DEFINE_string("topology", None, "TPU slice: v4-32, v5litepod-16 (v5e-16), v5p-8, "
                       "v6e-8, or libtpu's v5e:2x4.", required=True)
   flags.DEFINE_bool("suggest", False, "Also try other layouts; print the fastest that fits.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
-  train._command_line_errors_in_one_line(lambda: config_flags.DEFINE_config_file(
-      "config", str(train.DEFAULT_CONFIG), "Training config file.", lock_config=True))
-  app.run(main, flags_parser=lambda argv: train._command_line_errors_in_one_line(
+  cli.errors_in_one_line(lambda: config_flags.DEFINE_config_file(
+      "config", str(cli.DEFAULT_CONFIG), "Training config file.", lock_config=True))
+  app.run(main, flags_parser=lambda argv: cli.errors_in_one_line(
       lambda: FLAGS(argv)))
 
 

@@ -2,7 +2,7 @@
 compiled for given devices with no weights read or allocated.
 
 The step is the trainer's own: the same model definition, optimizer, GRPO config and
-layout (`train.build_step_fn`), with every argument an abstract `ShapeDtypeStruct` laid
+layout (`build.build_step_fn`), with every argument an abstract `ShapeDtypeStruct` laid
 out as the trainer lays out the real one. Per chip, each phase's HBM is the resident
 training state (actor, reference, AdamW moments, which stay in HBM through every phase)
 plus what the phase's program adds: its other arguments, its outputs that do not reuse a
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from grpo_jax import build as build_lib
 from grpo_jax import grpo, memory, mesh as mesh_lib, parallel
 from grpo_jax import config as config_lib
 from grpo_jax.models import ModelConfig, Transformer, lora as lora_lib, quantize
@@ -173,11 +174,10 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
   """(step_fn, model config, abstract trainable params, grpo config, abstract reference)
   for `config` on `devices`. With LoRA the model config and the step's model are the
   adapted model's, the trainable params the adapters, and the reference the frozen base
-  (`abstract_reference`), as `train.setup` and the loop build them."""
-  from grpo_jax import train  # the trainer's own wiring (a sibling room, not numeric code)
+  (`abstract_reference`), as `build.setup` and the loop build them."""
   parallel.check_batch(config.prompts_per_step, config.num_generations,
-                       train.batch_divisor(config, devices))
-  cfg = model_cfg or train.model_config(config, devices[0].platform)
+                       build_lib.batch_divisor(config, devices))
+  cfg = model_cfg or build_lib.model_config(config, devices[0].platform)
   graphdef, params = abstract_model(cfg, config.param_dtype)
   reference = abstract_reference(config, cfg, params)
   reference_def = None
@@ -187,8 +187,8 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
     graphdef, params = lora_lib.adapted_model(cfg, adapters)
     cfg = cfg.replace(lora=adapters)
   grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0)
-  tx, schedule = train.make_optimizer(config)
-  step_fn = train.build_step_fn(
+  tx, schedule = build_lib.make_optimizer(config)
+  step_fn = build_lib.build_step_fn(
       config, grpo.GRPOStep(graphdef, tx, schedule, grpo_cfg, reference_def=reference_def),
       list(devices))
   return step_fn, cfg, params, grpo_cfg, reference

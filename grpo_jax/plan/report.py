@@ -12,7 +12,6 @@ GiB = topology.GiB
 def phase_figures(plan: programs.Plan, phase: programs.Phase, chip: topology.Chip
                   ) -> dict[str, Any]:
   total = phase.total(plan.resident)
-  limit = plan.limit or chip.hbm_bytes
   seconds, bound = roofline.estimate(phase.flops_per_chip, phase.hbm_bytes_per_chip,
                                      phase.ici_bytes, chip)
   return {

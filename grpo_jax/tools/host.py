@@ -11,11 +11,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from grpo_jax import rollouts, sampling
+from grpo_jax import sampling
 from grpo_jax.errors import UserError
 from grpo_jax.tools import calls as calls_lib
 from grpo_jax.tools import registry, turns
-from grpo_jax.tools.calls import ToolResult  # noqa: F401  (tools.host.ToolResult)
+from grpo_jax.tools import stats as tool_stats
 from grpo_jax.tools.render import ResponseRenderer
 
 log = logging.getLogger("grpo_jax")
@@ -73,7 +73,7 @@ class ToolSampler:
     self.plain = {t.name: t.function for t in setup.tools}
 
   def __call__(self, params, prompt_ids, prompt_mask, rng, rows: dict[str, list]):
-    """(placed Rollout, rollouts.ToolTurns) for this host's prompts; `rows`: their dataset
+    """(placed Rollout, tool_stats.ToolTurns) for this host's prompts; `rows`: their dataset
     columns (an environment's reset(**row) gets its completion's)."""
     group = self.cfg.num_generations
     count = prompt_ids.shape[0] * group
@@ -103,5 +103,5 @@ class ToolSampler:
 
     placed, counts = turns.run_turns(self.step_fn, self.phases, params, prompt_ids,
                                      prompt_mask, rng, respond, self.max_iterations, self.cfg)
-    return placed, rollouts.ToolTurns(rollouts.ToolStats(calls, failures, counts.turns), envs,
+    return placed, tool_stats.ToolTurns(tool_stats.ToolStats(calls, failures, counts.turns), envs,
                                       results)

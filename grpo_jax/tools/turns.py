@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from grpo_jax import rollouts, sampling
+from grpo_jax import hosts, sampling
 
 # respond({row: token ids of its last model turn}, eos [N]) -> {row: response token ids}:
 # a row it leaves out (or gives no ids) is finished.
@@ -44,16 +44,16 @@ def run_turns(step_fn, phases: sampling.TurnPhases, params, prompt_ids: np.ndarr
     state = phases.decode(params, state, rng)
     tokens, used, stopped, eos = step_fn.to_host(
         (state.tokens, state.length, state.stopped, state.eos))
-    if iteration == max_iterations or not rollouts.across_hosts(stopped.any(), np.any):
+    if iteration == max_iterations or not hosts.agree(stopped.any(), np.any):
       break  # rows still stopped end where they are
     waiting = {int(r): tokens[r, turn_starts[r][-1]:used[r]] for r in np.flatnonzero(stopped)}
     responses = {r: list(ids) for r, ids in respond(waiting, eos).items()
                  if r in waiting and len(ids)}
-    if not rollouts.across_hosts(bool(responses), np.any):
+    if not hosts.agree(bool(responses), np.any):
       break
     finished = stopped.copy()
     finished[list(responses)] = False
-    chunks = rollouts.across_hosts(max(-(-len(ids) // width) for ids in responses.values())
+    chunks = hosts.agree(max(-(-len(ids) // width) for ids in responses.values())
                                    if responses else 0, np.max)
     for chunk in range(chunks):
       ids = np.full((rows, width), cfg.pad_token_id, np.int32)
