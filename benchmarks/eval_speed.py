@@ -39,13 +39,13 @@ def main():
     config.eval_size, config.eval_batch_size = a.eval_size, batch
     s = build.setup(config)
     tx, schedule = build.make_optimizer(config)
-    step_fn = build.planned_step_fn(
+    layout = build.planned_layout(
         config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config,
                               reference_def=s.reference_def), s.model_config)
-    params = step_fn.place_params(s.init_params)
-    step_fn.note_resident(step_fn.init_state(params), None)
-    sampler = rollouts.SingleTurnSampler(step_fn, evaluate.greedy_config(s.grpo_config.sampling))
-    evaluator = evaluate.Evaluator(s, config, step_fn, sampler)
+    params = layout.place_params(s.init_params)
+    layout.note_resident(layout.init_state(params), None)
+    sampler = rollouts.SingleTurnSampler(layout, evaluate.greedy_config(s.grpo_config.sampling))
+    evaluator = evaluate.Evaluator(s, config, layout, sampler)
     started = time.perf_counter()
     result = evaluator(params)
     first = time.perf_counter() - started
@@ -55,7 +55,7 @@ def main():
       result = evaluator(params)
       times.append(time.perf_counter() - started)
     plan = "; ".join(setting.describe(evaluate.batch_size, name) for name, (setting, _)
-                     in step_fn.choices.items() if name == "evaluator")
+                     in layout.choices.items() if name == "evaluator")
     print(f"| {batch or 'all'} | {a.eval_size} | {plan} | {min(times):.1f} s | {first:.1f} s | "
           f"{result.metrics['eval/accuracy']:.4f} | "
           f"{result.metrics['eval/completions/mean_length']:.1f} |", flush=True)

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from grpo_jax import grpo, memory, parallel, sampling
+from grpo_jax import grpo, memory, sampling
+from grpo_jax.layouts import pmap
 from grpo_jax.models import ModelConfig, Transformer, attention, hf, presets
 from grpo_jax.plan import programs, roofline
 
@@ -65,7 +66,7 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool,
   # the trainer's layout and memory plan (micro-batches, remat, sampler chunks per shape)
   devices = jax.devices()[:1]
   step_fn = memory.PlannedStep(
-      parallel.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg), devices), cfg, devices,
+      pmap.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg), devices), cfg, devices,
       memory_limit_gib)
   state = step_fn.init_state(step_fn.place_params(params))
   reference = step_fn.place_params(grpo.as_reference(params, cfg.compute_dtype))

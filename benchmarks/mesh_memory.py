@@ -14,7 +14,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from grpo_jax import grpo, mesh, parallel, sampling  # noqa: E402
+from grpo_jax import grpo, sampling  # noqa: E402
+from grpo_jax.layouts import mesh, pmap  # noqa: E402
 from grpo_jax.models import ModelConfig, Transformer  # noqa: E402
 
 SMALL = ModelConfig(vocab_size=4096, hidden_size=512, num_layers=4, num_heads=8,
@@ -29,7 +30,7 @@ def main():
   tx, schedule = grpo.make_optimizer(1e-6, 10)
   step = grpo.GRPOStep(graphdef, tx, schedule, cfg)
   device = jax.devices()[0]
-  layouts = {"pmap x8": parallel.pmap_step(step, jax.devices()),
+  layouts = {"pmap x8": pmap.pmap_step(step, jax.devices()),
              "mesh data=8": mesh.mesh_step(step, mesh.make_mesh(8, 1, 1)),
              "mesh fsdp=4 x data=2": mesh.mesh_step(step, mesh.make_mesh(2, 4, 1)),
              "mesh fsdp=8": mesh.mesh_step(step, mesh.make_mesh(1, 8, 1)),

@@ -34,7 +34,8 @@ def main():
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from grpo_jax import grpo, parallel, sampling  # noqa: PLC0415
+  from grpo_jax import grpo, sampling  # noqa: PLC0415
+  from grpo_jax.layouts import pmap  # noqa: PLC0415
   from grpo_jax.models import ModelConfig, Transformer  # noqa: PLC0415
   from grpo_jax.tools import turns  # noqa: PLC0415
   from variants_learn import cpu_name  # noqa: PLC0415
@@ -45,7 +46,7 @@ def main():
                                   intermediate_size=4 * args.hidden), nnx.Rngs(0))
   cfg = sampling.SamplingConfig(max_completion_length=args.length, eos_token_ids=(vocab + 1,),
                                 num_generations=4)
-  step = parallel.pmap_step(grpo.GRPOStep(nnx.graphdef(model), None, None,
+  step = pmap.pmap_step(grpo.GRPOStep(nnx.graphdef(model), None, None,
                                           grpo.GRPOConfig(sampling=cfg, num_reward_funcs=1)),
                             jax.local_devices()[:1])
   params = step.place_params(nnx.state(model))
@@ -71,7 +72,7 @@ def main():
       fn()
       samples.append(time.perf_counter() - started)
     times[name] = statistics.median(samples)
-  a, b = (jax.device_get(parallel.unshard(x.completion_ids)) for x in (single(), multi()))
+  a, b = (jax.device_get(pmap.unshard(x.completion_ids)) for x in (single(), multi()))
   print(f"CPU: {cpu_name()}; {args.rows} rows x {args.length} tokens, d={args.hidden}, "
         f"{args.layers} layers; same tokens: {bool(np.array_equal(a, b))}")
   for name, seconds in times.items():

@@ -56,18 +56,18 @@ def main():
   finally:
     ckpt.close()
   tx, schedule = build.make_optimizer(config)
-  step_fn = build.build_step_fn(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config))
+  layout = build.build_layout(config, grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config))
   greedy = evaluate.greedy_config(s.grpo_config.sampling)
   evaluators = {
-      "with the tool": evaluate.Evaluator(s, config, step_fn, tools_host.ToolSampler(
-          s.tools, s.tokenizer, step_fn, greedy, config.max_tool_calling_iterations,
+      "with the tool": evaluate.Evaluator(s, config, layout, tools_host.ToolSampler(
+          s.tools, s.tokenizer, layout, greedy, config.max_tool_calling_iterations,
           config.tool_timeout_seconds), s.tools.schemas),
-      "without the tool": evaluate.Evaluator(s, config, step_fn, rollouts.SingleTurnSampler(
-          step_fn, dataclasses.replace(greedy, stop_token_ids=())), s.tools.schemas),
+      "without the tool": evaluate.Evaluator(s, config, layout, rollouts.SingleTurnSampler(
+          layout, dataclasses.replace(greedy, stop_token_ids=())), s.tools.schemas),
   }
   rows = []
   for when, params in (("before GRPO", restored.reference), ("after GRPO", restored.state.params)):
-    placed = step_fn.place_params(params)
+    placed = layout.place_params(params)
     for how, evaluator in evaluators.items():
       result = evaluator(placed)
       rows.append({"model": when, "eval": how, "accuracy": result.metrics["eval/accuracy"],

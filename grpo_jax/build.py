@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from grpo_jax import checkpoint, grpo, memory, parallel, warmup
+from grpo_jax import checkpoint, grpo, memory, warmup
+from grpo_jax.layouts import pmap
 from grpo_jax import config as config_lib
-from grpo_jax import mesh as mesh_lib
+from grpo_jax.layouts import mesh as mesh_lib
 from grpo_jax.data import chat, demo, loading, validate
 from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, Transformer, attention, hf, lora, presets
@@ -128,7 +129,7 @@ def check_datasets(config, tokenizer, tools, train_data, eval_data):
 def setup(config) -> Setup:
   """Checks data, reward functions and model against `config` (already validated:
   `config.validate`, which the commands run first); writes nothing."""
-  parallel.check_batch(config.prompts_per_step, config.num_generations, batch_divisor(config))
+  pmap.check_batch(config.prompts_per_step, config.num_generations, batch_divisor(config))
   if config.micro_batch_size:  # it must divide each device's completions: say so now
     grpo.micro_batch_rows(
         config.prompts_per_step * config.num_generations // batch_divisor(config),
@@ -189,23 +190,23 @@ def batch_divisor(config, devices=None) -> int:
   return len(devices) if devices else jax.device_count()
 
 
-def build_step_fn(config, step: grpo.GRPOStep, devices=None):
+def build_layout(config, step: grpo.GRPOStep, devices=None):
   """The pure step compiled for the configured layout: pmap (default) or a sharded mesh.
   `devices`: those to compile for (default: this run's; `grpo_jax.plan` passes a TPU
   topology's)."""
   if config.parallelism == "mesh":
     return mesh_lib.mesh_step(step, make_mesh(config, devices))
   if devices:
-    return parallel.pmap_step(step, devices)
+    return pmap.pmap_step(step, devices)
   # Multi-host: pmap spans the devices of every host; each host feeds its local ones.
-  return parallel.pmap_step(step, jax.local_devices() if jax.process_count() == 1 else None)
+  return pmap.pmap_step(step, jax.local_devices() if jax.process_count() == 1 else None)
 
 
-def planned_step_fn(config, step: grpo.GRPOStep, model_cfg: ModelConfig):
-  """`build_step_fn`'s layout, whose sampler, score pass and update run the settings the
+def planned_layout(config, step: grpo.GRPOStep, model_cfg: ModelConfig):
+  """`build_layout`'s layout, whose sampler, score pass and update run the settings the
   memory plan chooses for each shape (`memory.PlannedStep`)."""
   devices = jax.devices() if config.parallelism == "mesh" else jax.local_devices()
-  return memory.PlannedStep(build_step_fn(config, step), model_cfg, devices,
+  return memory.PlannedStep(build_layout(config, step), model_cfg, devices,
                             config.memory_limit_gib, config.micro_batch_size, config.remat)
 
 

@@ -28,12 +28,12 @@ class EvalResult(NamedTuple):
 class Evaluator:
   """Greedy decoding on held-out prompts; `eval/accuracy` is the accuracy reward's mean."""
 
-  def __init__(self, setup: Any, config, step_fn, sampler, tool_schemas=None):
+  def __init__(self, setup: Any, config, layout, sampler, tool_schemas=None):
     """`sampler`: a SingleTurnSampler (or tools.host.ToolSampler) for greedy_config."""
     self.host = HostRollouts(setup.tokenizer, setup.reward_funcs, config, 1, tool_schemas)
-    self.step_fn = step_fn
+    self.layout = layout
     self.sample = sampler
-    self.divisor = step_fn.batch_divisor
+    self.divisor = layout.batch_divisor
     self.data = setup.eval_data
     # All held-out prompts in one batch unless `eval_batch_size` says otherwise: greedy rows
     # are cheap, and the memory plan splits the decoding into chunks when they do not fit
@@ -56,7 +56,7 @@ class Evaluator:
       padded = {k: list(v) + [v[-1]] * (-count % self.divisor) for k, v in rows.items()}
       ids, mask = self.host.encode(padded)
       placed, turns = self.sample(placed_params, ids, mask, jax.random.key(0), padded)
-      rollout = self.step_fn.to_host(placed)
+      rollout = self.layout.to_host(placed)
       batch_rewards, completions = self.host.score(padded, rollout, warn_abstentions=False,
                                                    turns=turns)
       if turns is not None:

@@ -61,14 +61,14 @@ class NonFiniteWatch:
 
 
 class TrainLoop:
-  """Runs the steps of a run on a compiled step (`step_fn`: pmap or mesh layout).
+  """Runs the steps of a run on a compiled step (`layout`: pmap or mesh layout).
 
   `s`: the run's `build.Setup`; its `init_params` are taken over by `run`.
   """
 
-  def __init__(self, config, s, step_fn, ckpt: checkpoint.Checkpointer, writer, logdir):
+  def __init__(self, config, s, layout, ckpt: checkpoint.Checkpointer, writer, logdir):
     self.config, self.s, self.ckpt, self.writer, self.logdir = config, s, ckpt, writer, logdir
-    self.step_fn = step_fn
+    self.layout = layout
     schemas = s.tools.schemas if s.tools else None
     self.host = rollouts.HostRollouts(s.tokenizer, s.reward_funcs, config,
                                       config.num_generations, schemas)
@@ -81,7 +81,7 @@ class TrainLoop:
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
     self.evaluate = (Evaluator(
-        s, config, step_fn, self.make_sampler(greedy_config(s.grpo_config.sampling)),
+        s, config, layout, self.make_sampler(greedy_config(s.grpo_config.sampling)),
         schemas) if s.eval_data is not None and config.eval_every else None)
     self.nonfinite = NonFiniteWatch(config.max_nonfinite_steps)
     self.short_batches = dynamic_sampling.ShortBatchWarnings(config.max_num_gen_batches)
@@ -93,8 +93,8 @@ class TrainLoop:
   def make_sampler(self, cfg: sampling.SamplingConfig):
     """Single-turn decoding, or with tools / environment_factory multi-turn rollouts."""
     if self.s.tools is None:
-      return rollouts.SingleTurnSampler(self.step_fn, cfg)
-    return tools_host.ToolSampler(self.s.tools, self.s.tokenizer, self.step_fn, cfg,
+      return rollouts.SingleTurnSampler(self.layout, cfg)
+    return tools_host.ToolSampler(self.s.tools, self.s.tokenizer, self.layout, cfg,
                                   self.config.max_tool_calling_iterations,
                                   self.config.tool_timeout_seconds)
 
@@ -113,7 +113,7 @@ class TrainLoop:
     The optimizer state is created on the devices, and no host copy of the params is
     kept beyond this call: at 0.5B parameters every extra copy costs 2 GB.
     """
-    step_fn, config = self.step_fn, self.config
+    layout, config = self.layout, self.config
     fresh_key = jax.random.key(config.seed)
     if self.s.reference_def is not None:
       return self.restore_or_init_adapters(params, restored, fresh_key)
@@ -125,8 +125,8 @@ class TrainLoop:
       state, key = self.resume(restored, fresh_key)
       return state, self.place_reference(reference), key
     self.save_reference(params)
-    actor, reference = step_fn.place_params(params), self.place_reference(params)
-    return step_fn.init_state(actor), reference, fresh_key
+    actor, reference = layout.place_params(params), self.place_reference(params)
+    return layout.init_state(actor), reference, fresh_key
 
   def resume(self, restored, fresh_key):
     """(placed train state, base key) of a restored checkpoint; the data stream, metric
@@ -141,7 +141,7 @@ class TrainLoop:
            if saved_key is not None and same_seed else fresh_key)
     self.saved_step = restored.step
     log.info("Resumed from the checkpoint of step %d", restored.step)
-    return self.step_fn.place_state(restored.state), key
+    return self.layout.place_state(restored.state), key
 
   def restore_or_init_adapters(self, base, restored, fresh_key):
     """LoRA's (placed adapter train state, placed base, base key): the base is frozen and
@@ -159,7 +159,7 @@ class TrainLoop:
       state, key = self.resume(restored, fresh_key)
       return state, reference, key
     adapters = lora.init_adapters(self.s.adapters_like, jax.random.fold_in(fresh_key, 1))
-    return self.step_fn.init_state(self.step_fn.place_params(adapters)), reference, fresh_key
+    return self.layout.init_state(self.layout.place_params(adapters)), reference, fresh_key
 
   def save_reference(self, params) -> None:
     if self.config.checkpoint_every:
@@ -171,12 +171,12 @@ class TrainLoop:
     if self.s.reference_def is not None:
       params = lora.prepare_base(params, self.config.lora.base_dtype,
                                  self.config.lora.base_quantization)
-    return self.step_fn.place_params(grpo.as_reference(params,
+    return self.layout.place_params(grpo.as_reference(params,
                                                        self.s.model_config.compute_dtype))
 
   def policy(self, state, reference):
     """The actor's whole (placed) state: with LoRA the adapters on the base."""
-    return self.step_fn.step.policy_params(state.params, reference)
+    return self.layout.step.policy_params(state.params, reference)
 
   def is_due(self, every: int, step: int, last: bool = False) -> bool:
     """Periodic actions (eval, checkpoint): every `every` steps and at the last; 0: never."""
@@ -192,7 +192,7 @@ class TrainLoop:
     params, self.s.init_params = self.s.init_params, None  # the loop owns the only copy now
     state, reference, base_key = self.restore_or_init(params, restored)
     del params
-    self.step_fn.note_resident(state, reference)  # the memory plan counts it in every program
+    self.layout.note_resident(state, reference)  # the memory plan counts it in every program
     start_step = restored.step if restored else 0
     if stop.requested():  # during setup or the warm-up
       raise preemption.Preempted(stop.signum, (
@@ -256,7 +256,7 @@ class TrainLoop:
     """One GRPO step: prompts -> sampler -> rewards (-> dynamic sampling) -> score ->
     update (-> reference sync). (state, reference, metrics), or None when a stop was
     requested before the update began (state untouched)."""
-    config, step_fn = self.config, self.step_fn
+    config, layout = self.config, self.layout
     times = {"time/sampling": 0.0, "time/rewards": 0.0}
     self.tool_stats = []
     started = time.perf_counter()
@@ -265,13 +265,13 @@ class TrainLoop:
       return None
     scoring = time.perf_counter()
     rollout = self.place_rollout(batch)
-    scored, reward_metrics = step_fn.score(state, reference, rollout,
-                                           step_fn.place_batch(batch.rewards))
+    scored, reward_metrics = layout.score(state, reference, rollout,
+                                           layout.place_batch(batch.rewards))
     if batch.rows_in_loss is not None:  # filler rows: out of the loss and its normalisation
-      scored = scored._replace(rows_in_loss=step_fn.place_batch(batch.rows_in_loss))
-    state, update_metrics = step_fn.update(state, scored, reference)
+      scored = scored._replace(rows_in_loss=layout.place_batch(batch.rows_in_loss))
+    state, update_metrics = layout.update(state, scored, reference)
     reference = self.sync_reference(reference, state)
-    step_metrics = self.host.named_metrics(step_fn.host_metrics({**reward_metrics,
+    step_metrics = self.host.named_metrics(layout.host_metrics({**reward_metrics,
                                                                  **update_metrics}))
     if config.dynamic_sampling:  # the filler out of the reward metrics; rounds, kept groups
       step_metrics = dynamic_sampling.with_sampling_metrics(
@@ -306,7 +306,7 @@ class TrainLoop:
       rows = self.stream.next_batch()
       prompt_ids, prompt_mask = self.host.encode(rows)
       placed, turns = self.sampler(params, prompt_ids, prompt_mask, round_key, rows)
-      host_rollout = self.step_fn.to_host(placed)  # waits for the sampler
+      host_rollout = self.layout.to_host(placed)  # waits for the sampler
       if stop.requested():
         return None
       sampled = time.perf_counter()
@@ -325,10 +325,10 @@ class TrainLoop:
     """The batch's rollout on the devices, cut to the width its completions need."""
     width = self.train_width(batch.rollout)
     if width < self.config.max_completion_length:  # every completion stopped well before it
-      return self.step_fn.place_batch(sampling.trim_completions(batch.rollout, width))
+      return self.layout.place_batch(sampling.trim_completions(batch.rollout, width))
     if batch.placed is not None:  # the round's own rollout, still on the devices
       return batch.placed
-    return self.step_fn.place_batch(batch.rollout)
+    return self.layout.place_batch(batch.rollout)
 
   def sync_reference(self, reference, state):
     """TR-DPO: the reference moves toward the actor each time the optimizer-update count
@@ -337,7 +337,7 @@ class TrainLoop:
     if not config.sync_ref_model:
       return reference
     before = self.updates
-    self.updates = int(np.asarray(jax.device_get(self.step_fn.single_copy(state.step))))
+    self.updates = int(np.asarray(jax.device_get(self.layout.single_copy(state.step))))
     if not grpo.sync_due(before, self.updates, config.ref_model_sync_steps):
       return reference
     log.info("Reference synced with the actor after update %d (alpha %g)", self.updates,
@@ -349,8 +349,8 @@ class TrainLoop:
     reference too where it moves (sync_ref_model)."""
     if not self.config.checkpoint_every:
       return
-    moved = self.step_fn.single_copy(reference) if self.config.sync_ref_model else None
-    self.ckpt.save(step, self.step_fn.single_copy(state), {
+    moved = self.layout.single_copy(reference) if self.config.sync_ref_model else None
+    self.ckpt.save(step, self.layout.single_copy(state), {
         "data": self.stream.state(), "rng": jax.random.key_data(base_key).tolist(),
         "config": config_lib.as_json(self.config), "dataset": self.s.data_fingerprint,
         "pending_eval": pending_eval,
@@ -362,12 +362,12 @@ class TrainLoop:
     LoRA either merged into its base (export_format="merged") or as a PEFT adapter folder
     ("peft") for the base model at model_path (the demo's base is written beside it)."""
     path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
-    params = self.step_fn.single_copy(state.params)
+    params = self.layout.single_copy(state.params)
     if self.s.reference_def is None:
       hf.save_pretrained(nnx.merge(self.s.model_def, params), os.fspath(path), self.s.tokenizer)
       log.info("Exported the final actor to %s", path)
       return
-    lora_cfg, base = self.s.model_config.lora, self.step_fn.single_copy(reference)
+    lora_cfg, base = self.s.model_config.lora, self.layout.single_copy(reference)
     if self.config.export_format == "merged":
       merged = lora.merged_kernels(base, params, lora_cfg)
       hf.save_pretrained(nnx.merge(self.s.reference_def, merged), os.fspath(path),

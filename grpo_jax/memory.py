@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import hosts, mesh, sampling
+from grpo_jax import hosts, sampling
+from grpo_jax.layouts import mesh
 from grpo_jax.errors import UserError
 from grpo_jax.models import ModelConfig, attention
 
@@ -311,10 +312,10 @@ def nothing_fits(name: str, choice: Choice, limit: int, hint: str) -> UserError:
 # --- The trainer's side: a layout whose programs are planned per shape ---------------------
 
 
-def with_step_config(step_fn, **changes):
-  """The layout `step_fn` (pmap or mesh) with its GRPO config changed (its own programs)."""
-  step = step_fn.step
-  return dataclasses.replace(step_fn, step=dataclasses.replace(
+def with_step_config(layout, **changes):
+  """The layout `layout` (pmap or mesh) with its GRPO config changed (its own programs)."""
+  step = layout.step
+  return dataclasses.replace(layout, step=dataclasses.replace(
       step, cfg=dataclasses.replace(step.cfg, **changes)))
 
 
@@ -342,15 +343,15 @@ def _compiled(fn, args, resident: int, batch: int) -> tuple[float, Any]:
 
 
 class PlannedStep:
-  """A layout's step (`parallel.PmappedStep` / `mesh.MeshStep`) whose sampler, score pass
+  """A layout's step (`pmap.PmappedStep` / `mesh.MeshStep`) whose sampler, score pass
   and update run, for each shape they meet, the program the memory plan chose and
   measured for it (one compile when the fastest setting fits). Everything else is the
   layout's own."""
 
-  def __init__(self, step_fn, model_cfg: ModelConfig, devices: Sequence[Any],
+  def __init__(self, layout, model_cfg: ModelConfig, devices: Sequence[Any],
                memory_limit_gib: float = 0.0, micro_batch_size: int = 0,
                remat: bool | None = None):
-    self.inner = step_fn
+    self.inner = layout
     self.model_cfg = model_cfg
     self.platform = devices[0].platform
     self.limit = device_memory(devices, memory_limit_gib)

@@ -182,17 +182,17 @@ class TrainWidths:
 
 
 class SingleTurnSampler:
-  """One decoding turn per completion, in `step_fn`'s layout. Called like
+  """One decoding turn per completion, in `layout`'s layout. Called like
   tools.host.ToolSampler: (params, prompt_ids, prompt_mask, rng, rows) -> (placed Rollout,
   ToolTurns or None), None here."""
 
-  def __init__(self, step_fn, cfg: sampling.SamplingConfig | None = None):
-    self.step_fn = step_fn
-    self.generate = step_fn.generate if cfg is None else step_fn.sampler(cfg)
+  def __init__(self, layout, cfg: sampling.SamplingConfig | None = None):
+    self.layout = layout
+    self.generate = layout.generate if cfg is None else layout.sampler(cfg)
 
   def __call__(self, params, prompt_ids, prompt_mask, rng, rows):
     del rows  # no environment to reset
-    placed = self.generate(params, *self.step_fn.place_batch((prompt_ids, prompt_mask)), rng)
+    placed = self.generate(params, *self.layout.place_batch((prompt_ids, prompt_mask)), rng)
     return placed, None
 
 

@@ -79,8 +79,8 @@ def _train_in(config, workdir, new_workdir: bool, lock) -> dict[str, float]:
       tx, schedule = build.make_optimizer(config)
       step = grpo.GRPOStep(s.model_def, tx, schedule, s.grpo_config,
                            reference_def=s.reference_def)
-      step_fn = build.planned_step_fn(config, step, s.model_config)
-      loop = TrainLoop(config, s, step_fn, ckpt, writer, logdir)
+      layout = build.planned_layout(config, step, s.model_config)
+      loop = TrainLoop(config, s, layout, ckpt, writer, logdir)
       stop.resume_hint = loop.resume_hint
       loop.run(restored, stop)
     if not hosts.is_primary():

@@ -19,7 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from grpo_jax import checkpoint, grpo, mesh, parallel, sampling  # noqa: E402
+from grpo_jax import checkpoint, grpo, sampling  # noqa: E402
+from grpo_jax.layouts import mesh, pmap  # noqa: E402
 from grpo_jax.models import ModelConfig, Transformer  # noqa: E402
 
 G, PROMPTS, LENGTH = 4, 8, 6
@@ -65,7 +66,7 @@ def run_single(step, params, tx):
 
 
 def run_pmap(step, params, tx, n):
-  p = parallel.pmap_step(step, jax.devices()[:n])
+  p = pmap.pmap_step(step, jax.devices()[:n])
   state = p.init_state(p.place_params(params))
   ref = p.place_params(params)
   b = p.place_batch(batch())
@@ -124,7 +125,7 @@ def main():
   # Checkpoints across topologies: saved from pmap over 8, restored on pmap over 2 and on
   # the tensor x fsdp mesh; saved from the mesh, restored on pmap over 4.
   with tempfile.TemporaryDirectory() as tmp:
-    p8 = parallel.pmap_step(step, jax.devices())
+    p8 = pmap.pmap_step(step, jax.devices())
     single = p8.single_copy(states["pmap8"])
     ckpt = checkpoint.Checkpointer(os.path.join(tmp, "a"), {"arch": "tiny"})
     ckpt.save(1, single, {"data": {"position": 8}})
@@ -132,7 +133,7 @@ def main():
     like = grpo.TrainState(jnp.zeros((), jnp.int32), params, jax.eval_shape(tx.init, params))
     restored, meta = ckpt.restore(1, like)
     assert meta["data"] == {"position": 8}
-    p2 = parallel.pmap_step(step, jax.devices()[:2])
+    p2 = pmap.pmap_step(step, jax.devices()[:2])
     on_p2 = p2.single_copy(p2.place_state(restored))
     m = mesh.mesh_step(step, mesh.make_mesh(1, 4, 2))
     on_mesh = m.place_state(restored)
@@ -144,7 +145,7 @@ def main():
     ckpt.save(1, m.single_copy(states["mesh_tensor2_fsdp4"]), {})
     ckpt.wait()
     restored, _ = ckpt.restore(1, like)
-    p4 = parallel.pmap_step(step, jax.devices()[:4])
+    p4 = pmap.pmap_step(step, jax.devices()[:4])
     on_p4 = p4.single_copy(p4.place_state(restored))
     for x, y in zip(jax.tree.leaves(on_p4), jax.tree.leaves(states["mesh_tensor2_fsdp4"])):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -90,8 +90,8 @@ def test_trimmed_passes_equal_full_width(loss_type, beta, iterations):
 class RecordingStep:
   """The loop's compiled step, noting the completion width of every score / update call."""
 
-  def __init__(self, step_fn):
-    self._step_fn, self.widths = step_fn, {"score": [], "update": []}
+  def __init__(self, layout):
+    self._step_fn, self.widths = layout, {"score": [], "update": []}
 
   def __getattr__(self, name):
     return getattr(self._step_fn, name)
@@ -109,7 +109,7 @@ def test_a_run_compiles_at_most_the_bounded_number_of_widths(tmp_path, monkeypat
   """Completions that stop at EOS after varied numbers of tokens: bucket 4 over 24
   positions allows at most 6 shapes of the score and update passes, each logged once."""
   steps = []
-  original_build, original_model = build.planned_step_fn, build.build_model
+  original_build, original_model = build.planned_layout, build.build_model
 
   def recording_step_fn(*args, **kwargs):
     steps.append(RecordingStep(original_build(*args, **kwargs)))
@@ -119,7 +119,7 @@ def test_a_run_compiles_at_most_the_bounded_number_of_widths(tmp_path, monkeypat
     tokenizer, _, *rest = original_model(config)
     return (tokenizer, tuple(tokenizer.convert_tokens_to_ids(list("0123456789"))), *rest)
 
-  monkeypatch.setattr(train, "planned_step_fn", recording_step_fn)
+  monkeypatch.setattr(train, "planned_layout", recording_step_fn)
   # An untrained, untied model samples near-uniformly over the 98 demo tokens; with the
   # ten digits as end-of-sequence ids its completions stop after varied numbers of tokens.
   monkeypatch.setattr(train, "build_model", digits_end_completions)

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import dynamic_sampling, grpo, metrics, parallel, preemption, train
+from grpo_jax import dynamic_sampling, grpo, metrics, preemption, train
+from grpo_jax.layouts import pmap
 from grpo_jax.errors import UserError
 from test_parallel import G, PROMPTS, make_step, prompts
 from conftest import assert_same_run, train_on_reward_files
@@ -152,7 +153,7 @@ def learn_on(p, state, ref, batch: dynamic_sampling.Gathered):
   if batch.rows_in_loss is not None:
     scored = scored._replace(rows_in_loss=p.place_batch(batch.rows_in_loss))
   state, update_metrics = p.update(state, scored)
-  return (parallel.unreplicate(state), parallel.host_metrics({**reward_metrics,
+  return (pmap.unreplicate(state), pmap.host_metrics({**reward_metrics,
                                                                **update_metrics}),
           jax.device_get(p.to_host(scored)))
 
@@ -172,9 +173,9 @@ def test_the_update_on_kept_plus_filler_groups_is_the_update_on_the_kept_alone(
   kept_only = dynamic_sampling.Gathered(
       jax.tree.map(lambda x: x[kept_rows], rollout), rewards[kept_rows], None, 4, 1, 0)
 
-  p = parallel.pmap_step(step, jax.local_devices()[:num_devices])
-  state = lambda: parallel.replicate(grpo.init_train_state(params, tx), p.devices)
-  ref = parallel.replicate(jax.tree.map(lambda x: x * 0.9, params), p.devices)
+  p = pmap.pmap_step(step, jax.local_devices()[:num_devices])
+  state = lambda: pmap.replicate(grpo.init_train_state(params, tx), p.devices)
+  ref = pmap.replicate(jax.tree.map(lambda x: x * 0.9, params), p.devices)
   padded_state, padded_metrics, scored = learn_on(p, state(), ref, batch)
   kept_state, kept_metrics, _ = learn_on(p, state(), ref, kept_only)
 

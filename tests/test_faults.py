@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import grpo, metrics, parallel, train
+from grpo_jax import grpo, metrics, train
+from grpo_jax.layouts import pmap
 from test_train import TINY, TINY_MODEL, cli_args, final_params, tiny_config
 
 FAULT_REWARDS = '''
@@ -279,13 +280,13 @@ def test_kill_9_at_twenty_random_moments(tmp_path):
 def placed_step(num_devices=4):
   from test_parallel import make_step, prompts  # noqa: PLC0415
   step, params, tx = make_step()
-  p = parallel.pmap_step(step, jax.local_devices()[:num_devices])
+  p = pmap.pmap_step(step, jax.local_devices()[:num_devices])
   batch = prompts()
   rollout = jax.jit(step.generate)(params, batch["prompt_ids"], batch["prompt_mask"],
                                    jax.random.key(0))
-  state = parallel.replicate(grpo.init_train_state(params, tx), p.devices)
-  ref = parallel.replicate(jax.tree.map(lambda x: x * 0.9, params), p.devices)
-  return p, state, ref, parallel.shard(rollout, num_devices), rollout.prompt_ids.shape[0]
+  state = pmap.replicate(grpo.init_train_state(params, tx), p.devices)
+  ref = pmap.replicate(jax.tree.map(lambda x: x * 0.9, params), p.devices)
+  return p, state, ref, pmap.shard(rollout, num_devices), rollout.prompt_ids.shape[0]
 
 
 def assert_unchanged_on_every_device(before, after):
@@ -299,11 +300,11 @@ def test_a_non_finite_gradient_on_one_device_skips_the_update_on_all():
   p, state, ref, rollout, rows = placed_step()
   before = jax.device_get(state)
   rewards = np.random.default_rng(0).normal(size=(rows, 2)).astype(np.float32)
-  scored, _ = p.score(state, ref, rollout, parallel.shard(rewards, 4))
+  scored, _ = p.score(state, ref, rollout, pmap.shard(rewards, 4))
   advantages = np.array(scored.advantages)
   advantages[2, 0] = np.inf  # one row of device 2: inf * 0-ratio terms -> NaN loss and grads
   state, step_metrics = p.update(state, scored._replace(advantages=jnp.asarray(advantages)))
-  step_metrics = parallel.host_metrics(step_metrics)
+  step_metrics = pmap.host_metrics(step_metrics)
   assert not np.isfinite(step_metrics["loss"]) or not np.isfinite(step_metrics["grad_norm"])
   assert step_metrics["nonfinite_skipped"] == 1
   assert_unchanged_on_every_device(before, jax.device_get(state))  # step, params, AdamW
@@ -313,13 +314,13 @@ def test_a_batch_without_any_reward_leaves_the_params_alone():
   p, state, ref, rollout, rows = placed_step()
   before = jax.device_get(state)
   nan = np.full((rows, 2), np.nan, np.float32)
-  state, step_metrics = p.learn(state, ref, rollout, parallel.shard(nan, 4))
-  assert parallel.host_metrics(step_metrics)["nonfinite_skipped"] == 1
+  state, step_metrics = p.learn(state, ref, rollout, pmap.shard(nan, 4))
+  assert pmap.host_metrics(step_metrics)["nonfinite_skipped"] == 1
   assert_unchanged_on_every_device(before, jax.device_get(state))
   # The guard lets an ordinary batch through: the next update moves the params.
   rewards = np.random.default_rng(0).normal(size=(rows, 2)).astype(np.float32)
-  state, step_metrics = p.learn(state, ref, rollout, parallel.shard(rewards, 4))
-  assert parallel.host_metrics(step_metrics)["nonfinite_skipped"] == 0
+  state, step_metrics = p.learn(state, ref, rollout, pmap.shard(rewards, 4))
+  assert pmap.host_metrics(step_metrics)["nonfinite_skipped"] == 0
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
            zip(jax.tree.leaves(before.params), jax.tree.leaves(jax.device_get(state.params)))]
   assert max(moved) > 1e-4

@@ -7,7 +7,8 @@ import numpy as np
 from flax import nnx
 
 from conftest import tiny_model
-from grpo_jax import grpo, mesh, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import mesh
 from grpo_jax.models import sharding, transformer
 
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grpo_jax import grpo, parallel, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import pmap
 from grpo_jax.models import ModelConfig, Transformer
 
 TARGET = 5
@@ -25,18 +26,18 @@ def test_rewards_rise_on_a_toy_task():
                                  num_generations=4)
   gcfg = grpo.GRPOConfig(sampling=scfg, beta=0.04, loss_type="grpo")
   tx, schedule = grpo.make_optimizer(5e-3, 150)  # linear decay to 0
-  p = parallel.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg))
-  state = parallel.replicate(grpo.init_train_state(params, tx), p.devices)
-  ref = parallel.replicate(params, p.devices)
+  p = pmap.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg))
+  state = pmap.replicate(grpo.init_train_state(params, tx), p.devices)
+  ref = pmap.replicate(params, p.devices)
   train_step = p.train_step(target_reward)
   rng = np.random.default_rng(0)
   rewards, kls = [], []
   for i in range(150):
     ids = rng.integers(2, 16, size=(8, 4)).astype(np.int32)
-    batch = parallel.shard({"prompt_ids": ids, "prompt_mask": np.ones_like(ids)},
+    batch = pmap.shard({"prompt_ids": ids, "prompt_mask": np.ones_like(ids)},
                            p.num_devices)
     state, metrics = train_step(state, ref, batch, jax.random.key(i))
-    metrics = parallel.host_metrics(metrics)
+    metrics = pmap.host_metrics(metrics)
     rewards.append(float(metrics["reward"]))
     kls.append(float(metrics["kl"]))
   before, after = np.mean(rewards[:5]), np.mean(rewards[-20:])

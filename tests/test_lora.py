@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from conftest import TINY, tiny_model
-from grpo_jax import grpo, mesh, parallel, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import mesh, pmap
 from grpo_jax.errors import ConfigError
 from grpo_jax.models import lora
 from grpo_jax.models.transformer import positions_from_mask
@@ -229,10 +230,10 @@ def test_pmap_and_mesh_compute_what_one_device_computes():
   single = jax.jit(step.learn)(grpo.init_train_state(adapters, tx), base, rollout, rewards)
   single = (single[0], jax.tree.map(np.asarray, single[1]))
 
-  p = parallel.pmap_step(step, jax.local_devices()[:4])
+  p = pmap.pmap_step(step, jax.local_devices()[:4])
   state, metrics = p.learn(p.init_state(p.place_params(adapters)), p.place_params(base),
                            p.place_batch(rollout), p.place_batch(rewards))
-  assert_same(single, (parallel.unreplicate(state), parallel.host_metrics(metrics)))
+  assert_same(single, (pmap.unreplicate(state), pmap.host_metrics(metrics)))
 
   m = mesh.mesh_step(step, mesh.make_mesh(1, 2, 2, devices=jax.devices()[:4]))
   placed_base = m.place_params(base)

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from grpo_jax import mesh, metrics, train
+from grpo_jax import metrics, train
+from grpo_jax.layouts import mesh
 from test_train import tiny_config
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from grpo_jax import grpo, mesh, parallel, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import mesh, pmap
 from grpo_jax.grpo import loss as loss_lib
 from grpo_jax.grpo.logprobs import completion_logprobs
 from grpo_jax.tools import turns
@@ -39,22 +40,22 @@ def scripted_tool(turns_seen):
   return respond
 
 
-def layout(kind, model, cfg):
+def make_layout(kind, model, cfg):
   step = grpo.GRPOStep(nnx.graphdef(model), None, None,
                        grpo.GRPOConfig(sampling=cfg, num_reward_funcs=1))
   if kind == "one":
-    return parallel.pmap_step(step, jax.local_devices()[:1])
+    return pmap.pmap_step(step, jax.local_devices()[:1])
   if kind == "pmap":
-    return parallel.pmap_step(step, jax.local_devices()[:4])
+    return pmap.pmap_step(step, jax.local_devices()[:4])
   return mesh.mesh_step(step, mesh.make_mesh(data=2, fsdp=1, tensor=2))
 
 
 def rollout_of(kind, model, cfg, respond, max_iterations=3, rng=0):
-  step_fn = layout(kind, model, cfg)
-  params = step_fn.place_params(nnx.state(model))
-  placed, counts = turns.run_turns(step_fn, step_fn.turn_phases(cfg), params, PROMPTS, MASK,
+  layout = make_layout(kind, model, cfg)
+  params = layout.place_params(nnx.state(model))
+  placed, counts = turns.run_turns(layout, layout.turn_phases(cfg), params, PROMPTS, MASK,
                                    jax.random.key(rng), respond, max_iterations, cfg)
-  return jax.tree.map(np.asarray, step_fn.to_host(placed)), counts
+  return jax.tree.map(np.asarray, layout.to_host(placed)), counts
 
 
 def cfg_of(**kw):

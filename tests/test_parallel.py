@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from grpo_jax import grpo, parallel, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import pmap
 
 PROMPTS, G, LENGTH = 8, 4, 6
 
@@ -35,12 +36,12 @@ def prompts(seed=0):
 
 
 def run_learn(step, params, tx, rollout, rewards, num_devices):
-  p = parallel.pmap_step(step, jax.local_devices()[:num_devices])
-  state = parallel.replicate(grpo.init_train_state(params, tx), p.devices)
-  ref = parallel.replicate(jax.tree.map(lambda x: x * 0.9, params), p.devices)
-  state, metrics = p.learn(state, ref, parallel.shard(rollout, num_devices),
-                           parallel.shard(rewards, num_devices))
-  return parallel.unreplicate(state), parallel.host_metrics(metrics)
+  p = pmap.pmap_step(step, jax.local_devices()[:num_devices])
+  state = pmap.replicate(grpo.init_train_state(params, tx), p.devices)
+  ref = pmap.replicate(jax.tree.map(lambda x: x * 0.9, params), p.devices)
+  state, metrics = p.learn(state, ref, pmap.shard(rollout, num_devices),
+                           pmap.shard(rewards, num_devices))
+  return pmap.unreplicate(state), pmap.host_metrics(metrics)
 
 
 def assert_same(a_state, a_metrics, b_state, b_metrics):
@@ -87,15 +88,15 @@ def test_fused_train_step_with_sampling_agrees_across_device_counts():
 
   results = []
   for n in (1, 4):
-    p = parallel.pmap_step(step, jax.local_devices()[:n])
-    state = parallel.replicate(grpo.init_train_state(params, tx), p.devices)
-    ref = parallel.replicate(params, p.devices)
-    rollout = p.generate(state.params, *parallel.shard(
+    p = pmap.pmap_step(step, jax.local_devices()[:n])
+    state = pmap.replicate(grpo.init_train_state(params, tx), p.devices)
+    ref = pmap.replicate(params, p.devices)
+    rollout = p.generate(state.params, *pmap.shard(
         (prompts()["prompt_ids"], prompts()["prompt_mask"]), n), jax.random.key(7))
-    state, metrics = p.train_step(reward_fn)(state, ref, parallel.shard(prompts(), n),
+    state, metrics = p.train_step(reward_fn)(state, ref, pmap.shard(prompts(), n),
                                              jax.random.key(7))
-    results.append((parallel.unshard(rollout), parallel.unreplicate(state),
-                    parallel.host_metrics(metrics)))
+    results.append((pmap.unshard(rollout), pmap.unreplicate(state),
+                    pmap.host_metrics(metrics)))
   (r1, s1, m1), (r4, s4, m4) = results
   np.testing.assert_array_equal(r1.completion_ids, r4.completion_ids)
   np.testing.assert_array_equal(r1.completion_mask, r4.completion_mask)
@@ -107,7 +108,7 @@ def test_fused_train_step_with_sampling_agrees_across_device_counts():
 ])
 def test_batch_must_split_over_devices(num_prompts, num_devices, message):
   with pytest.raises(ValueError, match=message):
-    parallel.check_batch(num_prompts, 4, num_devices)
+    pmap.check_batch(num_prompts, 4, num_devices)
 
 
 def test_rollout_must_hold_whole_groups():
@@ -118,7 +119,7 @@ def test_rollout_must_hold_whole_groups():
 def test_fresh_state_has_the_layout_of_a_trained_one():
   """Otherwise the second `learn` call compiles the step all over again."""
   step, params, tx = make_step()
-  p = parallel.pmap_step(step, jax.local_devices())
+  p = pmap.pmap_step(step, jax.local_devices())
   fresh = p.init_state(p.place_params(params))
   rollout = p.generate(fresh.params, *p.place_batch((prompts()["prompt_ids"],
                                                      prompts()["prompt_mask"])),

@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from grpo_jax import build, grpo, mesh, metrics, parallel, preemption
+from grpo_jax import build, grpo, metrics, preemption
+from grpo_jax.layouts import mesh, pmap
 from grpo_jax import loop as loop_lib
 from grpo_jax.errors import UserError
 from conftest import train_on_reward_files
@@ -36,7 +37,7 @@ def test_mixing_is_in_float32_and_keeps_each_layout():
                   + ALPHA * actor[k]).astype(reference[k].dtype) for k in reference}
   layout = mesh.make_mesh(2, 2, 1, jax.devices()[:4])
   placements = {
-      "replicated (pmap)": lambda t: parallel.replicate(t, jax.local_devices()),
+      "replicated (pmap)": lambda t: pmap.replicate(t, jax.local_devices()),
       "sharded (mesh)": lambda t: jax.device_put(t, jax.sharding.NamedSharding(
           layout, jax.sharding.PartitionSpec("fsdp"))),
   }
@@ -47,7 +48,7 @@ def test_mixing_is_in_float32_and_keeps_each_layout():
     assert jax.tree.map(lambda x: x.sharding, mixed) == layouts, name
     for key, value in mixed.items():
       assert value.dtype == reference[key].dtype, (name, key)
-      copy = np.asarray(parallel.unreplicate(value) if "pmap" in name else value)
+      copy = np.asarray(pmap.unreplicate(value) if "pmap" in name else value)
       np.testing.assert_allclose(copy.astype(np.float32), expected[key].astype(np.float32),
                                  rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}")
 
@@ -144,9 +145,9 @@ def test_without_sync_the_loop_trains_against_the_untouched_reference(files):
     patch.syspath_prepend(str(files))
     sys.modules.pop("my_rewards", None)
     s = build.setup(config)
-    step_fn = build.build_step_fn(config, grpo.GRPOStep(s.model_def, *build.make_optimizer(
+    layout = build.build_layout(config, grpo.GRPOStep(s.model_def, *build.make_optimizer(
         config), s.grpo_config))
-    loop = loop_lib.TrainLoop(config, s, step_fn, None, metrics.create_writer("", enabled=False),
+    loop = loop_lib.TrainLoop(config, s, layout, None, metrics.create_writer("", enabled=False),
                            None)
     start = jax.tree.map(np.asarray, s.init_params)
     state, reference, key = loop.restore_or_init(s.init_params, None)
@@ -154,8 +155,8 @@ def test_without_sync_the_loop_trains_against_the_untouched_reference(files):
       state, reference, _ = loop.train_step(state, reference, jax.random.fold_in(key, step),
                                             preemption.StopRequests(1.0))
     sys.modules.pop("my_rewards", None)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, step_fn.single_copy(
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, layout.single_copy(
       reference)), start)
   moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
-      jax.tree.leaves(step_fn.single_copy(state.params)), jax.tree.leaves(start)))
+      jax.tree.leaves(layout.single_copy(state.params)), jax.tree.leaves(start)))
   assert moved > 1e-4  # while the actor trained

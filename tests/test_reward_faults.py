@@ -298,11 +298,11 @@ def fake_evaluator(reward_funcs, num_prompts=5):
       grpo_config=types.SimpleNamespace(sampling=cfg),
       eval_data=Rows({"prompt": [f"{i}+{i}=" for i in range(num_prompts)],
                       "answer": [str(2 * i) for i in range(num_prompts)]}))
-  step_fn = types.SimpleNamespace(
+  layout = types.SimpleNamespace(
       sampler=lambda greedy_cfg: (lambda params, ids, mask, key: host_rollout(len(ids))),
       batch_divisor=1, to_host=lambda x: x, place_batch=lambda x: x)
-  evaluator = evaluate.Evaluator(setup, host_config(), step_fn, rollouts.SingleTurnSampler(
-      step_fn, evaluate.greedy_config(cfg)))
+  evaluator = evaluate.Evaluator(setup, host_config(), layout, rollouts.SingleTurnSampler(
+      layout, evaluate.greedy_config(cfg)))
   evaluator.host.encode = lambda rows: (np.zeros((len(rows["prompt"]), 2), np.int32),
                                         np.ones((len(rows["prompt"]), 2), np.int32))
   return evaluator

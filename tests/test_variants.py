@@ -24,7 +24,8 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from grpo_jax import grpo, mesh, parallel, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import mesh, pmap
 from grpo_jax.errors import ConfigError
 from grpo_jax.grpo import loss as loss_lib
 from grpo_jax.grpo.types import IMPORTANCE_SAMPLING_LEVELS
@@ -457,7 +458,7 @@ def run_layout(fn, params, how, *data):
   return jax.device_get(fn.single_copy(state.params)), fn.host_metrics(metrics)
 
 
-LAYOUTS = {"pmap": lambda step: parallel.pmap_step(step, jax.local_devices()[:4]),
+LAYOUTS = {"pmap": lambda step: pmap.pmap_step(step, jax.local_devices()[:4]),
            "mesh": lambda step: mesh.mesh_step(step, mesh.make_mesh(data=4))}
 
 STEP_VARIANTS = {

@@ -200,7 +200,7 @@ class GRPOStep:
   """The pure pieces of a GRPO step, bound to a model definition and an optimizer.
 
   Each method is a pure function of its array arguments; `axis_name` names the device
-  axis when run under pmap (see `parallel.pmap_step`).
+  axis when run under pmap (see `pmap.pmap_step`).
   """
 
   model_def: Any

@@ -1,6 +1,6 @@
 """Activation layouts on a device mesh: sharding constraints the model places on itself.
 
-Under `jax.set_mesh(mesh)` (mesh mode, see `grpo_jax.mesh`) the model pins its activations
+Under `jax.set_mesh(mesh)` (mesh mode, see `grpo_jax.layouts.mesh`) the model pins its activations
 at the layer boundaries, so that XLA's partitioner runs FSDP rather than splitting every
 matmul's contraction over the chips:
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.models import attention, sharding
-from grpo_jax.models.lora import LoraConfig
+from grpo_jax.models.lora_config import LoraConfig
 from grpo_jax.models.quantize import dequantize, is_quantized
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

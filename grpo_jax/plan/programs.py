@@ -2,7 +2,7 @@
 compiled for given devices with no weights read or allocated.
 
 The step is the trainer's own: the same model definition, optimizer, GRPO config and
-layout (`build.build_step_fn`), with every argument an abstract `ShapeDtypeStruct` laid
+layout (`build.build_layout`), with every argument an abstract `ShapeDtypeStruct` laid
 out as the trainer lays out the real one. Per chip, each phase's HBM is the resident
 training state (actor, reference, AdamW moments, which stay in HBM through every phase)
 plus what the phase's program adds: its other arguments, its outputs that do not reuse a
@@ -31,7 +31,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import build as build_lib
-from grpo_jax import grpo, memory, mesh as mesh_lib, parallel
+from grpo_jax import grpo, memory
+from grpo_jax.layouts import mesh as mesh_lib, pmap
 from grpo_jax import config as config_lib
 from grpo_jax.models import ModelConfig, Transformer, lora as lora_lib, quantize
 from grpo_jax.plan import hlo, roofline
@@ -144,18 +145,18 @@ def abstract_model(cfg: ModelConfig, param_dtype: str):
   return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
 
 
-def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, layout: dict[str, int] | None,
+def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, mesh_axes: dict[str, int] | None,
                    devices: int) -> int:
   """Per chip: keys + values of every layer, laid out as `models.sharding.kv_cache` pins
   them on a mesh (rows / data, kv heads / tensor, slots / fsdp where they divide), or
-  each device's rows under pmap (layout None)."""
+  each device's rows under pmap (mesh_axes None)."""
   kv = cfg.num_kv_heads
-  if layout is None:
+  if mesh_axes is None:
     rows //= devices
   else:
-    rows //= layout["data"] if rows % layout["data"] == 0 else 1
-    kv //= layout["tensor"] if kv % layout["tensor"] == 0 else 1
-    slots //= layout["fsdp"] if slots % layout["fsdp"] == 0 else 1
+    rows //= mesh_axes["data"] if rows % mesh_axes["data"] == 0 else 1
+    kv //= mesh_axes["tensor"] if kv % mesh_axes["tensor"] == 0 else 1
+    slots //= mesh_axes["fsdp"] if slots % mesh_axes["fsdp"] == 0 else 1
   return 2 * cfg.num_layers * rows * kv * cfg.head_dim * slots * jnp.dtype(
       cfg.compute_dtype).itemsize
 
@@ -171,11 +172,11 @@ def abstract_reference(config, cfg: ModelConfig, params):
 
 
 def build(config, devices, model_cfg: ModelConfig | None = None):
-  """(step_fn, model config, abstract trainable params, grpo config, abstract reference)
+  """(layout, model config, abstract trainable params, grpo config, abstract reference)
   for `config` on `devices`. With LoRA the model config and the step's model are the
   adapted model's, the trainable params the adapters, and the reference the frozen base
   (`abstract_reference`), as `build.setup` and the loop build them."""
-  parallel.check_batch(config.prompts_per_step, config.num_generations,
+  pmap.check_batch(config.prompts_per_step, config.num_generations,
                        build_lib.batch_divisor(config, devices))
   cfg = model_cfg or build_lib.model_config(config, devices[0].platform)
   graphdef, params = abstract_model(cfg, config.param_dtype)
@@ -188,10 +189,10 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
     cfg = cfg.replace(lora=adapters)
   grpo_cfg = config_lib.grpo_config(config, eos_token_ids=(0,), pad_token_id=0)
   tx, schedule = build_lib.make_optimizer(config)
-  step_fn = build_lib.build_step_fn(
+  layout = build_lib.build_layout(
       config, grpo.GRPOStep(graphdef, tx, schedule, grpo_cfg, reference_def=reference_def),
       list(devices))
-  return step_fn, cfg, params, grpo_cfg, reference
+  return layout, cfg, params, grpo_cfg, reference
 
 
 # The TPU compiler's two ways of saying a program does not fit (libtpu 0.0.4x).
@@ -245,11 +246,11 @@ class Resident:
   params (the actor, or the LoRA adapters), their AdamW state and the reference (with
   LoRA the frozen base), each sharded on a mesh or with a leading device axis (pmap)."""
 
-  step_fn: object
+  layout: object
   cfg: ModelConfig
   grpo_cfg: grpo.GRPOConfig
   name: str  # e.g. "mesh data=1 fsdp=8 tensor=1" or "pmap x8"
-  layout: dict[str, int] | None  # the mesh's axis sizes; None under pmap
+  mesh_axes: dict[str, int] | None  # the mesh's axis sizes; None under pmap
   params: object  # abstract, unplaced (for eval_shape)
   reference: object
   state: grpo.TrainState
@@ -259,11 +260,11 @@ class Resident:
 
   @property
   def per_device_axis(self) -> bool:
-    return self.layout is None
+    return self.mesh_axes is None
 
   @property
   def is_lora(self) -> bool:
-    return self.step_fn.step.reference_def is not None
+    return self.layout.step.reference_def is not None
 
   def bytes(self, tree) -> int:
     """Per chip (4-bit values at half a byte)."""
@@ -272,38 +273,38 @@ class Resident:
   def batch(self, tree):
     """A batch tree laid out as the trainer feeds it: rows over the mesh's (data, fsdp)
     shards, or [devices, rows / devices, ...] under pmap."""
-    if self.layout is None:
-      return _per_device(tree, len(self.step_fn.devices))
-    return _with(tree, jax.tree.map(lambda _: self.step_fn.batch_sharding, tree))
+    if self.mesh_axes is None:
+      return _per_device(tree, len(self.layout.devices))
+    return _with(tree, jax.tree.map(lambda _: self.layout.batch_sharding, tree))
 
   def place(self, tree):
     """Parameters laid out like the trainer's (`place_params`)."""
-    if self.layout is None:
-      return _replicated(tree, len(self.step_fn.devices))
-    return _with(tree, mesh_lib.param_shardings(tree, self.step_fn.mesh))
+    if self.mesh_axes is None:
+      return _replicated(tree, len(self.layout.devices))
+    return _with(tree, mesh_lib.param_shardings(tree, self.layout.mesh))
 
 
 def resident_state(config, devices, model_cfg: ModelConfig | None = None) -> Resident:
   """`config`'s training state on `devices`, abstract and laid out, nothing compiled."""
-  step_fn, cfg, params, grpo_cfg, reference = build(config, devices, model_cfg)
-  tx = step_fn.step.tx
+  layout, cfg, params, grpo_cfg, reference = build(config, devices, model_cfg)
+  tx = layout.step.tx
   opt_state = jax.eval_shape(tx.init, params)
   state = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
-  if isinstance(step_fn, mesh_lib.MeshStep):
-    mesh = step_fn.mesh
-    layout = {a: mesh.shape[a] for a in mesh_lib.MESH_AXES}
-    name = "mesh " + " ".join(f"{a}={s}" for a, s in layout.items())
+  if isinstance(layout, mesh_lib.MeshStep):
+    mesh = layout.mesh
+    mesh_axes = {a: mesh.shape[a] for a in mesh_lib.MESH_AXES}
+    name = "mesh " + " ".join(f"{a}={s}" for a, s in mesh_axes.items())
     params_s = _with(params, mesh_lib.param_shardings(params, mesh))
     reference_s = _with(reference, mesh_lib.param_shardings(reference, mesh))
-    opt_s = _with(opt_state, step_fn.opt_state_shardings(params_s))
+    opt_s = _with(opt_state, layout.opt_state_shardings(params_s))
     state_s = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32,
                                                    sharding=NamedSharding(mesh, P())),
                               params_s, opt_s)
   else:
-    n = len(step_fn.devices)
-    layout, name = None, f"pmap x{n}"
+    n = len(layout.devices)
+    mesh_axes, name = None, f"pmap x{n}"
     params_s, reference_s, state_s = (_replicated(t, n) for t in (params, reference, state))
-  return Resident(step_fn, cfg, grpo_cfg, name, layout, params, reference, state, params_s,
+  return Resident(layout, cfg, grpo_cfg, name, mesh_axes, params, reference, state, params_s,
                   reference_s, state_s)
 
 
@@ -319,7 +320,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   if limit is None:
     limit = memory.device_memory(devices, config.memory_limit_gib)
   r = resident_state(config, devices, model_cfg)
-  step_fn, cfg, grpo_cfg, layout, name = r.step_fn, r.cfg, r.grpo_cfg, r.layout, r.name
+  layout, cfg, grpo_cfg, mesh_axes, name = r.layout, r.cfg, r.grpo_cfg, r.mesh_axes, r.name
   params, reference, state = r.params, r.reference, r.state
   params_s, reference_s, state_s, opt_s = r.params_s, r.reference_s, r.state_s, r.state_s.opt_state
   per_device_axis, is_lora = r.per_device_axis, r.is_lora
@@ -327,7 +328,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   prompts, group = config.prompts_per_step, config.num_generations
   prompt_len, length = config.max_prompt_length, config.max_completion_length
   rows = prompts * group
-  step = dataclasses.replace(step_fn.step, axis_name=None)  # for shapes: no device axis
+  step = dataclasses.replace(layout.step, axis_name=None)  # for shapes: no device axis
   key = jax.eval_shape(lambda: jax.random.key(0))
   prompt_ids = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
   rewards = jax.ShapeDtypeStruct((rows, grpo_cfg.num_reward_funcs), jnp.float32)
@@ -337,7 +338,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   # The update reads the base with LoRA (the adapters apply to it); else not at all.
   base_arg = (reference_s,) if is_lora else ()
   key_arg = key if per_device_axis else jax.ShapeDtypeStruct(
-      key.shape, key.dtype, sharding=NamedSharding(step_fn.mesh, P()))
+      key.shape, key.dtype, sharding=NamedSharding(layout.mesh, P()))
   sampler_args = (r.place(policy), r.batch(prompt_ids), r.batch(prompt_ids), key_arg)
   score_args = (state_s, reference_s, r.batch(rollout), r.batch(rewards))
   update_args = (state_s, r.batch(scored)) + base_arg
@@ -346,7 +347,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   reference_bytes = _shard_bytes(reference_s, per_device_axis)
   opt_bytes = _shard_bytes(opt_s, per_device_axis)
   policy_bytes = param_bytes + reference_bytes if is_lora else param_bytes
-  kv = kv_cache_bytes(cfg, rows, prompt_len + length, layout, n)
+  kv = kv_cache_bytes(cfg, rows, prompt_len + length, mesh_axes, n)
   flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
   # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its whole
   # KV cache (every slot is scored, the empty ones masked) and, on a mesh, the whole LM head
@@ -356,7 +357,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   # base as it is stored (quantised kernels are dequantised where they are used) and the
   # adapters.
   itemsize = jnp.dtype(cfg.compute_dtype).itemsize
-  head_bytes = cfg.vocab_size * cfg.hidden_size * itemsize if layout else 0
+  head_bytes = cfg.vocab_size * cfg.hidden_size * itemsize if mesh_axes else 0
   if is_lora:
     sampler_weights = policy_bytes
     pass_weights = quantize.stored_bytes(reference) + quantize.stored_bytes(params)
@@ -367,26 +368,26 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
       "bytes_per_token"]
   batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
-  rows_shard = rows // step_fn.batch_divisor
-  prompts_shard = prompts // step_fn.batch_divisor
+  rows_shard = rows // layout.batch_divisor
+  prompts_shard = prompts // layout.batch_divisor
   seq_len = prompt_len + length
   trainable = param_bytes
   variant = memory.with_step_config
 
   def sampler_fn(setting):
     cfg_s = dataclasses.replace(grpo_cfg.sampling, row_chunks=setting.chunks)
-    return _compile("sampler", variant(step_fn, sampling=cfg_s).generate, sampler_args,
+    return _compile("sampler", variant(layout, sampling=cfg_s).generate, sampler_args,
                     length - 1, flops["sampling"] / n, sampler_hbm,
                     batch_bytes(sampler_args[1:3]), policy_bytes)
 
   def reference_fn(setting):
-    return _compile("reference", variant(step_fn, score_micro_batch_size=setting.rows).score,
+    return _compile("reference", variant(layout, score_micro_batch_size=setting.rows).score,
                     score_args, 1, flops["reference"] / n, 0.0, batch_bytes(score_args[2:]),
                     resident)
 
   def update_fn(setting):
     # remat recomputes the forward pass in the backward one: 4 forward passes, not 3
-    return _compile("update", variant(step_fn, micro_batch_size=setting.rows,
+    return _compile("update", variant(layout, micro_batch_size=setting.rows,
                                       remat=setting.remat).update,
                     update_args, 1, flops["train"] * (4 / 3 if setting.remat else 1) / n,
                     0.0, batch_bytes(update_args[1:2]),

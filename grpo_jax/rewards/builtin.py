@@ -17,6 +17,8 @@ import re
 from typing import Any
 
 from grpo_jax.errors import UserError
+from grpo_jax.rewards.sandbox import code_execution_reward
+from grpo_jax.rewards.text import completion_text
 
 # A number: optional minus (not a subtraction like "7-2": no digit, letter or dot just
 # before it), thousands groups "1,234" or plain digits, optional decimals, or ".5".
@@ -28,25 +30,6 @@ _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 # keep the regex linear on long completions).
 _FINAL_ANSWER_RE = re.compile(r"####[ \t]*" + NUMBER + r"\s*\Z")
 _REASONING_RE = re.compile(r"[^\s#]")
-
-
-def completion_text(completion: Any) -> str:
-  """The text of a completion: a string, or TRL's list of messages (contents joined)."""
-  if isinstance(completion, str):
-    return completion
-  if isinstance(completion, dict):
-    return _content_text(completion.get("content", ""))
-  if isinstance(completion, (list, tuple)):
-    return "\n".join(completion_text(message) for message in completion)
-  raise UserError(f"completion of type {type(completion).__name__}; expected a string or a "
-                  "list of messages like [{'role': 'assistant', 'content': '...'}]")
-
-
-def _content_text(content: Any) -> str:
-  """Message content: a string, or a list of parts of which the text parts count."""
-  if isinstance(content, str):
-    return content
-  return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 def normalize_number(number: str) -> str | None:
@@ -152,8 +135,6 @@ def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int 
   cache = soft_punish_cache or max_completion_length // 5
   return SoftOverlongPunishment(max_completion_length, cache)
 
-
-from grpo_jax.rewards.sandbox import code_execution_reward  # noqa: E402 (it imports this lazily)
 
 BUILTIN_REWARDS = {fn.__name__: fn for fn in (correctness_reward, format_reward,
                                               code_execution_reward)}

@@ -19,7 +19,7 @@ from flax import nnx
 from grpo_jax.data import batching, chat
 from grpo_jax.errors import UserError
 from grpo_jax.models import hf, positions_from_mask
-from grpo_jax.rewards.builtin import completion_text
+from grpo_jax.rewards.text import completion_text
 
 SPEC_PREFIX = "reward_model:"
 

@@ -61,13 +61,13 @@ def tool_setup(config, tokenizer) -> ToolSetup | None:
 
 class ToolSampler:
   """Samples multi-turn rollouts for one SamplingConfig (training's, or greedy evaluation's)
-  in one layout (`step_fn`)."""
+  in one layout (`layout`)."""
 
-  def __init__(self, setup: ToolSetup, tokenizer, step_fn, cfg: sampling.SamplingConfig,
+  def __init__(self, setup: ToolSetup, tokenizer, layout, cfg: sampling.SamplingConfig,
                max_iterations: int, timeout_seconds: float):
-    self.setup, self.tokenizer, self.step_fn, self.cfg = setup, tokenizer, step_fn, cfg
+    self.setup, self.tokenizer, self.layout, self.cfg = setup, tokenizer, layout, cfg
     self.max_iterations = max_iterations
-    self.phases = step_fn.turn_phases(cfg)
+    self.phases = layout.turn_phases(cfg)
     self.render = ResponseRenderer(tokenizer, setup.schemas)
     self.runner = calls_lib.ToolRunner(timeout_seconds)
     self.plain = {t.name: t.function for t in setup.tools}
@@ -101,7 +101,7 @@ class ToolSampler:
         out[r] = self.render(mine, after_eos=bool(eos[r]))
       return out
 
-    placed, counts = turns.run_turns(self.step_fn, self.phases, params, prompt_ids,
+    placed, counts = turns.run_turns(self.layout, self.phases, params, prompt_ids,
                                      prompt_mask, rng, respond, self.max_iterations, self.cfg)
     return placed, tool_stats.ToolTurns(tool_stats.ToolStats(calls, failures, counts.turns), envs,
                                       results)

@@ -28,21 +28,21 @@ class TurnCounts(NamedTuple):
   turn_starts: list[list[int]]  # per row, completion index of each model turn's first token
 
 
-def run_turns(step_fn, phases: sampling.TurnPhases, params, prompt_ids: np.ndarray,
+def run_turns(layout, phases: sampling.TurnPhases, params, prompt_ids: np.ndarray,
               prompt_mask: np.ndarray, rng, respond: Respond, max_iterations: int,
               cfg: sampling.SamplingConfig):
   """(placed Rollout with its tool_mask, TurnCounts) of one multi-turn rollout.
 
-  `step_fn`: the layout (parallel.PmappedStep or mesh.MeshStep: place_batch, to_host);
+  `layout`: the layout (pmap.PmappedStep or mesh.MeshStep: place_batch, to_host);
   `phases`: its `turn_phases(cfg)`. At most `max_iterations` responses per row.
   """
   width, length = sampling.append_width(cfg), cfg.max_completion_length
-  state = phases.begin(params, *step_fn.place_batch((prompt_ids, prompt_mask)))
+  state = phases.begin(params, *layout.place_batch((prompt_ids, prompt_mask)))
   rows = prompt_ids.shape[0] * cfg.num_generations
   turn_starts = [[0] for _ in range(rows)]
   for iteration in range(max_iterations + 1):
     state = phases.decode(params, state, rng)
-    tokens, used, stopped, eos = step_fn.to_host(
+    tokens, used, stopped, eos = layout.to_host(
         (state.tokens, state.length, state.stopped, state.eos))
     if iteration == max_iterations or not hosts.agree(stopped.any(), np.any):
       break  # rows still stopped end where they are
@@ -65,7 +65,7 @@ def run_turns(step_fn, phases: sampling.TurnPhases, params, prompt_ids: np.ndarr
         release[r] = (chunk + 1) * width >= len(response)
       done_now = finished if chunk == 0 else np.zeros(rows, bool)
       state = phases.append(params, state,
-                            *step_fn.place_batch((ids, counts, release, done_now)))
+                            *layout.place_batch((ids, counts, release, done_now)))
     for r, response in responses.items():
       start = int(used[r]) + len(response)
       if start < length:

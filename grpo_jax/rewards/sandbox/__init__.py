@@ -67,19 +67,19 @@ so a program that prints a result-looking line changes nothing. It is not tamper
 tests run in the program's own interpreter, so code that rewrites the driver's frames or
 builtins can fake passes; that is the usual limit of in-process test harnesses.
 
-The package: reward.py (kinds, SandboxLimits, ExecutionResult, the warnings,
-extract_code/parse_tests/code_execution_reward), runner.py (sandbox_mode, run_tests and the
+The package: types.py (kinds, SandboxLimits, ExecutionResult, the warnings), reward.py
+(extract_code/parse_tests/code_execution_reward), runner.py (sandbox_mode, run_tests and the
 trainer side of a run) and child.py (the driver, a stdlib-only script that runs inside the
 sandbox; runner.py writes its text into the work directory, it is never imported).
 """
 
-from grpo_jax.rewards.sandbox.reward import (BLOCKED_NETWORK, BLOCKED_SIGNAL, CPU_LIMIT,
-                                             CRASHED, DEFAULT_LIMITS, EXITED_EARLY, FILE_LIMIT,
-                                             FORBIDDEN_CALL, MEMORY_LIMIT, OUTPUT_CAP,
-                                             PROCESS_LIMIT, SANDBOX_ERROR, WALL_TIMEOUT,
-                                             ExecutionResult, SandboxLimits, _MESSAGES, _warned,
-                                             _warn_once, code_execution_reward, extract_code,
-                                             parse_tests)
+from grpo_jax.rewards.sandbox.reward import code_execution_reward, extract_code, parse_tests
+from grpo_jax.rewards.sandbox.types import (BLOCKED_NETWORK, BLOCKED_SIGNAL, CPU_LIMIT,
+                                            CRASHED, DEFAULT_LIMITS, EXITED_EARLY, FILE_LIMIT,
+                                            FORBIDDEN_CALL, MEMORY_LIMIT, OUTPUT_CAP,
+                                            PROCESS_LIMIT, SANDBOX_ERROR, WALL_TIMEOUT,
+                                            ExecutionResult, SandboxLimits, _MESSAGES, _warned,
+                                            _warn_once)
 from grpo_jax.rewards.sandbox.runner import run_tests, sandbox_mode
 
 # Not re-exported: runner._force_mode (tests set it on grpo_jax.rewards.sandbox.runner; a copy

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Sequence
 
-from grpo_jax.rewards.sandbox.reward import (BLOCKED_NETWORK, BLOCKED_SIGNAL, CPU_LIMIT,
+from grpo_jax.rewards.sandbox.types import (BLOCKED_NETWORK, BLOCKED_SIGNAL, CPU_LIMIT,
                                              CRASHED, DEFAULT_LIMITS, EXITED_EARLY, FILE_LIMIT,
                                              FORBIDDEN_CALL, MEMORY_LIMIT, OUTPUT_CAP,
                                              PROCESS_LIMIT, SANDBOX_ERROR, WALL_TIMEOUT,

@@ -33,7 +33,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grpo_jax import grpo, parallel, sampling
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import pmap
 from grpo_jax.errors import ConfigError
 from grpo_jax.models import sharding
 
@@ -150,7 +151,7 @@ class MeshStep:
     """Fresh buffers, since the train state is donated: device_put to a layout that
     includes the source's device reuses the source buffer there (even with may_alias=False),
     so placing the same params twice (actor, reference) would share buffers."""
-    return jax.device_put(parallel.distinct_buffers(params), param_shardings(params, self.mesh))
+    return jax.device_put(pmap.distinct_buffers(params), param_shardings(params, self.mesh))
 
   def opt_state_shardings(self, params):
     """AdamW moments are laid out like their parameter; counters are replicated."""
@@ -169,7 +170,7 @@ class MeshStep:
 
   def init_state(self, params) -> grpo.TrainState:
     init = jax.jit(self.step.tx.init, out_shardings=self.opt_state_shardings(params))
-    opt_state = parallel.distinct_buffers(init(params))
+    opt_state = pmap.distinct_buffers(init(params))
     return grpo.TrainState(jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params,
                            opt_state)
 
