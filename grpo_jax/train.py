@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from grpo_jax import build, checkpoint, cli, grpo, hosts, metrics, preemption
 from grpo_jax import config as config_lib
 from grpo_jax import workdir as workdir_lib
+from grpo_jax.checkpoint import orbax_noise
 from grpo_jax.errors import UserError
 from grpo_jax.loop import TrainLoop
 
@@ -120,6 +121,7 @@ def main(argv):
   # Library INFO logs (Orbax, JAX) drown the progress line; ours stay at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   log.setLevel(logging.INFO)
+  orbax_noise.install()  # a failed save is one line, not Orbax's tracebacks from its threads
   datasets.disable_progress_bars()
   config = FLAGS.config
   cli.errors_in_one_line(lambda: config.keys())  # a config file that failed to load says so here

@@ -28,9 +28,10 @@ import pytest
 from etils import epath
 
 from grpo_jax import checkpoint, grpo
-from grpo_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+from grpo_jax.checkpoint import Checkpointer, IncompatibleCheckpointError, orbax_noise
 from grpo_jax.errors import UserError
 
+orbax_noise.install()  # as the command line does: the disk-full tests read what is left
 FINGERPRINT = {"arch": "tiny", "vocab_size": 32}
 PARAMS = {"w": jnp.arange(12.0).reshape(3, 4),
           "big": jax.random.normal(jax.random.key(0), (1024,))}
@@ -343,8 +344,9 @@ FULL_DISK_RUN = """
 import os, sys
 import jax, jax.numpy as jnp, optax
 from grpo_jax import grpo
-from grpo_jax.checkpoint import Checkpointer
+from grpo_jax.checkpoint import Checkpointer, orbax_noise
 from grpo_jax.errors import UserError
+orbax_noise.install()  # as the command line does
 disk = sys.argv[1]
 params = {"w": jnp.arange(12.0).reshape(3, 4),
           "big": jax.random.normal(jax.random.key(0), (1024,))}
@@ -469,10 +471,10 @@ def test_an_orbax_task_killed_by_a_failed_saves_shutdown_is_not_printed(monkeypa
   """The CI flake of stop 20: a metadata write task of the refused save was scheduled after
   its executor shut down, and asyncio printed its traceback after the one-line error."""
   failed = threading.Event()
-  monkeypatch.setattr(checkpoint, "_ORBAX_OPERATION_FAILED", failed)
+  monkeypatch.setattr(orbax_noise, "_ORBAX_OPERATION_FAILED", failed)
   orbax_file = os.path.join(os.sep, "venv", "orbax", "checkpoint", "array_metadata_store.py")
   debris = _asyncio_task_report(RuntimeError(message), orbax_file)
-  quiet = checkpoint._QuietOrbaxWriteErrors()
+  quiet = orbax_noise._QuietOrbaxWriteErrors()
   assert quiet.filter(debris)  # no save failed: it is a real error, and it is printed
   failed.set()
   assert not quiet.filter(debris)
@@ -489,21 +491,21 @@ def test_a_closed_loop_report_from_a_callback_thread_waits_for_the_saves_outcome
   dropped if a save failed, printed as it came if none did."""
   failed = threading.Event()
   printed = []
-  monkeypatch.setattr(checkpoint, "_ORBAX_OPERATION_FAILED", failed)
-  monkeypatch.setattr(checkpoint, "_previous_unraisablehook", printed.append)
-  monkeypatch.setattr(checkpoint, "_HELD", checkpoint._HeldReports())
+  monkeypatch.setattr(orbax_noise, "_ORBAX_OPERATION_FAILED", failed)
+  monkeypatch.setattr(orbax_noise, "_previous_unraisablehook", printed.append)
+  monkeypatch.setattr(orbax_noise, "_HELD", orbax_noise._HeldReports())
   report = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None,
                                  exc_type=RuntimeError, exc_traceback=None, err_msg=None)
   other = types.SimpleNamespace(exc_value=ValueError("mine"), object=None,
                                 exc_type=ValueError, exc_traceback=None, err_msg=None)
-  checkpoint._quiet_unraisable(report)
-  checkpoint._quiet_unraisable(other)
+  orbax_noise._quiet_unraisable(report)
+  orbax_noise._quiet_unraisable(other)
   assert printed == [other]  # only the shutdown error waits
   if save_failed:
     failed.set()
-  checkpoint._HELD.release()
+  orbax_noise._HELD.release()
   assert printed == [other] if save_failed else [other, report]
-  checkpoint._HELD.release_at_exit()  # from now on nothing is held
-  checkpoint._quiet_unraisable(report)
+  orbax_noise._HELD.release_at_exit()  # from now on nothing is held
+  orbax_noise._quiet_unraisable(report)
   assert printed[-1] is report or save_failed
   assert len(printed) == (1 if save_failed else 3)

@@ -11,6 +11,7 @@ import pytest
 from clu import metric_writers
 
 from grpo_jax import metrics
+from grpo_jax.metrics import event_files
 from tensorboard.util import tensor_util
 
 
@@ -218,7 +219,7 @@ def _event_file(logdir, steps):
 def test_truncate_after_keeps_intact_records_before_a_damaged_tail(tmp_path, damage):
   path = _event_file(tmp_path, range(1, 6))
   data = path.read_bytes()
-  last = metrics._event_records(data)[0][-1]  # (start, end) of the step-5 record
+  last = event_files._event_records(data)[0][-1]  # (start, end) of the step-5 record
   start, end = last
   if damage == "torn_data":  # killed while writing the last record's payload
     data = data[:end - 7]
@@ -253,15 +254,15 @@ def test_truncate_after_leaves_intact_files_with_nothing_to_drop_alone(tmp_path)
 def test_masked_crc32c_matches_tensorboard():
   from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
   rng = np.random.default_rng(0)
-  chunk = metrics._CRC_CHUNK
+  chunk = event_files._CRC_CHUNK
   lengths = [0, 1, 8, 9, 100, chunk - 1, chunk, chunk + 1, 2 * chunk, 3 * chunk + 17, 5]
   buffers = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
   data = b"".join(buffers)
   starts = np.cumsum([0] + lengths[:-1])
-  got = metrics._masked_crc32c(np.frombuffer(data, np.uint8), starts, np.array(lengths))
+  got = event_files._masked_crc32c(np.frombuffer(data, np.uint8), starts, np.array(lengths))
   assert [int(c) for c in got] == [masked_crc32c(b) for b in buffers]
   # The CRC-32C check value, unmasked by hand: crc32c(b"123456789") == 0xE3069283.
-  [masked] = metrics._masked_crc32c(np.frombuffer(b"123456789", np.uint8), np.array([0]),
+  [masked] = event_files._masked_crc32c(np.frombuffer(b"123456789", np.uint8), np.array([0]),
                                     np.array([9]))
   unmasked = (int(masked) - 0xA282EAD8) & 0xFFFFFFFF
   assert ((unmasked >> 17) | (unmasked << 15)) & 0xFFFFFFFF == 0xE3069283

@@ -26,23 +26,18 @@ checkpoint that restores completely and moves the damaged newer ones to
 Orbax saves asynchronously: a full or read-only disk surfaces in a background thread and
 then at the next `save`/`wait`/`close`, as a chain of Orbax/TensorStore exceptions and
 error logs with tracebacks. Those become one UserError line here: "cannot write checkpoint
-<dir>/<step>: No space left on device (the last complete checkpoint is step N; ...)".
-Orbax's own logs of that failure (absl ERROR records with tracebacks, from several threads)
-and the "Exception ignored" debris of its abandoned coroutines are dropped; nothing else is.
-A full or read-only disk at the time of `save` fails at once, in a one-byte write probe.
+<dir>/<step>: No space left on device (the last complete checkpoint is step N; ...)"
+(`disk`). Orbax's own logs of that failure and the debris of its abandoned coroutines are
+dropped by `orbax_noise`, which the command line installs. A full or read-only disk at the
+time of `save` fails at once, in a one-byte write probe.
 """
 
 from __future__ import annotations
 
-import atexit
-import errno
 import itertools
 import logging
 import os
-import re
-import sys
 import tempfile
-import threading
 from typing import Any, NamedTuple
 
 import jax
@@ -50,18 +45,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from grpo_jax import hosts
+from grpo_jax.checkpoint import orbax_noise
+from grpo_jax.checkpoint.disk import describe_exception, one_line, write_errno
 from grpo_jax.errors import UserError
 
 log = logging.getLogger("grpo_jax")
 
 CORRUPT_DIRNAME = "corrupt_checkpoints"  # a sibling of the checkpoints directory
-# The errors of a disk that cannot take the checkpoint: full, over quota, read-only, not
-# ours, failing. Anything else raised while saving is left as it is (a bug, not the disk).
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                          errno.EIO, errno.EFBIG})
-# TensorStore reports OS errors inside ValueError messages: "... [os_error_code='28'] ...".
-_TS_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
-_REASON_CHARS = 200
 
 
 class IncompatibleCheckpointError(UserError):
@@ -100,187 +90,9 @@ def _describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
   return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
 
 
-def _exception_chain(exc: BaseException | None):
-  """`exc`, its causes and contexts (and the members of exception groups), each once."""
-  seen, todo = set(), [exc]
-  while todo:
-    e = todo.pop(0)
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    yield e
-    todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
-
-
-def write_errno(exc: BaseException | None) -> int | None:
-  """The errno of a disk that refused a write somewhere in `exc`'s chain, else None."""
-  for e in _exception_chain(exc):
-    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-      return e.errno
-    code = _TS_OS_ERROR.search(str(e))
-    if code and int(code.group(1)) in WRITE_ERRNOS:
-      return int(code.group(1))
-  return None
-
-
-def _one_line(text: str, limit: int = _REASON_CHARS) -> str:
-  lines = str(text).strip().splitlines()
-  line = lines[0].strip() if lines else ""
-  return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
-
-
-def _describe_exception(exc: BaseException) -> str:
-  """"Type: first line of the message" of the innermost explicit cause (Orbax wraps the
-  TensorStore error that says what is wrong in a generic "error while reading")."""
-  while exc.__cause__ is not None:
-    exc = exc.__cause__
-  message = _one_line(str(exc))
-  return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     ocp.multihost.sync_global_processes(f"grpo_jax_checkpoint:{name}")
-
-
-# Set once the disk refused one of Orbax's writes, or a restore failed, in this process: from
-# then on the debris of that operation is not printed (see _quiet_unraisable).
-_ORBAX_OPERATION_FAILED = threading.Event()
-
-
-def _refused_write(record: logging.LogRecord) -> bool:
-  exc = record.exc_info[1] if record.exc_info else None
-  if exc is not None and write_errno(exc) is not None:
-    return True
-  try:
-    message = record.getMessage()
-  except Exception:  # pylint: disable=broad-except
-    return False
-  code = _TS_OS_ERROR.search(message)
-  if code and int(code.group(1)) in WRITE_ERRNOS:
-    return True
-  return any(os.strerror(n) in message for n in WRITE_ERRNOS)
-
-
-_OPERATION_ID = re.compile(r"\[operation_id=(\d+)\]")  # one Orbax save, in its logs
-
-
-class _QuietOrbaxWriteErrors(logging.Filter):
-  """Drops Orbax's own error logs (each with a long traceback, from several background
-  threads) about a write the disk refused, and asyncio's "Task exception was never
-  retrieved" for Orbax's abandoned write tasks: Checkpointer turns that failure into a
-  one-line UserError instead, and the later errors of the same save (same Orbax
-  operation_id). Every other log passes."""
-
-  def __init__(self):
-    super().__init__()
-    self.failed_operations: set[str] = set()
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.WARNING:
-      return True
-    if record.name != "asyncio" and f"{os.sep}orbax{os.sep}" not in record.pathname:
-      return True
-    try:
-      operation = _OPERATION_ID.search(record.getMessage())
-    except Exception:  # pylint: disable=broad-except
-      operation = None
-    if _refused_write(record):
-      _ORBAX_OPERATION_FAILED.set()
-      if operation:
-        self.failed_operations.add(operation.group(1))
-      return False
-    if _ORBAX_OPERATION_FAILED.is_set() and _orbax_task_debris(record):
-      return False
-    # The rest of a refused save: its other threads fail in turn, e.g. at interpreter exit.
-    return not (operation and operation.group(1) in self.failed_operations)
-
-
-def _shutdown_error(exc: BaseException | None) -> bool:
-  """What an Orbax task still in flight dies of once its failed save (or the interpreter's
-  exit) shut its executor or its event loop down."""
-  return isinstance(exc, RuntimeError) and (
-      str(exc) == "Event loop is closed"
-      or str(exc).startswith("cannot schedule new futures after"))  # [interpreter] shutdown
-
-
-def _orbax_task_debris(record: logging.LogRecord) -> bool:
-  """asyncio's report of an abandoned Orbax task that died of the shutdown of a failed save."""
-  if record.name != "asyncio" or not _shutdown_error(record.exc_info and record.exc_info[1]):
-    return False
-  try:
-    message = record.getMessage()
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return f"{os.sep}orbax{os.sep}" in message
-
-
-def _in_orbax(obj) -> bool:
-  code = getattr(obj, "cr_code", None) or getattr(obj, "gi_code", None)
-  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-
-
-def _quiet_unraisable(unraisable) -> None:
-  """Drops the "Exception ignored in ..." tracebacks that are the debris of an Orbax save
-  or restore that already failed (and was reported): TensorStore reads/writes still in
-  flight complete into the closed event loop of the failed operation ("RuntimeError:
-  Event loop is closed"), and its coroutines are closed unfinished (their error chains
-  end in GeneratorExit), at the latest at interpreter exit."""
-  exc = unraisable.exc_value
-  if _shutdown_error(exc):
-    if _ORBAX_OPERATION_FAILED.is_set():
-      return
-    if unraisable.object is None and not _HELD.exiting:
-      # From a TensorStore callback thread, which cannot say whose loop it was: it can
-      # arrive before the save's failure reaches the main thread. Held until then.
-      _HELD.hold(unraisable)
-      return
-  if _in_orbax(unraisable.object) and (_ORBAX_OPERATION_FAILED.is_set() or any(
-      isinstance(e, GeneratorExit) for e in _exception_chain(exc))):
-    return
-  _previous_unraisablehook(unraisable)
-
-
-class _HeldReports:
-  """Unraisable reports that are debris if an Orbax operation failed: dropped once one
-  did, printed as they came once a save completed, or at exit, if none did."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._reports: list = []
-    self.exiting = False
-
-  def hold(self, unraisable) -> None:
-    with self._lock:
-      self._reports.append(unraisable)
-
-  def release(self) -> None:
-    with self._lock:
-      reports, self._reports = self._reports, []
-    if not _ORBAX_OPERATION_FAILED.is_set():
-      for unraisable in reports:
-        _previous_unraisablehook(unraisable)
-
-  def release_at_exit(self) -> None:
-    self.exiting = True
-    self.release()
-
-
-_HELD = _HeldReports()
-atexit.register(_HELD.release_at_exit)
-_LOG_FILTER = _QuietOrbaxWriteErrors()
-_previous_unraisablehook = sys.unraisablehook
-
-
-def _install_quieting() -> None:
-  global _previous_unraisablehook
-  for name in ("absl", "asyncio"):  # Orbax logs through absl.logging
-    logger = logging.getLogger(name)
-    if _LOG_FILTER not in logger.filters:
-      logger.addFilter(_LOG_FILTER)
-  if sys.unraisablehook is not _quiet_unraisable:
-    _previous_unraisablehook = sys.unraisablehook
-    sys.unraisablehook = _quiet_unraisable
 
 
 class Checkpointer:
@@ -298,7 +110,6 @@ class Checkpointer:
     self._pending_step: int | None = None  # saved asynchronously, not yet known complete
     self._reported_write_error = False  # a write failure already raised as a UserError
     self._reference_unreadable = False  # restore_latest found reference/ missing or broken
-    _install_quieting()
 
   @property
   def manager(self) -> ocp.CheckpointManager:
@@ -352,8 +163,8 @@ class Checkpointer:
       if not (path / part).exists():
         missing = f"{part}{'/' if part == item else ''} is missing"
         break
-    described = _describe_exception(exc)
-    return _one_line(f"{missing}: {described}" if missing else described)
+    described = describe_exception(exc)
+    return one_line(f"{missing}: {described}" if missing else described)
 
   def _incompatible(self, saved: dict[str, Any]) -> IncompatibleCheckpointError:
     return IncompatibleCheckpointError(
@@ -440,7 +251,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           **{item: ocp.args.StandardRestore(abstract_tree(like))}))
     except Exception as e:  # pylint: disable=broad-except  # any failure: unusable
-      _ORBAX_OPERATION_FAILED.set()
+      orbax_noise.mark_failed()
       return None, self._reason(step, item, e)
     return restored[item], None
 
@@ -485,8 +296,8 @@ class Checkpointer:
       try:
         return self.restore_reference(like_params)
       except Exception as e:  # pylint: disable=broad-except  # any failure: rebuild them
-        _ORBAX_OPERATION_FAILED.set()
-        problem = f"cannot be restored ({_one_line(_describe_exception(e))})"
+        orbax_noise.mark_failed()
+        problem = f"cannot be restored ({one_line(describe_exception(e))})"
     self._reference_unreadable = True
     log.warning("the frozen reference params %s %s; they will be rebuilt from the starting "
                 "params", path, problem)
@@ -561,7 +372,7 @@ class Checkpointer:
     code = write_errno(exc)
     if code is None:
       return None
-    _ORBAX_OPERATION_FAILED.set()
+    orbax_noise.mark_failed()
     log.debug("writing checkpoint %s failed", step, exc_info=exc)
     where = self.step_path(step) if step is not None else self.directory
     last = self._last_complete_step(step)
@@ -609,7 +420,7 @@ class Checkpointer:
         raise
       raise error from None
     self._pending_step = None
-    _HELD.release()  # this save went well: what came in meanwhile was not its debris
+    orbax_noise.save_completed()
 
   def close(self) -> None:
     """Waits for the pending save and closes. A write failure already raised as a
@@ -632,4 +443,4 @@ class Checkpointer:
       if not already_reported:
         raise error from None
     self._pending_step = None
-    _HELD.release()  # this save went well: what came in meanwhile was not its debris
+    orbax_noise.save_completed()
