@@ -26,10 +26,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from grpo_jax import grpo, memory, sampling
-from grpo_jax.layouts import pmap
+from grpo_jax import grpo, sampling
+from grpo_jax.layouts import planned, pmap
 from grpo_jax.models import ModelConfig, Transformer, attention, hf, presets
-from grpo_jax.plan import programs, roofline
+from grpo_jax.plan import abstract, roofline
 
 # (model, prompts per step, G, prompt tokens, completion tokens)
 SHAPES = {
@@ -65,7 +65,7 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool,
   tx, schedule = grpo.make_optimizer(1e-6, 100)
   # the trainer's layout and memory plan (micro-batches, remat, sampler chunks per shape)
   devices = jax.devices()[:1]
-  step_fn = memory.PlannedStep(
+  step_fn = planned.PlannedStep(
       pmap.pmap_step(grpo.GRPOStep(graphdef, tx, schedule, gcfg), devices), cfg, devices,
       memory_limit_gib)
   state = step_fn.init_state(step_fn.place_params(params))
@@ -98,7 +98,7 @@ def run(name: str, dtype: str, steps: int, peak_tflops: float, quick: bool,
   # whole KV cache (the plan's sampler roofline, one formula)
   weights = cfg.num_params() * jax.numpy.dtype(cfg.compute_dtype).itemsize
   decode = roofline.decode_roofline(
-      weights, programs.kv_cache_bytes(cfg, prompts * group, prompt_len + length, None, 1),
+      weights, abstract.kv_cache_bytes(cfg, prompts * group, prompt_len + length, None, 1),
       hbm_tbps * 1e12, length)
   return {"model": name, "dtype": dtype, "params_m": round(cfg.num_params() / 1e6, 1),
           "attention": cfg.attention,

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from grpo_jax import checkpoint, grpo, memory, warmup
-from grpo_jax.layouts import pmap
+from grpo_jax import checkpoint, grpo, warmup
 from grpo_jax import config as config_lib
-from grpo_jax.layouts import mesh as mesh_lib
 from grpo_jax.data import chat, demo, loading, validate
 from grpo_jax.errors import UserError
+from grpo_jax.layouts import mesh as mesh_lib
+from grpo_jax.layouts import planned, pmap
 from grpo_jax.models import ModelConfig, Transformer, attention, hf, lora, presets
 from grpo_jax.rewards import resolve_reward_funcs
 from grpo_jax.tools import builtin as tools_builtin
@@ -204,9 +204,9 @@ def build_layout(config, step: grpo.GRPOStep, devices=None):
 
 def planned_layout(config, step: grpo.GRPOStep, model_cfg: ModelConfig):
   """`build_layout`'s layout, whose sampler, score pass and update run the settings the
-  memory plan chooses for each shape (`memory.PlannedStep`)."""
+  memory plan chooses for each shape (`planned.PlannedStep`)."""
   devices = jax.devices() if config.parallelism == "mesh" else jax.local_devices()
-  return memory.PlannedStep(build_layout(config, step), model_cfg, devices,
+  return planned.PlannedStep(build_layout(config, step), model_cfg, devices,
                             config.memory_limit_gib, config.micro_batch_size, config.remat)
 
 

@@ -123,8 +123,8 @@ def test_every_layout_offers_the_layout_interface(kind):
   from flax import nnx  # noqa: PLC0415
 
   from conftest import tiny_model  # noqa: PLC0415
-  from grpo_jax import grpo, memory, sampling  # noqa: PLC0415
-  from grpo_jax.layouts import Layout, mesh, pmap  # noqa: PLC0415
+  from grpo_jax import grpo, sampling  # noqa: PLC0415
+  from grpo_jax.layouts import Layout, mesh, planned, pmap  # noqa: PLC0415
   model = tiny_model()
   step = grpo.GRPOStep(nnx.graphdef(model), None, None, grpo.GRPOConfig(
       sampling=sampling.SamplingConfig(max_completion_length=4, eos_token_ids=(1,),
@@ -134,7 +134,7 @@ def test_every_layout_offers_the_layout_interface(kind):
   layout = (mesh.mesh_step(step, mesh.make_mesh(devices=devices)) if kind == "mesh"
             else pmap.pmap_step(step, devices))
   if kind == "planned":
-    layout = memory.PlannedStep(layout, model.cfg, devices)
+    layout = planned.PlannedStep(layout, model.cfg, devices)
   assert isinstance(layout, Layout)
   missing = [m for m in dir(Layout) if not m.startswith("_") and not hasattr(layout, m)]
   assert missing == []

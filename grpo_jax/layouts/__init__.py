@@ -7,7 +7,7 @@
 
 Both return an object with the `Layout` interface below: the loop, the evaluator, the
 samplers and the planner call nothing else, so they never ask which layout they hold.
-`memory.PlannedStep` wraps either one with the same interface, choosing micro-batches and
+`planned.PlannedStep` wraps either one with the same interface, choosing micro-batches and
 chunks per shape. Each compiled program keeps the step's own signature (see
 `grpo.GRPOStep`), with arrays laid out as `place_*` lays them out.
 """

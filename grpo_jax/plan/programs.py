@@ -27,15 +27,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import build as build_lib
-from grpo_jax import grpo, memory
-from grpo_jax.layouts import mesh as mesh_lib, pmap
 from grpo_jax import config as config_lib
-from grpo_jax.models import ModelConfig, Transformer, lora as lora_lib, quantize
-from grpo_jax.plan import hlo, roofline
+from grpo_jax import grpo, memory
+from grpo_jax.layouts import mesh as mesh_lib
+from grpo_jax.layouts import planned, pmap
+from grpo_jax.models import ModelConfig, lora as lora_lib, quantize
+from grpo_jax.plan import abstract, hlo, roofline
 
 DUMP_DIR = os.environ.get("GRPO_JAX_PLAN_DUMP", "")  # a folder: write each program's HLO there
 
@@ -108,69 +108,6 @@ class Plan:
     return self.params + self.optimizer + self.reference
 
 
-def _shard_bytes(tree, per_device_axis: bool) -> int:
-  """Bytes on one chip of an abstract tree (leading device axis under pmap), 4-bit values
-  at half a byte (`quantize.stored_bytes`)."""
-  shards = []
-  for x in jax.tree.leaves(tree):
-    if per_device_axis:
-      shape = x.shape[1:]
-    elif getattr(x, "sharding", None) is not None:
-      shape = x.sharding.shard_shape(x.shape)
-    else:
-      shape = x.shape
-    shards.append(jax.ShapeDtypeStruct(shape, x.dtype))
-  return quantize.stored_bytes(shards)
-
-
-def _with(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _per_device(tree, n: int):
-  """[N, ...] -> [n, N / n, ...] abstract (the pmap layout of a batch)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, x.shape[0] // n) + x.shape[1:],
-                                                     x.dtype), tree)
-
-
-def _replicated(tree, n: int):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), tree)
-
-
-def abstract_model(cfg: ModelConfig, param_dtype: str):
-  """(graphdef, abstract params): the model's shapes, nothing allocated."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-  dtype = jnp.dtype(param_dtype)
-  return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
-
-
-def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, mesh_axes: dict[str, int] | None,
-                   devices: int) -> int:
-  """Per chip: keys + values of every layer, laid out as `models.sharding.kv_cache` pins
-  them on a mesh (rows / data, kv heads / tensor, slots / fsdp where they divide), or
-  each device's rows under pmap (mesh_axes None)."""
-  kv = cfg.num_kv_heads
-  if mesh_axes is None:
-    rows //= devices
-  else:
-    rows //= mesh_axes["data"] if rows % mesh_axes["data"] == 0 else 1
-    kv //= mesh_axes["tensor"] if kv % mesh_axes["tensor"] == 0 else 1
-    slots //= mesh_axes["fsdp"] if slots % mesh_axes["fsdp"] == 0 else 1
-  return 2 * cfg.num_layers * rows * kv * cfg.head_dim * slots * jnp.dtype(
-      cfg.compute_dtype).itemsize
-
-
-def abstract_reference(config, cfg: ModelConfig, params):
-  """The reference as the loop places it, abstract: the actor's starting params in the
-  compute dtype (`grpo.as_reference`), or with LoRA the frozen base `params` cast to
-  `lora.base_dtype` and quantised per `lora.base_quantization` first (`lora.prepare_base`)."""
-  prepare = ((lambda p: p) if lora_lib.from_config(config.lora) is None else
-             lambda p: lora_lib.prepare_base(p, config.lora.base_dtype,
-                                             config.lora.base_quantization))
-  return jax.eval_shape(lambda p: grpo.as_reference(prepare(p), cfg.compute_dtype), params)
-
-
 def build(config, devices, model_cfg: ModelConfig | None = None):
   """(layout, model config, abstract trainable params, grpo config, abstract reference)
   for `config` on `devices`. With LoRA the model config and the step's model are the
@@ -179,8 +116,8 @@ def build(config, devices, model_cfg: ModelConfig | None = None):
   pmap.check_batch(config.prompts_per_step, config.num_generations,
                        build_lib.batch_divisor(config, devices))
   cfg = model_cfg or build_lib.model_config(config, devices[0].platform)
-  graphdef, params = abstract_model(cfg, config.param_dtype)
-  reference = abstract_reference(config, cfg, params)
+  graphdef, params = abstract.abstract_model(cfg, config.param_dtype)
+  reference = abstract.abstract_reference(config, cfg, params)
   reference_def = None
   adapters = lora_lib.from_config(config.lora)
   if adapters is not None:  # the plain model reads the base; the actor adapts it
@@ -268,20 +205,20 @@ class Resident:
 
   def bytes(self, tree) -> int:
     """Per chip (4-bit values at half a byte)."""
-    return _shard_bytes(tree, self.per_device_axis)
+    return abstract.shard_bytes(tree, self.per_device_axis)
 
   def batch(self, tree):
     """A batch tree laid out as the trainer feeds it: rows over the mesh's (data, fsdp)
     shards, or [devices, rows / devices, ...] under pmap."""
     if self.mesh_axes is None:
-      return _per_device(tree, len(self.layout.devices))
-    return _with(tree, jax.tree.map(lambda _: self.layout.batch_sharding, tree))
+      return abstract.per_device(tree, len(self.layout.devices))
+    return abstract.with_shardings(tree, jax.tree.map(lambda _: self.layout.batch_sharding, tree))
 
   def place(self, tree):
     """Parameters laid out like the trainer's (`place_params`)."""
     if self.mesh_axes is None:
-      return _replicated(tree, len(self.layout.devices))
-    return _with(tree, mesh_lib.param_shardings(tree, self.layout.mesh))
+      return abstract.replicated(tree, len(self.layout.devices))
+    return abstract.with_shardings(tree, mesh_lib.param_shardings(tree, self.layout.mesh))
 
 
 def resident_state(config, devices, model_cfg: ModelConfig | None = None) -> Resident:
@@ -294,16 +231,16 @@ def resident_state(config, devices, model_cfg: ModelConfig | None = None) -> Res
     mesh = layout.mesh
     mesh_axes = {a: mesh.shape[a] for a in mesh_lib.MESH_AXES}
     name = "mesh " + " ".join(f"{a}={s}" for a, s in mesh_axes.items())
-    params_s = _with(params, mesh_lib.param_shardings(params, mesh))
-    reference_s = _with(reference, mesh_lib.param_shardings(reference, mesh))
-    opt_s = _with(opt_state, layout.opt_state_shardings(params_s))
+    params_s = abstract.with_shardings(params, mesh_lib.param_shardings(params, mesh))
+    reference_s = abstract.with_shardings(reference, mesh_lib.param_shardings(reference, mesh))
+    opt_s = abstract.with_shardings(opt_state, layout.opt_state_shardings(params_s))
     state_s = grpo.TrainState(jax.ShapeDtypeStruct((), jnp.int32,
                                                    sharding=NamedSharding(mesh, P())),
                               params_s, opt_s)
   else:
     n = len(layout.devices)
     mesh_axes, name = None, f"pmap x{n}"
-    params_s, reference_s, state_s = (_replicated(t, n) for t in (params, reference, state))
+    params_s, reference_s, state_s = (abstract.replicated(t, n) for t in (params, reference, state))
   return Resident(layout, cfg, grpo_cfg, name, mesh_axes, params, reference, state, params_s,
                   reference_s, state_s)
 
@@ -343,11 +280,11 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   score_args = (state_s, reference_s, r.batch(rollout), r.batch(rewards))
   update_args = (state_s, r.batch(scored)) + base_arg
 
-  param_bytes = _shard_bytes(params_s, per_device_axis)
-  reference_bytes = _shard_bytes(reference_s, per_device_axis)
-  opt_bytes = _shard_bytes(opt_s, per_device_axis)
+  param_bytes = abstract.shard_bytes(params_s, per_device_axis)
+  reference_bytes = abstract.shard_bytes(reference_s, per_device_axis)
+  opt_bytes = abstract.shard_bytes(opt_s, per_device_axis)
   policy_bytes = param_bytes + reference_bytes if is_lora else param_bytes
-  kv = kv_cache_bytes(cfg, rows, prompt_len + length, mesh_axes, n)
+  kv = abstract.kv_cache_bytes(cfg, rows, prompt_len + length, mesh_axes, n)
   flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
   # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its whole
   # KV cache (every slot is scored, the empty ones masked) and, on a mesh, the whole LM head
@@ -366,13 +303,13 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
     pass_weights = cfg.num_params() * itemsize
   sampler_hbm = length * roofline.decode_roofline(sampler_weights + head_bytes, kv)[
       "bytes_per_token"]
-  batch_bytes = lambda args: _shard_bytes(args, per_device_axis)
+  batch_bytes = lambda args: abstract.shard_bytes(args, per_device_axis)
   resident = param_bytes + opt_bytes + reference_bytes
   rows_shard = rows // layout.batch_divisor
   prompts_shard = prompts // layout.batch_divisor
   seq_len = prompt_len + length
   trainable = param_bytes
-  variant = memory.with_step_config
+  variant = planned.with_step_config
 
   def sampler_fn(setting):
     cfg_s = dataclasses.replace(grpo_cfg.sampling, row_chunks=setting.chunks)
@@ -454,5 +391,4 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
               tried=tried, decode_weights=int(sampler_weights + head_bytes))
 
 
-__all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan", "kv_cache_bytes",
-           "abstract_model", "abstract_reference"]
+__all__ = ["Phase", "Plan", "Resident", "build", "resident_state", "compile_plan"]
