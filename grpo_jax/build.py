@@ -54,9 +54,14 @@ class Setup:
   data_fingerprint: dict = dataclasses.field(default_factory=dict)
 
   @property
+  def uses_lora(self) -> bool:
+    """Whether the run trains LoRA adapters on a frozen base (`reference_def` set)."""
+    return self.reference_def is not None
+
+  @property
   def base_def(self) -> nnx.GraphDef:
     """The graphdef that reads `init_params` (the plain model's, also with LoRA)."""
-    return self.model_def if self.reference_def is None else self.reference_def
+    return self.reference_def if self.uses_lora else self.model_def
 
   @property
   def trainable_like(self):
@@ -234,7 +239,7 @@ def architecture(s: Setup) -> dict[str, Any]:
 def fingerprint(s: Setup) -> dict[str, Any]:
   """What a checkpoint must match to be restored into this run: the architecture and, with
   LoRA, the digest of the base weights (adapters are only meaningful on their base)."""
-  if s.reference_def is None:
+  if not s.uses_lora:
     return architecture(s)
   return {**architecture(s), "lora_base_weights": lora.weights_digest(s.init_params)}
 
@@ -297,7 +302,7 @@ def restore_checkpoint(config, s: Setup, ckpt: checkpoint.Checkpointer):
   like_state = grpo.TrainState(jnp.zeros((), jnp.int32), s.trainable_like,
                                jax.eval_shape(make_optimizer(config)[0].init, s.trainable_like))
   # With LoRA no reference is checkpointed: the base is rebuilt from its source.
-  restored = ckpt.restore_latest(like_state, s.init_params if s.reference_def is None else None)
+  restored = ckpt.restore_latest(like_state, None if s.uses_lora else s.init_params)
   if restored is None:
     return None
   saved = restored.meta.get("config")

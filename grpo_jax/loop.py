@@ -115,7 +115,7 @@ class TrainLoop:
     """
     layout, config = self.layout, self.config
     fresh_key = jax.random.key(config.seed)
-    if self.s.reference_def is not None:
+    if self.s.uses_lora:
       return self.restore_or_init_adapters(params, restored, fresh_key)
     if restored is not None:
       reference = restored.reference
@@ -168,7 +168,7 @@ class TrainLoop:
   def place_reference(self, params):
     """The reference on the devices, in its compute dtype; with LoRA the base, also in
     lora.base_dtype and quantised per lora.base_quantization."""
-    if self.s.reference_def is not None:
+    if self.s.uses_lora:
       params = lora.prepare_base(params, self.config.lora.base_dtype,
                                  self.config.lora.base_quantization)
     return self.layout.place_params(grpo.as_reference(params,
@@ -363,7 +363,7 @@ class TrainLoop:
     ("peft") for the base model at model_path (the demo's base is written beside it)."""
     path = self.logdir.parent / self.config.export_hf  # an absolute export_hf stays as is
     params = self.layout.single_copy(state.params)
-    if self.s.reference_def is None:
+    if not self.s.uses_lora:
       hf.save_pretrained(nnx.merge(self.s.model_def, params), os.fspath(path), self.s.tokenizer)
       log.info("Exported the final actor to %s", path)
       return

@@ -277,7 +277,7 @@ def test_lora_state_of_a_preset_trains_adapters_on_one_quantised_base():
     assert 0 < opt < 0.05 * full_opt, (opt, full_opt)
     # the reference is the base itself (the plain model's leaves, no adapters): no copy
     assert not any("lora" in n for n in _leaf_names(s.reference_s))
-    assert s.layout.step.reference_def is not None
+    assert s.layout.step.uses_lora
     bases[quantization if quantization != "none" else base_dtype] = s.bytes(s.reference_s)
     if quantization != "none":
       assert any(n.endswith("q_proj/kernel/qvalue") for n in _leaf_names(s.reference_s))

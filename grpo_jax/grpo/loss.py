@@ -16,13 +16,11 @@ import jax.numpy as jnp
 from grpo_jax import sampling
 from grpo_jax.errors import ConfigError
 from grpo_jax.grpo.logprobs import completion_logprobs
-from grpo_jax.grpo.types import LOSS_TYPES, GRPOConfig, _psum
+from grpo_jax.grpo.types import LOSS_TABLE, LOSS_TYPES, GRPOConfig, _psum
 
-# PPO's clipped surrogate; TRL logs the clip_ratio metrics for these only.
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 # Every metric some configuration's loss reports (`loss_metric_names`: which ones).
-TOKEN_METRICS = ("kl", "entropy") + CLIP_METRICS + ("cispo_clip_ratio",)
+TOKEN_METRICS = ("kl", "entropy") + tuple(dict.fromkeys(
+    m for kind in LOSS_TABLE.values() for m in kind.clip_metrics))
 
 
 def log_importance_weights(logprobs, old_logprobs, mask, level: str):
@@ -64,22 +62,56 @@ def entropy_threshold(entropy, mask, quantile: float, axis_name=None):
   return jnp.where(count > 0, low + (rank - below) * (high - low), jnp.inf)
 
 
+def _clipped_flags(coef, adv, cfg: GRPOConfig) -> tuple[jax.Array, ...]:
+  low, high = cfg.clip_range
+  is_low, is_high = (coef < low) & (adv < 0), (coef > high) & (adv > 0)
+  return is_low, is_high, is_low | is_high
+
+
+# By LossType.policy: the clip indicators its clip_metrics read, in their order.
+_CLIP_FLAGS = {
+    "clipped": _clipped_flags,
+    "cispo": lambda coef, adv, cfg: ((coef > cfg.upper_epsilon) & (adv > 0),),
+    "sapo": lambda coef, adv, cfg: (),
+}
+
+
 def clip_flags(coef, advantages, cfg: GRPOConfig) -> dict[str, jax.Array]:
   """TRL's clip indicators of each (token or sequence) ratio, by metric name."""
-  adv = advantages[:, None]
-  if cfg.loss_type in CLIPPED_LOSS_TYPES:
-    low, high = cfg.clip_range
-    is_low, is_high = (coef < low) & (adv < 0), (coef > high) & (adv > 0)
-    return dict(zip(CLIP_METRICS, (is_low, is_high, is_low | is_high)))
-  if cfg.loss_type == "cispo":
-    return {"cispo_clip_ratio": (coef > cfg.upper_epsilon) & (adv > 0)}
-  return {}
+  kind = LOSS_TABLE[cfg.loss_type]
+  return dict(zip(kind.clip_metrics, _CLIP_FLAGS[kind.policy](coef, advantages[:, None], cfg)))
 
 
 def loss_metric_names(cfg: GRPOConfig) -> tuple[str, ...]:
   """The metrics the loss reports: no kl without a KL term (beta = 0, as TRL)."""
-  clip = {"cispo": ("cispo_clip_ratio",), "sapo": ()}.get(cfg.loss_type, CLIP_METRICS)
-  return (("kl",) if cfg.beta > 0 else ()) + ("entropy",) + clip
+  return ((("kl",) if cfg.beta > 0 else ()) + ("entropy",)
+          + LOSS_TABLE[cfg.loss_type].clip_metrics)
+
+
+def _clipped_term(coef, adv, logprobs, cfg: GRPOConfig):
+  """PPO's clipped surrogate."""
+  del logprobs  # the ratio carries the gradient
+  low, high = cfg.clip_range
+  clipped = jnp.clip(coef, low, high)
+  if cfg.delta is not None:  # two-sided clipping caps the unclipped branch (after coef_2)
+    coef = jnp.minimum(coef, cfg.delta)
+  return -jnp.minimum(coef * adv, clipped * adv), coef
+
+
+def _cispo_term(coef, adv, logprobs, cfg: GRPOConfig):
+  """The capped ratio weighs the log-prob's gradient, unclipped."""
+  capped = jax.lax.stop_gradient(jnp.minimum(coef, cfg.upper_epsilon))
+  return -capped * adv * logprobs, coef
+
+
+def _sapo_term(coef, adv, logprobs, cfg: GRPOConfig):
+  """A soft gate in place of the clip."""
+  del logprobs
+  tau = jnp.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+  return -jax.nn.sigmoid(tau * (coef - 1.0)) * (4.0 / tau) * adv, coef
+
+
+_POLICY_TERMS = {"clipped": _clipped_term, "cispo": _cispo_term, "sapo": _sapo_term}
 
 
 def policy_loss(coef, advantages, logprobs, cfg: GRPOConfig):
@@ -87,18 +119,8 @@ def policy_loss(coef, advantages, logprobs, cfg: GRPOConfig):
 
   coef: exp(log_importance_weights), [N, L] or [N, 1]; advantages [N].
   """
-  adv = advantages[:, None]
-  if cfg.loss_type == "cispo":  # the capped ratio weighs the log-prob's gradient, unclipped
-    capped = jax.lax.stop_gradient(jnp.minimum(coef, cfg.upper_epsilon))
-    return -capped * adv * logprobs, coef
-  if cfg.loss_type == "sapo":  # a soft gate in place of the clip
-    tau = jnp.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
-    return -jax.nn.sigmoid(tau * (coef - 1.0)) * (4.0 / tau) * adv, coef
-  low, high = cfg.clip_range
-  clipped = jnp.clip(coef, low, high)
-  if cfg.delta is not None:  # two-sided clipping caps the unclipped branch (after coef_2)
-    coef = jnp.minimum(coef, cfg.delta)
-  return -jnp.minimum(coef * adv, clipped * adv), coef
+  term = _POLICY_TERMS[LOSS_TABLE[cfg.loss_type].policy]
+  return term(coef, advantages[:, None], logprobs, cfg)
 
 
 def per_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg: GRPOConfig,
@@ -160,17 +182,24 @@ def aggregate_loss(token_loss, mask, loss_type: str, norms: LossNormalizers):
   """These rows' share of the global loss: the shares of all rows (over micro-batches and
   devices) sum to the loss. Rows without loss tokens add 0; they count in grpo's, sapo's and
   dr_grpo's row count unless left out by rows_in_loss (TRL's masked truncated rows do)."""
+  if loss_type not in LOSS_TABLE:
+    raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
   mask = mask.astype(jnp.float32)
   row_sums = jnp.sum(token_loss * mask, -1)
-  if loss_type in ("grpo", "sapo"):
-    return jnp.sum(row_sums / jnp.maximum(mask.sum(-1), 1.0)) / norms.global_rows
-  if loss_type == "bnpo":
-    return jnp.sum(row_sums / jnp.maximum(norms.shard_tokens, 1.0)) / norms.num_shards
-  if loss_type == "dr_grpo":
-    return jnp.sum(row_sums) / (norms.global_rows * norms.completion_length)
-  if loss_type in ("dapo", "cispo"):
-    return jnp.sum(row_sums) / jnp.maximum(norms.global_tokens, 1.0)
-  raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+  return _AGGREGATIONS[LOSS_TABLE[loss_type].aggregation](row_sums, mask, norms)
+
+
+# By LossType.aggregation: these rows' share of the loss from their row sums.
+_AGGREGATIONS = {
+    "sequence_mean": lambda row_sums, mask, norms: jnp.sum(
+        row_sums / jnp.maximum(mask.sum(-1), 1.0)) / norms.global_rows,
+    "shard_token_mean": lambda row_sums, mask, norms: jnp.sum(
+        row_sums / jnp.maximum(norms.shard_tokens, 1.0)) / norms.num_shards,
+    "fixed_length": lambda row_sums, mask, norms: jnp.sum(row_sums) / (
+        norms.global_rows * norms.completion_length),
+    "token_mean": lambda row_sums, mask, norms: jnp.sum(row_sums) / jnp.maximum(
+        norms.global_tokens, 1.0),
+}
 
 
 class ScoredRollout(NamedTuple):

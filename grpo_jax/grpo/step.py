@@ -212,6 +212,11 @@ class GRPOStep:
   # params the frozen base they apply to, read by both (see `policy_params`).
   reference_def: Any = None
 
+  @property
+  def uses_lora(self) -> bool:
+    """Whether the step trains LoRA adapters on a frozen base (see `reference_def`)."""
+    return self.reference_def is not None
+
   def policy_params(self, params, reference_params):
     """The actor's whole state, for sampling and evaluation (see `policy_params`)."""
     return policy_params(params, reference_params, self.reference_def)
@@ -230,9 +235,9 @@ class GRPOStep:
              ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The policy's optimizer updates on a scored rollout (`reference_params`: read with
     LoRA only, as the base the adapters apply to)."""
-    if self.reference_def is not None and reference_params is None:
+    if self.uses_lora and reference_params is None:
       raise ValueError("GRPOStep.update with LoRA needs the base (reference) params")
-    base = reference_params if self.reference_def is not None else None
+    base = reference_params if self.uses_lora else None
     return update(state, scored, self.model_def, self.tx, self.schedule_fn, self.cfg,
                   self.axis_name, base)
 

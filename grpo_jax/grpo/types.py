@@ -12,7 +12,31 @@ from flax import nnx
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.errors import ConfigError
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+class LossType(NamedTuple):
+  """What a `loss_type` is made of (TRL 1.16's `_compute_loss`), each part one rule in
+  `grpo.loss`: its policy term per token, how token losses become the loss, and the clip
+  metrics it reports."""
+
+  policy: str  # "clipped" (PPO's surrogate), "cispo" (capped ratio, unclipped), "sapo" (gate)
+  # sequence_mean: each row's token mean, averaged over rows; shard_token_mean: per device
+  # (process, in TRL), over its tokens; fixed_length: over rows x max_completion_length;
+  # token_mean: over the batch's tokens
+  aggregation: str
+  clip_metrics: tuple[str, ...]
+
+
+LOSS_TABLE = {
+    "grpo": LossType("clipped", "sequence_mean", CLIP_METRICS),
+    "bnpo": LossType("clipped", "shard_token_mean", CLIP_METRICS),
+    "dr_grpo": LossType("clipped", "fixed_length", CLIP_METRICS),
+    "dapo": LossType("clipped", "token_mean", CLIP_METRICS),
+    "cispo": LossType("cispo", "token_mean", ("cispo_clip_ratio",)),
+    "sapo": LossType("sapo", "sequence_mean", ()),
+}
+LOSS_TYPES = tuple(LOSS_TABLE)
 SCALE_REWARDS = ("group", "batch", "none")
 # token: one ratio per token; sequence: GSPO, one ratio per completion (the exp of the masked
 # mean of its tokens' log-ratios); sequence_token: GSPO-token, the sequence ratio's value

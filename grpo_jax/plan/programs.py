@@ -200,8 +200,8 @@ class Resident:
     return self.mesh_axes is None
 
   @property
-  def is_lora(self) -> bool:
-    return self.layout.step.reference_def is not None
+  def uses_lora(self) -> bool:
+    return self.layout.step.uses_lora
 
   def bytes(self, tree) -> int:
     """Per chip (4-bit values at half a byte)."""
@@ -260,7 +260,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   layout, cfg, grpo_cfg, mesh_axes, name = r.layout, r.cfg, r.grpo_cfg, r.mesh_axes, r.name
   params, reference, state = r.params, r.reference, r.state
   params_s, reference_s, state_s, opt_s = r.params_s, r.reference_s, r.state_s, r.state_s.opt_state
-  per_device_axis, is_lora = r.per_device_axis, r.is_lora
+  per_device_axis, uses_lora = r.per_device_axis, r.uses_lora
   n = len(devices)
   prompts, group = config.prompts_per_step, config.num_generations
   prompt_len, length = config.max_prompt_length, config.max_completion_length
@@ -273,7 +273,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   rollout = jax.eval_shape(step.generate, policy, prompt_ids, prompt_ids, key)
   scored = jax.eval_shape(step.score, state, reference, rollout, rewards)[0]
   # The update reads the base with LoRA (the adapters apply to it); else not at all.
-  base_arg = (reference_s,) if is_lora else ()
+  base_arg = (reference_s,) if uses_lora else ()
   key_arg = key if per_device_axis else jax.ShapeDtypeStruct(
       key.shape, key.dtype, sharding=NamedSharding(layout.mesh, P()))
   sampler_args = (r.place(policy), r.batch(prompt_ids), r.batch(prompt_ids), key_arg)
@@ -283,7 +283,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   param_bytes = abstract.shard_bytes(params_s, per_device_axis)
   reference_bytes = abstract.shard_bytes(reference_s, per_device_axis)
   opt_bytes = abstract.shard_bytes(opt_s, per_device_axis)
-  policy_bytes = param_bytes + reference_bytes if is_lora else param_bytes
+  policy_bytes = param_bytes + reference_bytes if uses_lora else param_bytes
   kv = abstract.kv_cache_bytes(cfg, rows, prompt_len + length, mesh_axes, n)
   flops = roofline.step_flops(cfg, prompts, group, prompt_len, length, config.beta)
   # HBM traffic per chip, the dominant terms: decoding reads this chip's weights, its whole
@@ -295,7 +295,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
   # adapters.
   itemsize = jnp.dtype(cfg.compute_dtype).itemsize
   head_bytes = cfg.vocab_size * cfg.hidden_size * itemsize if mesh_axes else 0
-  if is_lora:
+  if uses_lora:
     sampler_weights = policy_bytes
     pass_weights = quantize.stored_bytes(reference) + quantize.stored_bytes(params)
   else:
@@ -328,7 +328,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
                                       remat=setting.remat).update,
                     update_args, 1, flops["train"] * (4 / 3 if setting.remat else 1) / n,
                     0.0, batch_bytes(update_args[1:2]),
-                    param_bytes + opt_bytes + (reference_bytes if is_lora else 0))
+                    param_bytes + opt_bytes + (reference_bytes if uses_lora else 0))
 
   sampler_batch = batch_bytes(sampler_args[1:3])
   score_batch = batch_bytes(score_args[2:])
@@ -374,7 +374,7 @@ def compile_plan(config, devices, model_cfg: ModelConfig | None = None,
     phase = phases[phase_name]
     phase.hbm_bytes_per_chip = count * pass_weights + 2 * phase.temp_bytes
   lora_info = None
-  if is_lora:
+  if uses_lora:
     sampler = phases["sampler"]
     lora_info = {
         "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
