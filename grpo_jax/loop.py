@@ -202,10 +202,11 @@ class TrainLoop:
     report = periodic_actions.ReportProgress(num_train_steps=config.max_steps,
                                              writer=self.writer)
     if self.evaluate and (start_step == 0 or restored.meta.get("pending_eval")):
-      self.log_eval(state, reference, start_step, progress)
+      progress.update(start_step, self.log_eval(state, reference, start_step))
     done = start_step
     deadline = (time.monotonic() + 60 * config.max_train_minutes
                 if config.max_train_minutes else None)
+    progress.set_deadline(deadline)
     for step in range(start_step + 1, config.max_steps + 1):
       if stop.requested():
         break
@@ -221,14 +222,15 @@ class TrainLoop:
       self.window.add(step_metrics)
       if step % config.log_every == 0 or last:
         self.writer.write_scalars(step, self.window.pop())
-      progress.update(step, step_metrics)
       self.nonfinite(step, step_metrics, self.resume_hint())
       eval_due = self.evaluate is not None and self.is_due(config.eval_every, step, last)
       if stop.requested():  # an evaluation can take minutes: the resumed run does it
+        progress.update(step, step_metrics)
         self.save(step, state, reference, base_key, pending_eval=eval_due)
         break
-      if eval_due:
-        self.log_eval(state, reference, step, progress)
+      # One line per step, after its evaluation: the line's accuracy is this step's.
+      progress.update(step, {**step_metrics, **(
+          self.log_eval(state, reference, step) if eval_due else {})})
       if self.is_due(config.checkpoint_every, step, last):
         self.save(step, state, reference, base_key)
       if last and step < config.max_steps:
@@ -383,11 +385,12 @@ class TrainLoop:
                              self.s.tokenizer)
     log.info("Exported the LoRA adapters (PEFT format, base %s) to %s", base_path, path)
 
-  def log_eval(self, state, reference, step: int, progress) -> None:
+  def log_eval(self, state, reference, step: int) -> dict[str, float]:
+    """Evaluates, writes the eval metrics and samples, redraws the curves; the metrics."""
     result = self.evaluate(self.policy(state, reference))
     self.writer.write_scalars(step, result.metrics)
     self.writer.write_texts(step, {"samples": result.sample_text})
     self.writer.flush()
-    progress.update(step, result.metrics)
     if hosts.is_primary():
       metrics.plot_curves(str(self.logdir))
+    return result.metrics

@@ -15,8 +15,8 @@ skips settings that cannot fit, the first one left is compiled, and XLA's
 moments, reference: in memory through every phase), the program's batch arguments, its
 outputs that reuse no donated buffer, its temporaries and code, against the device's
 memory (`device_memory`). The trainer runs the very program it measured
-(`layouts.planned.PlannedStep`); `python -m grpo_jax.plan` walks the same ladders with the same figures
-for a TPU slice (`plan.programs`), so both choose the same settings.
+(`layouts.planned.PlannedStep`); `python -m grpo_jax.plan` walks the same ladders with the
+same figures for a TPU slice (`plan.programs`), so both choose the same settings.
 
 Settings the config gives (`micro_batch_size`, `remat`) are honoured: the ladder is just
 that setting, and if it does not fit the error names one that does.

@@ -147,7 +147,8 @@ def train_command(config, workdir) -> None:
       raise
     sys.exit(f"grpo_jax: error: cannot write {e.filename or workdir}: {e.strerror}")
   summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval/")}
-  print(f"done: {workdir}/grpo_metrics (curves.png, metrics.jsonl) {summary}")
+  print(f"done: {workdir}/grpo_metrics (curves.png, metrics.jsonl)"
+        + (f" {summary}" if summary else ""))
 
 def _deleted_workdir(workdir) -> str | None:
   """The local workdir's path when it no longer exists (deleted under a running trainer)."""

@@ -307,18 +307,31 @@ def test_progress_line_tty_rewrites_in_place():
   progress = metrics.ProgressLine(400, stream=stream, start_step=100, clock=clock)
   clock.now = 10.0
   progress.update(120, {"reward": np.float32(0.61), "kl": 0.1})
-  # 20 steps in 10 s = 2 steps/s; 280 steps left -> 140 s.
-  assert stream.getvalue() == "\rstep 120/400 | reward 0.61 | 2.0 steps/s | ETA 2m20s\x1b[K"
+  # The first update after a (re)start carries the compilation: its time, no rate.
+  assert stream.getvalue() == "\rstep 120/400 | reward 0.61 | 20 steps 10s (compiling)\x1b[K"
   clock.now = 12.0
   progress.update(130, {"eval/accuracy": jnp.float32(0.45)})
-  clock.now = 16.0
+  clock.now = 20.0
   progress.update(140, {"reward": 0.7})  # accuracy stays the latest seen
   *_, last = stream.getvalue().split("\r")
-  # 40 steps in 16 s = 2.5 steps/s; 260 left -> 104 s.
-  assert last == "step 140/400 | reward 0.7 | acc 0.45 | 2.5 steps/s | ETA 1m44s\x1b[K"
+  # 20 steps in 10 s since step 120 = 2 steps/s; 260 left -> 130 s.
+  assert last == "step 140/400 | reward 0.7 | acc 0.45 | 2.0 steps/s | ETA 2m10s\x1b[K"
   assert "\n" not in stream.getvalue()
   progress.close()
   assert stream.getvalue().endswith("\x1b[K\n")
+
+
+def test_progress_line_leaves_the_compiling_first_step_out_of_the_eta():
+  """A 2-minute run whose first step compiles for 20 s: the ETA is the steps', not 20 s x
+  the steps left."""
+  clock, stream = FakeClock(), io.StringIO()
+  progress = metrics.ProgressLine(100, stream=stream, clock=clock, interval_s=0.0)
+  clock.now = 20.0
+  progress.update(1, {})
+  assert stream.getvalue() == "step 1/100 | first step 20s (compiling)\n"
+  clock.now = 21.0
+  progress.update(2, {})
+  assert stream.getvalue().endswith("step 2/100 | 1.0 steps/s | ETA 1m38s\n")
 
 
 def test_progress_line_slow_steps_and_long_eta():
@@ -326,10 +339,24 @@ def test_progress_line_slow_steps_and_long_eta():
   progress = metrics.ProgressLine(1000, stream=stream, clock=clock)
   progress.update(0, {})  # no steps done yet: no rate
   assert stream.getvalue() == "\rstep 0/1000\x1b[K"
-  clock.now = 25.0
+  clock.now = 5.0
+  progress.update(1, {})
+  clock.now = 30.0
+  progress.update(3, {})
+  # 12.5 s per step, 997 steps left -> 12462.5 s = 3h27m42s (minutes shown, seconds dropped).
+  assert stream.getvalue().endswith("\rstep 3/1000 | 12.5 s/step | ETA 3h27m\x1b[K")
+
+
+def test_progress_line_eta_ends_with_the_time_budget():
+  """max_train_minutes with a large max_steps: the ETA is the budget's end, not the steps'."""
+  clock, stream = FakeClock(), TtyStream()
+  progress = metrics.ProgressLine(100000, stream=stream, clock=clock)
+  progress.set_deadline(600.0)
+  clock.now = 10.0
+  progress.update(1, {})
+  clock.now = 20.0
   progress.update(2, {})
-  # 12.5 s per step, 998 steps left -> 12475 s = 3h27m55s (minutes shown, seconds dropped).
-  assert stream.getvalue().endswith("\rstep 2/1000 | 12.5 s/step | ETA 3h27m\x1b[K")
+  assert stream.getvalue().endswith("\rstep 2/100000 | 10.0 s/step | ETA 9m40s\x1b[K")
 
 
 def _printed_steps(text):

@@ -57,4 +57,15 @@ def test_tiny_training_run_prints_no_library_noise(tmp_path):
   assert "step 2/2" in result.stderr  # our own progress output still shows
   for noise in NOISE:
     assert noise not in output, f"{noise!r} in the output:\n{output[-3000:]}"
+  # The progress line (not a terminal here): one line per step, each with its own step's
+  # accuracy (evaluated every step), the last one printed once.
+  lines = [l for l in result.stderr.splitlines() if l.startswith("step ")]
+  assert [l.split(" | ")[0] for l in lines] == ["step 0/2", "step 1/2", "step 2/2"], lines
+  records = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "grpo_metrics" /
+                                                    "metrics.jsonl").read_text().splitlines())
+             if "eval/accuracy" in r}
+  for line in lines:
+    step = int(line.split("/")[0].split()[1])
+    assert f"acc {records[step]['eval/accuracy']:.3g}" in line, (line, records[step])
+  assert "(compiling)" in lines[1] and "ETA" in lines[2]
 

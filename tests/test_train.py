@@ -262,3 +262,14 @@ def test_time_budget_ends_the_run_like_its_last_step(tmp_path):
   assert (tmp_path / "hf" / "config.json").is_file()
   train.train_and_evaluate(config, str(tmp_path))  # a new budget: one more step
   assert max(r["step"] for r in read_metrics(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("result, shown", [
+    ({"reward": 0.5}, "done: W/grpo_metrics (curves.png, metrics.jsonl)\n"),
+    ({"reward": 0.5, "eval/accuracy": 0.90625},
+     "done: W/grpo_metrics (curves.png, metrics.jsonl) {'eval/accuracy': 0.9062}\n")])
+def test_the_closing_line_shows_evaluation_results_only_when_there_are_some(
+    monkeypatch, capsys, result, shown):
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: result)
+  train.train_command(None, "W")
+  assert capsys.readouterr().out == shown

@@ -131,7 +131,8 @@ class GRPOConfig:
           f"reward_weights has {len(self.reward_weights)} entries but there are "
           f"{self.num_reward_funcs} reward functions; give one weight per function")
     if self.micro_batch_size < 0:
-      raise ConfigError(f"micro_batch_size={self.micro_batch_size}; must be >= 0 (0: the whole batch)")
+      raise ConfigError(f"micro_batch_size={self.micro_batch_size}; must be >= 0 "
+                        "(0: the whole batch)")
     if self.score_micro_batch_size < 0:
       raise ConfigError(f"score_micro_batch_size={self.score_micro_batch_size}; must be >= 0 "
                         "(0: the whole batch)")

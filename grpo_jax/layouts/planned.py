@@ -113,14 +113,14 @@ class PlannedStep:
       fn = self.inner.sampler(dataclasses.replace(cfg, row_chunks=setting.chunks))
       return _compiled(fn, args, resident, batch)
 
-    choice = memory.choose(memory.chunk_ladder(prompts), measure, self.limit, lambda s: resident + batch +
-                    memory.estimate_sampler(self.model_cfg, s, prompts, cfg.num_generations,
-                                     prompt_len, cfg.max_completion_length))
+    estimate = lambda s: resident + batch + memory.estimate_sampler(
+        self.model_cfg, s, prompts, cfg.num_generations, prompt_len, cfg.max_completion_length)
+    choice = memory.choose(memory.chunk_ladder(prompts), measure, self.limit, estimate)
     if choice.setting is None:
-      raise memory.nothing_fits(name, choice, self.limit, "use a larger device, fewer prompts per "
-                         "step or a shorter max_completion_length")
+      raise memory.nothing_fits(name, choice, self.limit, "use a larger device, fewer prompts "
+                                "per step or a shorter max_completion_length")
     self.choices[name] = (choice.setting, choice.bytes)
-    log.info("memory: %s: %s of %.1f memory.GiB per device", choice.setting.describe(rows, name),
+    log.info("memory: %s: %s of %.1f GiB per device", choice.setting.describe(rows, name),
              memory.size_text(choice.bytes), self.limit / memory.GiB)
     return choice.program
 
@@ -150,11 +150,11 @@ class PlannedStep:
       fn = with_step_config(self.inner, score_micro_batch_size=setting.rows).score
       return _compiled(fn, args, resident, batch)
 
-    choice = memory.choose(memory.score_ladder(rows), measure, self.limit,
-                    lambda s: resident + batch + memory.estimate_score(self.model_cfg, s, seq_len))
+    estimate = lambda s: resident + batch + memory.estimate_score(self.model_cfg, s, seq_len)
+    choice = memory.choose(memory.score_ladder(rows), measure, self.limit, estimate)
     if choice.setting is None:
-      raise memory.nothing_fits("score pass", choice, self.limit, "use a larger device or fewer "
-                         "prompts per step")
+      raise memory.nothing_fits("score pass", choice, self.limit, "use a larger device or "
+                                "fewer prompts per step")
     self.choices["score"] = (choice.setting, choice.bytes)
     self._score_line[width] = choice.setting.describe(rows)
     return choice.program
@@ -173,7 +173,8 @@ class PlannedStep:
       return _compiled(fn, args, resident, batch)
 
     estimate = lambda s: resident + batch + memory.estimate_update(cfg, s, rows, seq_len, trainable)
-    ladder = memory.update_ladder(rows, seq_len, self.platform, cfg, self.micro_batch_size, self.remat)
+    ladder = memory.update_ladder(rows, seq_len, self.platform, cfg, self.micro_batch_size,
+                                  self.remat)
     choice = memory.choose(ladder, measure, self.limit, estimate)
     describe = lambda s: s.describe(rows)
     if choice.setting is None:
@@ -183,15 +184,16 @@ class PlannedStep:
         asked = ", ".join(([f"micro_batch_size={self.micro_batch_size}"]
                            if self.micro_batch_size else [])
                           + ([f"remat={self.remat}"] if self.remat is not None else []))
-        raise memory.too_large("update", asked, min(b for _, b in choice.tried if b is not None),
-                        self.limit, alternative, lambda s: s.flags(rows))
-      raise memory.nothing_fits("update", choice, self.limit, "use a larger device, fewer prompts "
-                         "per step or a shorter max_completion_length")
+        raise memory.too_large("update", asked,
+                               min(b for _, b in choice.tried if b is not None), self.limit,
+                               alternative, lambda s: s.flags(rows))
+      raise memory.nothing_fits("update", choice, self.limit, "use a larger device, fewer "
+                                "prompts per step or a shorter max_completion_length")
     self.choices["update"] = (choice.setting, choice.bytes)
     score = self._score_line.get(width, "")
-    log.info("memory: %d completion positions: %s%s: %s of %.1f memory.GiB per device", width,
-             f"{score}, " if score else "", describe(choice.setting), memory.size_text(choice.bytes),
-             self.limit / memory.GiB)
+    log.info("memory: %d completion positions: %s%s: %s of %.1f GiB per device", width,
+             f"{score}, " if score else "", describe(choice.setting),
+             memory.size_text(choice.bytes), self.limit / memory.GiB)
     return choice.program
 
 

@@ -30,9 +30,12 @@ class ProgressLine:
 
   On a terminal the line is rewritten in place. Elsewhere (CI, log files) a full line is
   printed only at the first update, each 10% of progress, every `interval_s` seconds and
-  the last step, so logs stay short. Rate and ETA use wall time since construction over
-  steps since `start_step` (a resumed run does not count the restored steps). The clock is
-  injectable so tests need no sleeps.
+  the last step, so logs stay short. The loop updates it once per step, after that step's
+  evaluation, so `acc` is the step's own. Rate and ETA leave the first step out (it
+  compiles the programs): they count from the first update after `start_step` (a resumed
+  run does not count the restored steps), which itself shows how long it took. With a
+  time budget (`set_deadline`) the ETA is the sooner of the steps' and the budget's end.
+  The clock is injectable so tests need no sleeps.
   """
 
   def __init__(self, total_steps: int, stream: TextIO | None = None, start_step: int = 0,
@@ -49,6 +52,12 @@ class ProgressLine:
     self._printed: tuple[int, float] | None = None  # (step, time) of the last non-TTY line
     self._pending = False  # a non-TTY line rendered but not printed
     self._open = False  # a TTY line without its newline yet
+    self._anchor: tuple[int, float] | None = None  # (step, time) of the first step done
+    self._deadline: float | None = None
+
+  def set_deadline(self, deadline: float | None) -> None:
+    """The clock time the run's time budget ends at (`max_train_minutes`), or None."""
+    self._deadline = deadline
 
   def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
     """Records the latest reward/accuracy and redraws (or maybe prints) the line."""
@@ -73,12 +82,19 @@ class ProgressLine:
       parts.append(f"reward {_number(self._latest['reward'])}")
     if "eval/accuracy" in self._latest:
       parts.append(f"acc {_number(self._latest['eval/accuracy'])}")
-    done, elapsed = step - self.start_step, now - self._start_time
-    if done > 0 and elapsed > 0:
-      rate = done / elapsed
+    if step > self.start_step and self._anchor is None:
+      self._anchor = (step, now)
+      first = step - self.start_step
+      parts.append(f"{'first step' if first == 1 else f'{first} steps'} "
+                   f"{_duration(now - self._start_time)} (compiling)")
+    elif self._anchor is not None and step > self._anchor[0] and now > self._anchor[1]:
+      rate = (step - self._anchor[0]) / (now - self._anchor[1])
       # Big models take seconds per step; "0.08 steps/s" reads worse than "12.5 s/step".
       parts.append(f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step")
-      parts.append(f"ETA {_duration(max(0, self.total_steps - step) / rate)}")
+      eta = max(0, self.total_steps - step) / rate
+      if self._deadline is not None:
+        eta = min(eta, max(0.0, self._deadline - now))
+      parts.append(f"ETA {_duration(eta)}")
     return " | ".join(parts)
 
   def _due(self, step: int, now: float) -> bool:
