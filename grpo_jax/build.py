@@ -301,8 +301,9 @@ def restore_checkpoint(config, s: Setup, ckpt: checkpoint.Checkpointer):
   one whose config differs in a field that changes the trajectory."""
   like_state = grpo.TrainState(jnp.zeros((), jnp.int32), s.trainable_like,
                                jax.eval_shape(make_optimizer(config)[0].init, s.trainable_like))
-  # With LoRA no reference is checkpointed: the base is rebuilt from its source.
-  restored = ckpt.restore_latest(like_state, None if s.uses_lora else s.init_params)
+  # With LoRA (the base is the reference) or no reference pass, no reference is checkpointed.
+  keeps = not s.uses_lora and config_lib.keeps_reference(config)
+  restored = ckpt.restore_latest(like_state, s.init_params if keeps else None)
   if restored is None:
     return None
   saved = restored.meta.get("config")

@@ -431,6 +431,13 @@ def grpo_config(config, eos_token_ids, pad_token_id, stop_token_ids=()) -> grpo.
       remat=bool(config.remat), dropout_seed=config.seed if lora_dropout(config) else None)
 
 
+def keeps_reference(config) -> bool:
+  """Whether a run holds a frozen reference beside the actor: for its log-probs (beta > 0)
+  or to sync it toward the actor (sync_ref_model). Otherwise none is placed, saved or
+  restored. (LoRA's reference is its frozen base, which it holds in any case.)"""
+  return config.beta > 0 or bool(config.sync_ref_model)
+
+
 def lora_dropout(config) -> bool:
   """Whether the train pass draws LoRA dropout masks."""
   adapters = lora.from_config(config.lora)

@@ -117,16 +117,18 @@ class TrainLoop:
     fresh_key = jax.random.key(config.seed)
     if self.s.uses_lora:
       return self.restore_or_init_adapters(params, restored, fresh_key)
+    keep = config_lib.keeps_reference(config)  # else no reference pass: none is held
     if restored is not None:
       reference = restored.reference
-      if reference is None:  # unreadable: the starting params are the same weights
+      if reference is None and keep:  # unreadable: the starting params are the same weights
         reference = params
         self.save_reference(params)
       state, key = self.resume(restored, fresh_key)
-      return state, self.place_reference(reference), key
-    self.save_reference(params)
-    actor, reference = layout.place_params(params), self.place_reference(params)
-    return layout.init_state(actor), reference, fresh_key
+      return state, self.place_reference(reference) if keep else None, key
+    if keep:
+      self.save_reference(params)
+    actor = layout.place_params(params)
+    return layout.init_state(actor), self.place_reference(params) if keep else None, fresh_key
 
   def resume(self, restored, fresh_key):
     """(placed train state, base key) of a restored checkpoint; the data stream, metric

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWITCHES = ("TF_ENABLE_ONEDNN_OPTS", "TRANSFORMERS_NO_ADVISORY_WARNINGS")
 NOISE = ("oneDNN", "PyTorch was not found", "None of PyTorch")
@@ -69,3 +71,60 @@ def test_tiny_training_run_prints_no_library_noise(tmp_path):
     assert f"acc {records[step]['eval/accuracy']:.3g}" in line, (line, records[step])
   assert "(compiling)" in lines[1] and "ETA" in lines[2]
 
+
+
+def _libtpu_environment():
+  """A plain command line's environment in which libtpu runs its start-up even while
+  another process (a test worker, a training run) holds /tmp/libtpu_lockfile: without
+  ALLOW_MULTIPLE_LIBTPU_LOAD it would stop early and silently, and the check below would
+  pass without the fix."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("TPU_") and k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  return env
+
+
+LIBTPU_NOISE = ("could not determine TPU", "libtpu_init_utils", "Failed to find host bounds")
+
+
+def test_libtpu_is_silent_on_a_machine_without_a_tpu():
+  """With the [tpu] extra on a CPU machine, jax's backend search (train) and a topology
+  compile (plan) load libtpu; it used to print five lines of errors at every start."""
+  pytest.importorskip("libtpu")
+  from grpo_jax import startup  # noqa: PLC0415
+  env = _libtpu_environment()
+  if not startup.no_tpu_here(env):
+    pytest.skip("a TPU is on this machine")
+  for code in ("import jax; jax.devices()",  # what libtpu does without the fix
+               "import grpo_jax, jax; jax.devices()",
+               "import grpo_jax.plan.__main__; from jax.experimental import topologies; "
+               "topologies.get_topology_desc(topology_name='v5e:2x4', platform='tpu')"):
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    noisy = [n for n in LIBTPU_NOISE if n in result.stderr]
+    if code.startswith("import jax;"):
+      assert noisy, "the probe no longer reproduces libtpu's noise: the check proves nothing"
+    else:
+      assert noisy == [], result.stderr[-3000:]
+
+
+def test_no_tpu_here_reads_the_environment_and_the_machine(tmp_path):
+  from grpo_jax import startup  # noqa: PLC0415
+  assert startup.no_tpu_here({}, str(tmp_path))
+  assert not startup.no_tpu_here({"JAX_PLATFORMS": "tpu"}, str(tmp_path))
+  assert not startup.no_tpu_here({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, str(tmp_path))
+  pci = tmp_path / "sys" / "bus" / "pci" / "devices"
+  for name, vendor, device in (("0000:00:04.0", "0x1ae0", "0x0042"),  # gVNIC: not a TPU
+                               ("0000:00:05.0", "0x10de", "0x0063")):  # not Google's
+    (pci / name).mkdir(parents=True)
+    (pci / name / "vendor").write_text(vendor + "\n")
+    (pci / name / "device").write_text(device + "\n")
+  assert startup.no_tpu_here({}, str(tmp_path))
+  (pci / "0000:00:06.0").mkdir()
+  (pci / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")
+  (pci / "0000:00:06.0" / "device").write_text("0x0063\n")  # a v5e chip
+  assert not startup.no_tpu_here({}, str(tmp_path))
+  env = {"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}
+  startup.quiet_defaults(env)  # described by the user: left as it is
+  assert env["TPU_WORKER_HOSTNAMES"] == "10.0.0.2,10.0.0.3" and "TPU_HOST_BOUNDS" not in env

@@ -273,3 +273,23 @@ def test_the_closing_line_shows_evaluation_results_only_when_there_are_some(
   monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: result)
   train.train_command(None, "W")
   assert capsys.readouterr().out == shown
+
+
+def test_without_a_reference_pass_no_reference_is_saved_or_restored(tmp_path):
+  """beta = 0 and no reference sync (TRL's default): nothing reads a reference, so none is
+  placed, checkpointed (333 MB for SmolLM2) or restored, and a run resumes without one."""
+  run = lambda workdir, **kw: train.train_and_evaluate(
+      tiny_config(beta=0.0, checkpoint_every=2, eval_every=0, **kw), tmp_path / workdir)
+  run("whole", max_steps=4)
+  checkpoints = tmp_path / "whole" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]  # no "reference"
+  run("split", max_steps=2)
+  run("split", max_steps=4, allow_config_change=True)  # resumes from step 2, without one
+  assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["2", "4"]
+  steps = [r["step"] for r in metrics.read_metrics(tmp_path / "split" / "grpo_metrics")
+           if "loss" in r]
+  assert steps == [1, 2, 3, 4]
+  # With beta > 0 the reference is saved once, as before.
+  train.train_and_evaluate(tiny_config(beta=0.04, max_steps=2, checkpoint_every=2,
+                                       eval_every=0), tmp_path / "kl")
+  assert (tmp_path / "kl" / "checkpoints" / "reference").exists()

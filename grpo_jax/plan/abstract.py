@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax import config as config_lib
 from grpo_jax import grpo
 from grpo_jax.models import ModelConfig, Transformer, lora as lora_lib, quantize
 
@@ -68,7 +69,10 @@ def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, mesh_axes: dict[str,
 def abstract_reference(config, cfg: ModelConfig, params):
   """The reference as the loop places it, abstract: the actor's starting params in the
   compute dtype (`grpo.as_reference`), or with LoRA the frozen base `params` cast to
-  `lora.base_dtype` and quantised per `lora.base_quantization` first (`lora.prepare_base`)."""
+  `lora.base_dtype` and quantised per `lora.base_quantization` first (`lora.prepare_base`);
+  None when the run holds none (`config.keeps_reference`)."""
+  if lora_lib.from_config(config.lora) is None and not config_lib.keeps_reference(config):
+    return None
   prepare = ((lambda p: p) if lora_lib.from_config(config.lora) is None else
              lambda p: lora_lib.prepare_base(p, config.lora.base_dtype,
                                              config.lora.base_quantization))
