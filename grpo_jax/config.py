@@ -6,6 +6,7 @@ Field names follow TRL's GRPOConfig where TRL has one. `configs/*.py` start from
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from typing import Any
@@ -193,7 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 1
   c.eval_every = 50
   c.checkpoint_every = 50
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 2  # the newest and one to fall back on (a 135M run: 1.6 GB each)
   # On SIGTERM / SIGINT (a spot slice's preemption notice): finish or abandon the current
   # step, checkpoint and exit within this many seconds (then exit regardless).
   c.preemption_grace_seconds = 25.0
@@ -267,17 +268,27 @@ def _require(ok: bool, field: str, value, allowed: str):
     raise ConfigError(f"config.{field}={value!r}; allowed: {allowed}")
 
 
+def unknown_field(name: str, known, group: str = "", where: str = "") -> str:
+  """'unknown config field ...; did you mean ...?' (the closest known names), then the
+  known ones."""
+  full = f"{group}.{name}" if group else name
+  close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+  guess = (f"; did you mean {' or '.join(repr(f'{group}.{c}' if group else c) for c in close)}?"
+           if close else "")
+  return (f"unknown config field {full!r}{where}{guess} (known fields"
+          f"{' of ' + group if group else ''}: {', '.join(sorted(known))})")
+
+
 def check_known_fields(config: ml_collections.ConfigDict) -> None:
   """Unknown fields (typos in a config file) are errors, not silently ignored."""
   known = base_config()
   for key in config.keys():
     if key not in known:
-      raise ConfigError(f"unknown config field {key!r}; known fields: {', '.join(sorted(known))}")
+      raise ConfigError(unknown_field(key, known))
   for group in ("model", "mesh", "lora"):
     for key in config[group].keys():
       if key not in known[group]:
-        raise ConfigError(f"unknown config field '{group}.{key}'; "
-                          f"known: {', '.join(sorted(known[group]))}")
+        raise ConfigError(unknown_field(key, known[group], group))
 
 
 def unknown_override(argv: list[str]) -> str:
@@ -291,8 +302,7 @@ def unknown_override(argv: list[str]) -> str:
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         parent = ".".join(path.split(".")[:i])
         known = sorted(node) if isinstance(node, ml_collections.ConfigDict) else []
-        return (f"unknown config field {path!r} (in {arg}); known fields"
-                f"{' of ' + parent if parent else ''}: {', '.join(known)}")
+        return unknown_field(part, known, parent, f" (in {arg})")
       node = node[part]
   return "unknown config field on the command line"
 

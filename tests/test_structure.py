@@ -138,3 +138,16 @@ def test_every_layout_offers_the_layout_interface(kind):
   assert isinstance(layout, Layout)
   missing = [m for m in dir(Layout) if not m.startswith("_") and not hasattr(layout, m)]
   assert missing == []
+
+
+def test_pytest_with_q_still_prints_how_many_passed():
+  """The project's addopts must not hold -q: `pytest -q` would become -qq and hide the
+  'N passed' line."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+       f"{__file__}::test_the_cycle_finder_finds_a_planted_cycle"],
+      cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-2000:]
+  assert "1 passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

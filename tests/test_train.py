@@ -13,7 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from grpo_jax import build, metrics, train
-from grpo_jax.errors import UserError
+from grpo_jax import config as config_lib
+from grpo_jax.errors import ConfigError, UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -218,6 +219,10 @@ def test_incompatible_checkpoint_in_workdir(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.bogus_field=1"], "unknown config field 'bogus_field'"),
     (["--config.model.nope=2"], "unknown config field 'model.nope'"),
+    (["--config.learning_rat=1e-5"],
+     "unknown config field 'learning_rat' (in --config.learning_rat=1e-5); did you mean "
+     "'learning_rate'?"),
+    (["--config.model.hiden_size=64"], "did you mean 'model.hidden_size'?"),
     (["--config.dataset=json:/no/such.jsonl", "--config.sft_steps=0"], "dataset file not found"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, args, message):
@@ -293,3 +298,13 @@ def test_without_a_reference_pass_no_reference_is_saved_or_restored(tmp_path):
   train.train_and_evaluate(tiny_config(beta=0.04, max_steps=2, checkpoint_every=2,
                                        eval_every=0), tmp_path / "kl")
   assert (tmp_path / "kl" / "checkpoints" / "reference").exists()
+
+
+def test_a_typo_in_a_config_file_names_the_field_it_meant():
+  config = tiny_config()
+  with config.unlocked():
+    config.num_generation = 4
+  with pytest.raises(ConfigError, match=r"unknown config field 'num_generation'; did you mean "
+                     r"'num_generations'\?"):
+    config_lib.validate(config)
+
