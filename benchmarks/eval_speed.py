@@ -54,7 +54,7 @@ def main():
       started = time.perf_counter()
       result = evaluator(params)
       times.append(time.perf_counter() - started)
-    plan = "; ".join(setting.describe(evaluate.batch_size, name) for name, (setting, _)
+    plan = "; ".join(setting.describe(evaluator.batch_size, name) for name, (setting, _)
                      in layout.choices.items() if name == "evaluator")
     print(f"| {batch or 'all'} | {a.eval_size} | {plan} | {min(times):.1f} s | {first:.1f} s | "
           f"{result.metrics['eval/accuracy']:.4f} | "

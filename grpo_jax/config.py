@@ -272,9 +272,8 @@ def unknown_field(name: str, known, group: str = "", where: str = "") -> str:
   """'unknown config field ...; did you mean ...?' (the closest known names), then the
   known ones."""
   full = f"{group}.{name}" if group else name
-  close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-  guess = (f"; did you mean {' or '.join(repr(f'{group}.{c}' if group else c) for c in close)}?"
-           if close else "")
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  guess = f"; did you mean {f'{group}.{close[0]}' if group else close[0]!r}?" if close else ""
   return (f"unknown config field {full!r}{where}{guess} (known fields"
           f"{' of ' + group if group else ''}: {', '.join(sorted(known))})")
 
