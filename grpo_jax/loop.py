@@ -174,7 +174,7 @@ class TrainLoop:
       params = lora.prepare_base(params, self.config.lora.base_dtype,
                                  self.config.lora.base_quantization)
     return self.layout.place_params(grpo.as_reference(params,
-                                                       self.s.model_config.compute_dtype))
+                                                      self.s.model_config.compute_dtype))
 
   def policy(self, state, reference):
     """The actor's whole (placed) state: with LoRA the adapters on the base."""
@@ -186,8 +186,7 @@ class TrainLoop:
 
   def out_of_time(self, deadline: float | None) -> bool:
     """Whether the time budget (`max_train_minutes`) is spent; every host agrees."""
-    return deadline is not None and bool(hosts.agree(time.monotonic() >= deadline,
-                                                                np.any))
+    return deadline is not None and bool(hosts.agree(time.monotonic() >= deadline, np.any))
 
   def run(self, restored, stop: preemption.StopRequests) -> None:
     config = self.config
@@ -270,13 +269,13 @@ class TrainLoop:
     scoring = time.perf_counter()
     rollout = self.place_rollout(batch)
     scored, reward_metrics = layout.score(state, reference, rollout,
-                                           layout.place_batch(batch.rewards))
+                                          layout.place_batch(batch.rewards))
     if batch.rows_in_loss is not None:  # filler rows: out of the loss and its normalisation
       scored = scored._replace(rows_in_loss=layout.place_batch(batch.rows_in_loss))
     state, update_metrics = layout.update(state, scored, reference)
     reference = self.sync_reference(reference, state)
     step_metrics = self.host.named_metrics(layout.host_metrics({**reward_metrics,
-                                                                 **update_metrics}))
+                                                                **update_metrics}))
     if config.dynamic_sampling:  # the filler out of the reward metrics; rounds, kept groups
       step_metrics = dynamic_sampling.with_sampling_metrics(
           batch, step_metrics, config.prompts_per_step, dynamic_sampling.scales_per_group(

@@ -54,7 +54,7 @@ def run_turns(layout, phases: sampling.TurnPhases, params, prompt_ids: np.ndarra
     finished = stopped.copy()
     finished[list(responses)] = False
     chunks = hosts.agree(max(-(-len(ids) // width) for ids in responses.values())
-                                   if responses else 0, np.max)
+                         if responses else 0, np.max)
     for chunk in range(chunks):
       ids = np.full((rows, width), cfg.pad_token_id, np.int32)
       counts = np.zeros(rows, np.int32)
