@@ -1,8 +1,9 @@
-"""Compiled HBM per chip for TPU slices (libtpu, no TPU): the issue's checks and the README table.
+"""Compiled HBM per chip for TPU slices (libtpu, no TPU): the planning checks and the table
+in docs/tpu.md.
 
   python benchmarks/tpu_plans.py checks            # the FSDP acceptance figures
   python benchmarks/tpu_plans.py table [--out F]   # presets x slices x param dtypes (JSONL)
-  python benchmarks/tpu_plans.py markdown --out F  # the README table from that JSONL
+  python benchmarks/tpu_plans.py markdown --out F  # docs/tpu.md's table from that JSONL
 
 Every figure comes from `grpo_jax.plan` on the gsm8k recipe (16 prompts x G=8, 256 + 384
 tokens, bf16 compute, scanned layers), the layout all-FSDP over the slice, with the

@@ -33,7 +33,7 @@ def get_config():
   c.max_completion_length = 384
   c.num_generations = 8
   c.prompts_per_step = 16
-  c.loss_type = "dapo"  # long reasoning: no length bias (see README)
+  c.loss_type = "dapo"  # long reasoning: no length bias (docs/loss.md)
   c.temperature = 1.0
   c.dtype = "bfloat16"
   c.scan_layers = True  # 24+ layers: one compiled block keeps compiles short

@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   # tool_timeout_seconds); their responses, rendered by the chat template, are prefilled
   # into the row's KV cache and it decodes on, up to max_tool_calling_iterations responses,
   # all within max_completion_length tokens. Response tokens are context and reward text,
-  # but out of the loss, the KL, the entropy and every token metric (README: "Tools").
+  # but out of the loss, the KL, the entropy and every token metric (docs/tools.md).
   c.tools = ""  # comma-separated: built-in names (calculator) or module:function paths
   # module:Class: one instance per completion, reset(**row) first, its public methods the
   # completion's tools; reward functions get the instances as environments=.
@@ -123,10 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.beta = 0.04
   c.epsilon = 0.2
   c.epsilon_high = config_dict.placeholder(float)  # None: same as epsilon
-  c.loss_type = "grpo"  # grpo, bnpo, dr_grpo, dapo, cispo, sapo (README: "Loss options")
+  c.loss_type = "grpo"  # grpo, bnpo, dr_grpo, dapo, cispo, sapo (docs/loss.md)
   c.scale_rewards = "group"
   c.num_iterations = 1
-  # The GRPO variants, with TRL 1.x's names, defaults and formulas (README: "Loss options").
+  # The GRPO variants, with TRL 1.x's names, defaults and formulas (docs/loss.md).
   # KL per token times the importance ratio (DeepSeek-V3.2's unbiased KL estimate). TRL's
   # default is True; ours is False, the classic k3 term, with the default beta = 0.04.
   c.use_bias_correction_kl = False
