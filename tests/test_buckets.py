@@ -119,10 +119,10 @@ def test_a_run_compiles_at_most_the_bounded_number_of_widths(tmp_path, monkeypat
     tokenizer, _, *rest = original_model(config)
     return (tokenizer, tuple(tokenizer.convert_tokens_to_ids(list("0123456789"))), *rest)
 
-  monkeypatch.setattr(train, "planned_layout", recording_step_fn)
+  monkeypatch.setattr(build, "planned_layout", recording_step_fn)
   # An untrained, untied model samples near-uniformly over the 98 demo tokens; with the
   # ten digits as end-of-sequence ids its completions stop after varied numbers of tokens.
-  monkeypatch.setattr(train, "build_model", digits_end_completions)
+  monkeypatch.setattr(build, "build_model", digits_end_completions)
   config = tiny_config(max_steps=8, max_completion_length=24, train_length_bucket=4,
                        eval_every=100, checkpoint_every=100,
                        model=dict(tie_word_embeddings=False))
