@@ -26,22 +26,23 @@ def get_config():
   c.system_prompt = SYSTEM_PROMPT
   c.chat_template = "auto"
   c.reward_funcs = "correctness_reward,format_reward"
-  c.max_prompt_length = 96
+  c.max_prompt_length = 80  # the chat-rendered prompts are 60-79 tokens
   c.max_completion_length = 128
   c.train_length_bucket = 32
   c.num_generations = 8
   c.prompts_per_step = 4
-  c.temperature = 1.0
-  c.learning_rate = 5e-6
+  # Measured (benchmarks/README.md, "A real model learns"): with these, 124 steps in 78 min
+  # on a 2-core CPU took held-out greedy accuracy from 13.7% to 29.3% (512 problems).
+  c.temperature = 0.7  # 1.0 samples mostly rambling: 3-9% correct, 72% cut at 128 tokens
+  c.learning_rate = 2e-5
   c.lr_scheduler_type = "constant"
-  c.beta = 0.0  # TRL's default: no reference pass (the run is short; KL stays small)
+  c.beta = 0.0  # TRL's default: no reference pass, and none is held or saved
   c.loss_type = "dapo"  # TRL's default
-  c.max_steps = 100
-  c.eval_every = 20
-  # 64 held-out problems per decode: all 256 at once ran 1.2x faster (128: 75.6 s against 91.1 s
-  # in 32-row batches, same accuracy) but holds a ~2.6 GB KV cache on top of the run's
-  # ~7.2 GiB; 64 rows keep the recipe within a laptop's 8 GiB.
-  c.eval_batch_size = 64
-  c.checkpoint_every = 20
+  c.max_steps = 120
+  c.eval_every = 40
+  # All held-out problems in one greedy decode, which the memory plan splits into chunks
+  # only where they do not fit the machine's memory (1.2x faster than 32-row batches).
+  c.eval_batch_size = 0
+  c.checkpoint_every = 40
   c.log_every = 1
   return c
