@@ -130,11 +130,11 @@ def test_a_sampler_in_row_chunks_draws_what_one_pass_draws(layout):
   runs = []
   for chunks in (1, 2):
     step, _ = make_step(graphdef)
-    layout = LAYOUTS[layout](step)
+    built = LAYOUTS[layout](step)
     cfg = dataclasses.replace(base, row_chunks=chunks)
-    out = layout.sampler(cfg)(layout.place_params(params),
-                               *layout.place_batch((prompts, mask)), jax.random.key(7))
-    runs.append(jax.tree.map(np.asarray, layout.to_host(out)))
+    out = built.sampler(cfg)(built.place_params(params),
+                             *built.place_batch((prompts, mask)), jax.random.key(7))
+    runs.append(jax.tree.map(np.asarray, built.to_host(out)))
   one, chunked = runs
   np.testing.assert_array_equal(chunked.completion_ids, one.completion_ids)
   np.testing.assert_array_equal(chunked.completion_mask, one.completion_mask)
