@@ -90,11 +90,11 @@ WORKLOADS = {
     "big-vocab": Workload(256, 2, 4, 2, 704, 151936, prompts_per_step=4,
                           max_completion_length=128, timeout_s=3600),
     # configs/smollm2_arithmetic.py's batch and loss (checked against it when built), the
-    # prompts left-padded to 80 positions (they have 60-79 tokens; the recipe allows 96).
+    # prompts left-padded to 80 positions, as the recipe (they have 60-79 tokens).
     "smollm2": Workload(576, 30, 9, 3, 1536, 49152, prompts_per_step=4,
                         max_completion_length=128, beta=0.0, timeout_s=3600, model="smollm2",
                         natural_eos=True, max_prompt_length=smollm2_workload.MAX_PROMPT_LENGTH,
-                        temperature=1.0, loss_type="dapo", train_length_bucket=32,
+                        temperature=0.7, loss_type="dapo", train_length_bucket=32,
                         reward=smollm2_workload.REWARD_FUNCTION,
                         tunix_pad_token=smollm2_workload.TUNIX_PAD_TOKEN),
 }
