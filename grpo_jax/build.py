@@ -1,7 +1,7 @@
 """The builders of a run, from its config: data, rewards, model, tokenizer, the compiled
 step for its layout, the optimizer, the warm-up, the checkpoint to resume. Nothing here
-parses flags or touches the workdir's files except the warm-up cache; `train` (the command)
-and `plan` (the TPU planner) both build through here.
+parses flags; it writes only the warm-up cache (and reads checkpoints). `train` (the
+command) and `plan` (the TPU planner) both build through here.
 """
 
 from __future__ import annotations
