@@ -31,16 +31,36 @@ def _fresh_warnings():
   sandbox._warned.clear()
 
 
+def _parent(pid: int) -> int:
+  with open(f"/proc/{pid}/stat") as f:
+    return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _of_another_worker(pid: int) -> bool:
+  """True where `pid` descends from a sibling of this process (another pytest-xdist worker
+  of the same run, whose own sandbox tests may be running now). An orphan left behind
+  (reparented to init or a subreaper) or a descendant of this process is not."""
+  me, controller = os.getpid(), os.getppid()
+  try:
+    while pid > 1:
+      parent = _parent(pid)
+      if parent == controller and pid != me and controller != 1:
+        return True
+      pid = parent
+  except (OSError, ValueError, IndexError):
+    pass
+  return False
+
+
 def sandbox_processes(marker):
   """Pids of live processes whose command line holds `marker` ("grpo_sandbox_": the driver's
-  temp directory; --dist loadfile keeps this file's tests, which run one at a time, in one
-  worker)."""
+  temp directory), except those another xdist worker is running for its own tests."""
   found = []
   for entry in os.listdir("/proc"):
     if entry.isdigit() and int(entry) != os.getpid():
       try:
         with open(f"/proc/{entry}/cmdline", "rb") as f:
-          if marker.encode() in f.read():
+          if marker.encode() in f.read() and not _of_another_worker(int(entry)):
             found.append(int(entry))
       except OSError:
         pass
