@@ -50,10 +50,11 @@ def pytest_report_header(config):
 
 # A test whose worker died of a signal runs once more on a fresh worker, and the summary
 # counts it as "1 rerun" (its crash report, with faulthandler's stacks, stays in the log).
-# Why: XLA:CPU's native code has been seen to segfault in libgcc's unwinder
-# (_Unwind_Find_FDE, during a C++ throw) about once per full run, in a different test each
-# time (a long-lived worker that has compiled thousands of programs); each of those tests
-# passes alone. A second crash of the same test fails it. Assertion failures never rerun.
+# Why: in a long-lived worker (thousands of programs compiled), XLA:CPU has been seen to
+# unmap JIT code whose EH frame stays registered with libgcc; the next C++ throw then
+# segfaults in _Unwind_Find_FDE. In the last full runs that was once per run, in
+# test_memory's "micro batch that does not fit" test; it passes alone and on the rerun.
+# A second crash of the same test fails it. Assertion failures never rerun.
 CRASH_RERUNS = 1
 _crashes: dict[str, int] = {}
 

@@ -40,11 +40,13 @@ def _of_another_worker(pid: int) -> bool:
   """True where `pid` descends from a sibling of this process (another pytest-xdist worker
   of the same run, whose own sandbox tests may be running now). An orphan left behind
   (reparented to init or a subreaper) or a descendant of this process is not."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # -n 0: no other worker
+    return False
   me, controller = os.getpid(), os.getppid()
   try:
     while pid > 1:
       parent = _parent(pid)
-      if parent == controller and pid != me and controller != 1:
+      if parent == controller and pid != me:
         return True
       pid = parent
   except (OSError, ValueError, IndexError):
